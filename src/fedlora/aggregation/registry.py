@@ -1,0 +1,40 @@
+"""Name → class of every aggregation method. Adding a method: one module, one line here."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from fedlora.aggregation.base import Aggregator
+
+AGGREGATORS: dict[str, str] = {
+    "flora": "fedlora.aggregation.flora:FLoRA",
+    "fedit": "fedlora.aggregation.fedit:FedIT",
+    "zeropad": "fedlora.aggregation.zeropad:ZeroPad",
+    "ffa": "fedlora.aggregation.ffa:FFALoRA",
+    "rolora": "fedlora.aggregation.rolora:RoLoRA",
+    "flexlora": "fedlora.aggregation.flexlora:FlexLoRA",
+    "fedex": "fedlora.aggregation.fedex:FedExLoRA",
+}
+
+
+def available_aggregators() -> list[str]:
+    return list(AGGREGATORS)
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    try:
+        target = AGGREGATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}; available: "
+                         f"{', '.join(AGGREGATORS)}") from None
+    module_name, class_name = target.split(":")
+    return getattr(import_module(module_name), class_name)
+
+
+def get_aggregator(name: str, **options) -> Aggregator:
+    """Build the aggregator registered as ``name`` with its method-specific ``options``."""
+    cls = aggregator_class(name)
+    try:
+        return cls(**options)
+    except TypeError as error:
+        raise ValueError(f"bad options for aggregation method {name!r}: {error}") from None
