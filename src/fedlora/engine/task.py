@@ -1,0 +1,37 @@
+"""What the server asks of one client in one round, and what the client sends back.
+
+These are the only objects that cross between the round loop and client training, so the
+in-process and Flower runtimes carry exactly the same information.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedlora.aggregation import ClientUpdate, LoraFactors
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's instructions for one round (Flower: its ConfigRecord + ArrayRecord)."""
+
+    client_id: str
+    server_round: int
+    rank: int
+    alpha: float
+    trainable: frozenset[str]
+    #: seeds this client-round's LoRA initialisation and batch order
+    seed: int
+    local_steps: int
+    #: factors the LoRA starts from (a persistent global adapter); None: fresh init
+    start: dict[str, LoraFactors] | None = None
+
+
+@dataclass
+class ClientResult:
+    """One client's answer: its update and how training went."""
+
+    update: ClientUpdate
+    train_loss: float
+    steps: int
+    seconds: float
