@@ -1,0 +1,17 @@
+"""Moving LoRA factors between PEFT models and LoraFactors; merging updates; exporting adapters."""
+
+from fedlora.lora.adapters import (
+    attach_lora,
+    get_factors,
+    lora_config,
+    remove_lora,
+    set_factors,
+    set_trainable,
+)
+from fedlora.lora.export import low_rank_adapter, save_adapter
+from fedlora.lora.merge import base_weight, merge_factors, merge_update
+
+__all__ = [
+    "attach_lora", "base_weight", "get_factors", "lora_config", "low_rank_adapter", "merge_factors",
+    "merge_update", "remove_lora", "save_adapter", "set_factors", "set_trainable",
+]

