@@ -20,8 +20,11 @@ class ClientTask:
     rank: int
     alpha: float
     trainable: frozenset[str]
-    #: seeds this client-round's LoRA initialisation and batch order
-    seed: int
+    #: seeds the fresh LoRA initialisation; shared by all clients of a round so that methods
+    #: with a frozen shared factor (FFA-LoRA, RoLoRA, FedIT) start from the same A
+    init_seed: int
+    #: seeds this client-round's batch order
+    data_seed: int
     local_steps: int
     #: factors the LoRA starts from (a persistent global adapter); None: fresh init
     start: dict[str, LoraFactors] | None = None

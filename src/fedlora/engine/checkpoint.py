@@ -1,0 +1,89 @@
+"""Crash-safe checkpoints: safetensors + JSON, written to a temporary folder then renamed.
+
+A run folder holds ``checkpoints/round-NNNN/`` folders, each complete or absent, and
+``checkpoints/LATEST`` naming the newest. A kill at any moment leaves the previous complete
+checkpoint loadable; a half-written folder is never named by LATEST and is swept on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlora.aggregation import LoraFactors
+
+STATE_FILE = "state.json"
+TENSORS_FILE = "tensors.safetensors"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename, so readers see the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module, f in factors.items():
+        tensors[f"{prefix}{module}.A"] = f.A.contiguous()
+        tensors[f"{prefix}{module}.B"] = f.B.contiguous()
+        tensors[f"{prefix}{module}.scale"] = torch.tensor(f.scale, dtype=torch.float64)
+    return tensors
+
+
+def tensors_to_factors(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
+    modules = sorted({key[len(prefix):-len(".scale")] for key in tensors
+                      if key.startswith(prefix) and key.endswith(".scale")})
+    return {m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"],
+                           float(tensors[f"{prefix}{m}.scale"])) for m in modules}
+
+
+def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"round-{server_round:04d}"
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # clone: safetensors refuses tensors that share storage (a view of a stacked factor, say)
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    for file in tmp.iterdir():
+        _fsync(file)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    atomic_write_text(root / "LATEST", name)
+    for old in root.iterdir():  # earlier rounds and leftovers of interrupted saves
+        if old.name not in (name, "LATEST") and not old.name.startswith(".LATEST"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The newest complete checkpoint, or None if the run has none yet."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        name = (root / "LATEST").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    folder = root / name
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return state, load_file(folder / TENSORS_FILE)

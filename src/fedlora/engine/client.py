@@ -1,0 +1,100 @@
+"""Client training: one fresh LoRA on the shared base model, a readable AdamW loop, factors out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fedlora.aggregation import ClientUpdate, GlobalUpdate
+from fedlora.data import TokenizedExample, collate
+from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
+
+StepCallback = Callable[[int, float], None]
+
+
+def batch_stream(examples: Sequence[TokenizedExample], batch_size: int, seed: int) -> Iterator[list]:
+    """Endless batches: a seeded permutation per epoch, cut into consecutive batches."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start:start + batch_size]]
+
+
+class LocalTrainer:
+    """Trains one client at a time on a single base model; only adapters are ever created.
+
+    The base model is wrapped in a PEFT adapter for the duration of :meth:`train` and
+    unwrapped afterwards (without merging), so between clients it is the plain model the
+    server evaluates and merges into.
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
+                 batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
+                 use_rslora: bool = False):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.target_modules = list(target_modules)
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.use_rslora = use_rslora
+        self.carry: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
+        return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
+                   grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
+                   use_rslora=config.use_rslora)
+
+    def apply_base_update(self, update: GlobalUpdate) -> None:
+        """Merge a logged global update into this replica's base weights (a Flower client
+        catching up); the same call the server made, so the replica stays bit-identical."""
+        self.carry = merge_update(self.model, update, self.carry)
+
+    def train(self, task: ClientTask, examples: Sequence[TokenizedExample],
+              on_step: StepCallback | None = None) -> ClientResult:
+        if not examples:
+            raise ValueError(f"client {task.client_id!r} has no training examples")
+        started = time.perf_counter()
+        peft_model = attach_lora(self.model, task.rank, task.alpha, self.target_modules,
+                                 use_rslora=self.use_rslora, seed=task.init_seed)
+        try:
+            if task.start is not None:
+                set_factors(peft_model, task.start)
+            set_trainable(peft_model, task.trainable)
+            losses = self._optimize(peft_model, task, examples, on_step)
+            factors = get_factors(peft_model)
+        finally:
+            self.model = remove_lora(peft_model)
+        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
+        return ClientResult(update=update, train_loss=sum(losses) / len(losses), steps=len(losses),
+                            seconds=time.perf_counter() - started)
+
+    def _optimize(self, model: nn.Module, task: ClientTask, examples: Sequence[TokenizedExample],
+                  on_step: StepCallback | None) -> list[float]:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        batches = batch_stream(examples, self.batch_size, task.data_seed)
+        device = next(model.parameters()).device
+        model.train()
+        losses = []
+        for step in range(task.local_steps):
+            step_loss = 0.0
+            for _ in range(self.grad_accum):
+                batch = {k: v.to(device) for k, v in collate(next(batches), self.pad_token_id).items()}
+                loss = model(**batch).loss / self.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if on_step is not None:
+                on_step(step + 1, step_loss)
+        model.eval()
+        return losses

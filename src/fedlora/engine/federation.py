@@ -1,0 +1,298 @@
+"""The server side of the round loop, independent of how messages travel.
+
+A runtime (in-process or Flower) asks :meth:`Federation.configure_train` for the round's
+client tasks, delivers them, and hands the answers to :meth:`Federation.aggregate_train`,
+which validates, aggregates, updates the global model, evaluates, accounts and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedlora.aggregation import AggregationError, Aggregator, GlobalUpdate, LoraFactors, get_aggregator
+from fedlora.aggregation.validation import validate_update
+from fedlora.engine.baselines import LocalOnly
+from fedlora.engine.checkpoint import factors_to_tensors, load_latest_checkpoint, save_checkpoint, \
+    tensors_to_factors
+from fedlora.engine.config import RunConfig
+from fedlora.engine.global_model import GlobalModel
+from fedlora.engine.ledger import Ledger, factor_params
+from fedlora.engine.seeding import derive_seed
+from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.lora import base_weight
+from fedlora.report import append_metrics, rewrite_metrics
+
+Evaluate = Callable[[nn.Module, int], dict]
+
+
+@dataclass
+class ClientFailure:
+    """A sampled client that did not deliver a usable update this round."""
+
+    client_id: str
+    server_round: int
+    reason: str
+
+
+def make_aggregator(config: RunConfig) -> Aggregator:
+    if config.method == "local":
+        return LocalOnly()
+    if config.method == "centralized":
+        return get_aggregator("flora")
+    return get_aggregator(config.method, **config.method_options)
+
+
+class Federation:
+    """Round state of one run: sampling, the global model, the ledger and the metrics rows."""
+
+    def __init__(self, config: RunConfig, client_sizes: dict[str, int], global_model: GlobalModel,
+                 evaluate: Evaluate, run_dir: Path | str, *, keep_base_log: bool = False,
+                 log: Callable[[str], None] = lambda message: None):
+        self.config = config
+        self.client_sizes = dict(client_sizes)
+        self.client_ids = list(client_sizes)
+        self.ranks = {cid: config.rank_of(i) for i, cid in enumerate(self.client_ids)}
+        self.aggregator = make_aggregator(config)
+        self.global_model = global_model
+        self.evaluate_model = evaluate
+        self.run_dir = Path(run_dir)
+        self.keep_base_log = keep_base_log
+        self.log = log
+        self.shapes = {m: tuple(base_weight(global_model.model, m).shape) for m in global_model.adapted_modules}
+        self.global_update: GlobalUpdate | None = None
+        #: per-client adapters carried across rounds (the local-only baseline)
+        self.client_adapters: dict[str, dict[str, LoraFactors]] = {}
+        #: last round whose base merge each client's replica has applied
+        self.synced = {cid: 0 for cid in self.client_ids}
+        #: base merges by round: parameter counts always, the factors when replicas need them
+        self.base_log_params: dict[int, int] = {}
+        self.base_log: dict[int, GlobalUpdate] = {}
+        self.ledger = Ledger(global_model.total_params())
+        self.rows: list[dict] = []
+        self.completed_round = 0
+        self._tasks: dict[str, ClientTask] = {}
+        self._round_started = time.perf_counter()
+
+    @property
+    def num_rounds(self) -> int:
+        return self.config.rounds
+
+    # -- configure ------------------------------------------------------------------------
+    def sample(self, server_round: int) -> list[str]:
+        count = self.config.clients_per_round or max(1, round(self.config.fraction * len(self.client_ids)))
+        rng = random.Random(derive_seed(self.config.seed, "sample", server_round))
+        chosen = set(rng.sample(self.client_ids, count))
+        return [cid for cid in self.client_ids if cid in chosen]
+
+    def local_steps(self, client_id: str) -> int:
+        if self.config.local_steps is not None:
+            return self.config.local_steps
+        per_step = self.config.batch_size * self.config.grad_accum
+        return max(1, math.ceil(self.config.local_epochs * self.client_sizes[client_id] / per_step))
+
+    def start_factors(self, client_id: str) -> dict[str, LoraFactors] | None:
+        if isinstance(self.aggregator, LocalOnly):
+            return self.client_adapters.get(client_id)
+        if self.global_update is None:
+            return None
+        return self.aggregator.client_start(self.global_update, client_id, self.ranks[client_id])
+
+    def configure_train(self, server_round: int) -> list[ClientTask]:
+        self._round_started = time.perf_counter()
+        trainable = self.aggregator.trainable(server_round)
+        init_seed = derive_seed(self.config.seed, "init", server_round)
+        self._tasks = {
+            cid: ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid],
+                            alpha=self.config.alpha_for(self.ranks[cid]), trainable=trainable,
+                            init_seed=init_seed, data_seed=derive_seed(self.config.seed, "data", server_round, cid),
+                            local_steps=self.local_steps(cid), start=self.start_factors(cid))
+            for cid in self.sample(server_round)}
+        return list(self._tasks.values())
+
+    def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
+        """Base merges a replica that has applied everything through ``last_round`` still needs."""
+        return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
+
+    # -- aggregate ------------------------------------------------------------------------
+    def _check(self, result: ClientResult, task: ClientTask | None) -> None:
+        update = result.update
+        if task is None:
+            raise AggregationError("sent an update it was not asked for", client_id=update.client_id,
+                                   rule="unexpected")
+        validate_update(update, self.shapes, max_norm=self.config.max_update_norm,
+                        max_examples=self.config.max_examples)
+        for module, factors in update.factors.items():
+            if factors.rank != task.rank:
+                raise AggregationError(f"rank {factors.rank} differs from the assigned {task.rank}",
+                                       client_id=update.client_id, module=module, rule="shape")
+            for name in "AB":  # a frozen factor must come back exactly as it was sent
+                if name not in task.trainable and task.start is not None and not torch.equal(
+                        getattr(factors, name), getattr(task.start[module], name)):
+                    raise AggregationError(f"frozen factor {name} was changed", client_id=update.client_id,
+                                           module=module, rule="frozen")
+
+    def aggregate_train(self, server_round: int, results: list[ClientResult],
+                        failures: list[ClientFailure] = ()) -> dict:
+        started = time.perf_counter()
+        tasks, self._tasks = self._tasks, {}
+        accepted, rejected = [], []
+        for result in results:
+            try:
+                self._check(result, tasks.get(result.update.client_id))
+                accepted.append(result)
+            except AggregationError as error:
+                rejected.append({"client_id": error.client_id, "module": error.module, "rule": error.rule,
+                                 "reason": str(error)})
+                self.log(f"round {server_round}: rejected update: {error}")
+        for failure in failures:
+            self.log(f"round {server_round}: client {failure.client_id} failed: {failure.reason}")
+        self._account(server_round, tasks, accepted)
+        skipped = len(accepted) < self.config.min_clients
+        if skipped:
+            self.log(f"round {server_round}: only {len(accepted)} usable updates (< min_clients "
+                     f"{self.config.min_clients}); round skipped, global model kept")
+        else:
+            self._apply(server_round, self.aggregator.aggregate([r.update for r in accepted],
+                                                                server_round=server_round))
+        server_seconds = time.perf_counter() - started
+        row = {
+            "round": server_round, "method": self.config.method,
+            "clients": [r.update.client_id for r in accepted],
+            "train_loss": (sum(r.train_loss * r.update.num_examples for r in accepted)
+                           / sum(r.update.num_examples for r in accepted)) if accepted else None,
+            **self.ledger.round_totals(server_round),
+            "client_seconds": sum(r.seconds for r in accepted), "server_seconds": server_seconds,
+            "rejected": rejected, "failures": [asdict(f) for f in failures], "skipped": skipped,
+            **({k: v for k, v in self.global_update.info.items()} if self.global_update and not skipped else {}),
+        }
+        return self._finish_round(server_round, row)
+
+    def _account(self, server_round: int, tasks: dict[str, ClientTask], accepted: list[ClientResult]) -> None:
+        uploaded = {r.update.client_id: factor_params(r.update.factors, tasks[r.update.client_id].trainable)
+                    for r in accepted}
+        for cid, task in tasks.items():
+            missed = sum(p for r, p in self.base_log_params.items() if self.synced[cid] < r < server_round)
+            self.ledger.record(server_round, cid, uploaded.get(cid, 0), missed + factor_params(task.start))
+            self.synced[cid] = server_round - 1
+
+    def _apply(self, server_round: int, update: GlobalUpdate) -> None:
+        self.global_model.apply(update)
+        base_part = GlobalUpdate(factors=update.factors if update.merge else {}, merge=update.merge,
+                                 residual=update.residual)
+        params = factor_params(base_part.factors) + factor_params(base_part.residual)
+        if params:
+            self.base_log_params[server_round] = params
+            if self.keep_base_log:
+                self.base_log[server_round] = base_part
+        if isinstance(self.aggregator, LocalOnly):
+            self.client_adapters.update(update.client_factors)
+        self.global_update = update
+
+    # -- evaluate, record, checkpoint -----------------------------------------------------
+    def evaluate(self, server_round: int) -> dict:
+        if isinstance(self.aggregator, LocalOnly):
+            return self._evaluate_local_models(server_round)
+        adapter = None
+        if self.global_update is not None and not self.global_update.merge:
+            adapter = self.global_update.factors
+        with self.global_model.with_adapter(adapter) as model:
+            return self.evaluate_model(model, server_round)
+
+    def _evaluate_local_models(self, server_round: int) -> dict:
+        """Local-only training has no global model: report each client's own, and their mean."""
+        per_client = {}
+        for cid in self.client_ids:
+            with self.global_model.with_adapter(self.client_adapters.get(cid)) as model:
+                per_client[cid] = self.evaluate_model(model, server_round)
+        numeric = [key for key, value in next(iter(per_client.values())).items()
+                   if isinstance(value, (int, float))]
+        means = {key: sum(m[key] for m in per_client.values()) / len(per_client) for key in numeric}
+        return {**means, "per_client": per_client}
+
+    def start(self) -> int:
+        """Evaluate round 0 unless resuming; returns the last completed round."""
+        restored = self.restore()
+        if restored is None:
+            row = {"round": 0, "method": self.config.method, "clients": [], "train_loss": None,
+                   "bytes_up": 0, "bytes_down": 0, "params_up": 0, "params_down": 0,
+                   "client_seconds": 0.0, "server_seconds": 0.0, "rejected": [], "failures": [],
+                   "skipped": False}
+            self._finish_round(0, row)
+        return self.completed_round
+
+    def _finish_round(self, server_round: int, row: dict) -> dict:
+        evaluated = time.perf_counter()
+        row.update(self.evaluate(server_round))
+        row["eval_seconds"] = time.perf_counter() - evaluated
+        row["seconds"] = time.perf_counter() - (self._round_started if server_round else evaluated)
+        self.rows.append(row)
+        self.completed_round = server_round
+        self.save()
+        append_metrics(self.run_dir, row)
+        return row
+
+    def summary(self) -> dict:
+        return {"method": self.config.method, "rounds": self.completed_round,
+                "final": self.rows[-1] if self.rows else None,
+                "communication": self.ledger.summary(),
+                "best_eval_loss": min((r["eval_loss"] for r in self.rows if r.get("eval_loss") is not None),
+                                      default=None)}
+
+    def save(self) -> None:
+        tensors = {f"base/{name}": w for name, w in self.global_model.adapted_weights().items()}
+        tensors.update({f"carry/{name}": c for name, c in self.global_model.carry.items()})
+        state = {"completed_round": self.completed_round, "rows": self.rows,
+                 "ledger": self.ledger.state_dict(), "synced": self.synced,
+                 "base_log_params": {str(r): p for r, p in self.base_log_params.items()}, "global": None}
+        update = self.global_update
+        if update is not None:
+            state["global"] = {"merge": update.merge, "info": update.info,
+                               "client_factors": sorted(update.client_factors)}
+            tensors.update(factors_to_tensors("global/", update.factors))
+            tensors.update(factors_to_tensors("residual/", update.residual))
+            for cid, factors in update.client_factors.items():
+                tensors.update(factors_to_tensors(f"client/{cid}/", factors))
+        for cid, factors in self.client_adapters.items():
+            tensors.update(factors_to_tensors(f"local/{cid}/", factors))
+        state["local_clients"] = sorted(self.client_adapters)
+        for r, entry in self.base_log.items():
+            tensors.update(factors_to_tensors(f"log/{r}/factors/", entry.factors))
+            tensors.update(factors_to_tensors(f"log/{r}/residual/", entry.residual))
+        state["base_log"] = {str(r): entry.merge for r, entry in self.base_log.items()}
+        save_checkpoint(self.run_dir, self.completed_round, state, tensors)
+
+    def restore(self) -> int | None:
+        """Load the newest checkpoint of ``run_dir``; None when there is none."""
+        loaded = load_latest_checkpoint(self.run_dir)
+        if loaded is None:
+            return None
+        state, tensors = loaded
+        self.global_model.load_adapted_weights(
+            {k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")})
+        self.global_model.carry = {k[len("carry/"):]: v for k, v in tensors.items() if k.startswith("carry/")}
+        self.completed_round = state["completed_round"]
+        self.rows = state["rows"]
+        self.ledger = Ledger.from_state_dict(state["ledger"])
+        self.synced = {cid: int(r) for cid, r in state["synced"].items()}
+        self.base_log_params = {int(r): p for r, p in state["base_log_params"].items()}
+        if state["global"] is not None:
+            self.global_update = GlobalUpdate(
+                factors=tensors_to_factors("global/", tensors), merge=state["global"]["merge"],
+                residual=tensors_to_factors("residual/", tensors),
+                client_factors={cid: tensors_to_factors(f"client/{cid}/", tensors)
+                                for cid in state["global"]["client_factors"]},
+                info=state["global"]["info"])
+        self.client_adapters = {cid: tensors_to_factors(f"local/{cid}/", tensors) for cid in state["local_clients"]}
+        self.base_log = {int(r): GlobalUpdate(factors=tensors_to_factors(f"log/{r}/factors/", tensors), merge=merge,
+                                              residual=tensors_to_factors(f"log/{r}/residual/", tensors))
+                         for r, merge in state["base_log"].items()}
+        rewrite_metrics(self.run_dir, self.rows)
+        return self.completed_round

@@ -1,0 +1,84 @@
+"""A run folder's global model, restored from its newest checkpoint, for eval and export."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from fedlora.aggregation import LoraFactors
+from fedlora.data import load_mmlu, load_records, tokenize_records
+from fedlora.engine.checkpoint import load_latest_checkpoint, tensors_to_factors
+from fedlora.engine.config import ConfigError, RunConfig, build_config, load_saved_config
+from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.global_model import GlobalModel
+from fedlora.engine.setup import load_checked_model
+from fedlora.eval.loss import pad_token_id
+from fedlora.lora import low_rank_adapter, save_adapter
+from fedlora.lora.merge import base_weight
+
+
+@dataclass
+class RestoredRun:
+    config: RunConfig
+    global_model: GlobalModel
+    tokenizer: object
+    #: the persistent global adapter (FedIT and kin); None where updates were merged
+    adapter: dict[str, LoraFactors] | None
+    completed_round: int
+
+    @contextmanager
+    def model(self):
+        with self.global_model.with_adapter(self.adapter) as model:
+            yield model
+
+
+def restore_global_model(run_dir: Path) -> RestoredRun:
+    config = load_saved_config(Path(run_dir) / "config.json")
+    loaded = load_latest_checkpoint(run_dir)
+    if loaded is None:
+        raise ConfigError(f"{run_dir}: no checkpoint yet; the run has not finished round 0")
+    state, tensors = loaded
+    model, tokenizer, modules = load_checked_model(config)
+    global_model = GlobalModel(model, modules)
+    global_model.load_adapted_weights({k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")})
+    merged = state["global"] is None or state["global"]["merge"]
+    adapter = None if merged else tensors_to_factors("global/", tensors)
+    return RestoredRun(config, global_model, tokenizer, adapter, state["completed_round"])
+
+
+def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
+    config = build_config(overrides, source="command line", base=restored.config)
+    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
+    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
+    if not test_records and not questions:
+        raise ConfigError("nothing to evaluate: give --test-data and/or --mmlu")
+    pad_id = pad_token_id(restored.tokenizer)
+    examples, _ = tokenize_records(restored.tokenizer, test_records, config.max_length)
+    evaluator = Evaluator(restored.tokenizer, pad_id, examples, questions, final_round=restored.completed_round,
+                          batch_size=config.eval_batch_size)
+    with restored.model() as model:
+        return {"round": restored.completed_round, **evaluator(model, restored.completed_round)}
+
+
+def export_merged(restored: RestoredRun, out_dir: Path) -> None:
+    """A plain ``save_pretrained`` model with every update merged into its weights."""
+    with restored.model() as model:
+        model.save_pretrained(out_dir)
+        restored.tokenizer.save_pretrained(out_dir)
+
+
+def export_adapter(restored: RestoredRun, out_dir: Path, rank: int) -> float:
+    """A rank-``rank`` PEFT adapter of (global model − original base) via SVD; returns the
+    largest relative Frobenius error over modules."""
+    original, _, modules = load_checked_model(restored.config)
+    factors, errors = {}, []
+    with restored.model() as model:
+        for name in modules:
+            delta = base_weight(model, name).float() - base_weight(original, name).float()
+            factors[name], error = low_rank_adapter(delta, rank)
+            errors.append(error)
+    save_adapter(original, factors, rank, float(rank), restored.config.target_modules, out_dir)
+    return max(errors)

@@ -1,0 +1,107 @@
+"""From a RunConfig to everything a run needs: data, model, trainer, evaluator, federation.
+
+Both runtimes call this, so an in-process run and a Flower run are built the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from fedlora.data import Record, TokenizedExample, centralize, load_clients, load_mmlu, load_records, \
+    tokenize_records
+from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_client_count, \
+    check_ranks_fit
+from fedlora.engine.client import LocalTrainer
+from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.federation import Federation
+from fedlora.engine.global_model import GlobalModel
+from fedlora.eval.loss import pad_token_id
+from fedlora.models import adapted_shapes, load_model
+
+Log = Callable[[str], None]
+
+
+def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
+    """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset."""
+    data = config.data
+    if data == DEFAULT_DATA and not Path(data).exists():
+        log(f"{DEFAULT_DATA} not found: using {HUB_FALLBACK_DATA} split by {config.partition} over "
+            f"{config.partition_by} into {config.clients or 10} clients")
+        data = HUB_FALLBACK_DATA
+    test_data, mmlu = config.test_data, config.mmlu
+    if test_data is None and Path(data, "global_test.json").is_file():
+        test_data = str(Path(data, "global_test.json"))
+    shared_mmlu = Path(data).parent / "mmlu" / "mmlu_test_1444.json"
+    if mmlu is None and Path(data).is_dir() and shared_mmlu.is_file():
+        mmlu = str(shared_mmlu)
+    return config.replace(data=data, test_data=test_data, mmlu=mmlu)
+
+
+def load_client_records(config: RunConfig) -> dict[str, list[Record]]:
+    clients = load_clients(config.data, num_clients=config.clients or 10, partition=config.partition,
+                           alpha=config.dirichlet_alpha, min_size=config.min_partition_size,
+                           seed=config.seed, by=config.partition_by)
+    if config.clients is not None and Path(config.data).is_dir():
+        clients = dict(list(clients.items())[:config.clients])  # the first N given clients
+    return clients
+
+
+def centralized_config(config: RunConfig, num_clients: int) -> RunConfig:
+    """One client holding all data, trained for the steps all sampled clients train per round."""
+    per_round = config.clients_per_round or max(1, round(config.fraction * num_clients))
+    steps = config.local_steps * per_round if config.local_steps is not None else None
+    return config.replace(ranks=[max(config.ranks)], fraction=1.0, clients_per_round=None,
+                          min_clients=1, local_steps=steps)
+
+
+@dataclass
+class RunSetup:
+    config: RunConfig
+    model: nn.Module
+    tokenizer: object
+    client_examples: dict[str, list[TokenizedExample]]
+    trainer: LocalTrainer
+    federation: Federation
+
+
+def load_checked_model(config: RunConfig):
+    model, tokenizer = load_model(config.model, gguf_file=config.gguf_file, device=config.device,
+                                  dtype=config.dtype, seed=config.seed,
+                                  trust_remote_code=config.trust_remote_code)
+    shapes = adapted_shapes(model, config.target_modules)
+    check_ranks_fit(config, shapes)
+    return model, tokenizer, list(shapes)
+
+
+def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base_log: bool = False,
+                mmlu_progress: Callable[[int, int], None] | None = None) -> RunSetup:
+    """Load data first (cheap, most likely to be wrong), then the model; build the federation."""
+    config = resolve_data_paths(config, log)
+    clients = load_client_records(config)
+    check_client_count(config, len(clients))
+    if config.method == "centralized":
+        config = centralized_config(config, len(clients))
+        clients = {"centralized": centralize(clients)}
+    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
+    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
+    model, tokenizer, modules = load_checked_model(config)
+    pad_id = pad_token_id(tokenizer)
+    client_examples = {}
+    for cid, records in clients.items():
+        client_examples[cid], stats = tokenize_records(tokenizer, records, config.max_length)
+        if stats.truncated:
+            log(f"client {cid}: {stats.truncated} of {stats.examples} records truncated to "
+                f"max_length {config.max_length}")
+    test_examples, _ = tokenize_records(tokenizer, test_records, config.max_length)
+    evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
+                          mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
+                          mmlu_progress=mmlu_progress)
+    federation = Federation(config, {cid: len(ex) for cid, ex in client_examples.items()},
+                            GlobalModel(model, modules), evaluator, run_dir, keep_base_log=keep_base_log,
+                            log=log)
+    trainer = LocalTrainer.from_config(model, pad_id, config)
+    return RunSetup(config, model, tokenizer, client_examples, trainer, federation)
