@@ -1,0 +1,30 @@
+"""Training data: Alpaca/Dolly records, the Alpaca prompt and tokenisation, client splits, MMLU."""
+
+from fedlora.data.mmlu import MMLUQuestion, load_mmlu, mmlu_prompt
+from fedlora.data.partition import centralize, load_clients
+from fedlora.data.prompts import (
+    IGNORE_INDEX,
+    LazyTokenizedRecords,
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    TokenizationStats,
+    TokenizedExample,
+    collate,
+    format_prompt,
+    tokenize_record,
+    tokenize_records,
+)
+from fedlora.data.records import (
+    DataError,
+    LoadReport,
+    Record,
+    load_records,
+    load_records_with_report,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "DataError", "LoadReport",
+    "MMLUQuestion", "Record", "TokenizationStats", "TokenizedExample", "centralize", "collate",
+    "format_prompt", "load_clients", "load_mmlu", "load_records", "load_records_with_report",
+    "mmlu_prompt", "tokenize_record", "tokenize_records",
+]

@@ -1,0 +1,118 @@
+"""Which records each federated client trains on.
+
+Either the data already comes split (a directory of ``local_training_<n>.json`` files, as
+FLoRA ships Dolly) or one dataset is split here with Flower Datasets' partitioners: IID, or
+label-skewed Dirichlet over a record field (``category`` by default).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedlora.data.records import DataError, Record, load_records, load_records_with_report
+
+PARTITIONS = ("dirichlet", "iid")
+CLIENT_FILE = re.compile(r"local_training_(\d+)\.json")
+
+
+def load_clients(source: str | Path, *, num_clients: int = 10, partition: str = "dirichlet",
+                 alpha: float = 0.5, min_size: int = 10, seed: int = 0,
+                 by: str = "category") -> dict[str, list[Record]]:
+    """Client id -> that client's records.
+
+    A directory of ``local_training_<n>.json`` files gives one client per file, id ``"<n>"``,
+    in numeric order; the split arguments are then unused since the files are the split.
+    A single file or Hub id is split into ``num_clients`` clients ``"0"``, ``"1"``, … of at
+    least ``min_size`` records each, the same way for the same ``seed``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _clients_from_directory(path)
+    report = load_records_with_report(source)
+    _check_split(report.source, len(report.records), num_clients, partition, alpha, min_size)
+    if partition == "iid":
+        rows = _iid_rows(len(report.records), num_clients, seed)
+    else:
+        rows = _dirichlet_rows(report.source, report.records, num_clients, alpha, min_size,
+                               seed, by)
+    return {str(client): [report.records[row] for row in client_rows]
+            for client, client_rows in enumerate(rows)}
+
+
+def centralize(clients: dict[str, list[Record]]) -> list[Record]:
+    """All clients' records in one list (client order), for the centralised baseline."""
+    return [record for records in clients.values() for record in records]
+
+
+def _clients_from_directory(directory: Path) -> dict[str, list[Record]]:
+    files = sorted(directory.glob("local_training_*.json"))
+    if not files:
+        raise DataError(directory.name, "has no local_training_<n>.json client files")
+    numbered = []
+    for file in files:
+        match = CLIENT_FILE.fullmatch(file.name)
+        if match is None:
+            raise DataError(file.name, "client files must be named local_training_<n>.json "
+                                       "with <n> a number")
+        numbered.append((int(match[1]), match[1], file))
+    return {client_id: load_records(file) for _, client_id, file in sorted(numbered)}
+
+
+def _check_split(source: str, size: int, num_clients: int, partition: str, alpha: float,
+                 min_size: int) -> None:
+    if partition not in PARTITIONS:
+        raise DataError(source, f"unknown partition {partition!r} "
+                                f"(expected {' or '.join(map(repr, PARTITIONS))})")
+    if num_clients < 1:
+        raise DataError(source, f"num_clients must be at least 1, got {num_clients}")
+    if min_size < 1:  # an empty client would have nothing to train on
+        raise DataError(source, f"min_size must be at least 1, got {min_size}")
+    if partition == "dirichlet" and not (math.isfinite(alpha) and alpha > 0):
+        raise DataError(source, f"Dirichlet alpha must be a positive number, got {alpha}")
+    if size < num_clients * min_size:
+        raise DataError(source, f"{size} records cannot give {num_clients} clients "
+                                f"at least {min_size} records each")
+
+
+def _iid_rows(size: int, num_clients: int, seed: int) -> list[list[int]]:
+    # IidPartitioner cuts contiguous shards, so the rows are shuffled first
+    shuffled = np.random.default_rng(seed).permutation(size).tolist()
+    return _partition_rows(IidPartitioner(num_partitions=num_clients), {"row": shuffled})
+
+
+def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha: float,
+                    min_size: int, seed: int, by: str) -> list[list[int]]:
+    if by not in {field.name for field in fields(Record)}:
+        raise DataError(source, f"cannot partition by {by!r}: not a record field")
+    labels = [getattr(record, by) for record in records]
+    unlabelled = labels.count(None)
+    if unlabelled:
+        raise DataError(source, f"{unlabelled} of {len(records)} records have no {by!r}, "
+                                "which partition='dirichlet' needs (use partition='iid')")
+    partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label",
+                                       alpha=alpha, min_partition_size=min_size, seed=seed)
+    try:
+        with warnings.catch_warnings():
+            # it warns on every resampling; if all attempts fail we say so below
+            warnings.simplefilter("ignore")
+            return _partition_rows(partitioner, {"row": list(range(len(records))),
+                                                 "label": labels})
+    except ValueError as error:
+        raise DataError(source, f"Dirichlet split (alpha={alpha}) gave a client fewer than "
+                                f"{min_size} records: raise alpha or lower min_size "
+                                f"({error})") from error
+
+
+def _partition_rows(partitioner: Partitioner, columns: dict[str, list]) -> list[list[int]]:
+    """The ``row`` column of every partition the partitioner cuts from ``columns``."""
+    partitioner.dataset = datasets.Dataset.from_dict(columns)
+    return [partitioner.load_partition(client)["row"]
+            for client in range(partitioner.num_partitions)]
