@@ -1,0 +1,142 @@
+"""MMLU accuracy by next-token log-likelihood of the answer letter.
+
+Each question's prompt (:func:`fedlora.data.mmlu.mmlu_prompt`, ending in ``Answer:``) goes
+through the model once; the prediction is whichever of the letters A–D has the highest
+log-probability as the very next token. No text is generated, so a model that would answer
+in prose is still scored on what it believes, and the result is deterministic.
+
+Which token is "the letter" depends on the tokenizer (see :func:`answer_tokens`): a BPE
+vocabulary such as SmolLM2's has `` A`` (space + letter) as a single token, which is how the
+letter follows ``Answer:`` in text, so the model is scored right after ``Answer:``; a
+byte-level vocabulary splits `` A`` into two tokens, so the space goes into the prompt and the
+bare letter is scored. Prompts are batched with left padding and explicit position ids, so the
+last position of every row is its real last token and batched scores equal unbatched ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedlora.data.mmlu import LETTERS, MMLUQuestion, mmlu_prompt
+from fedlora.eval.loss import eval_mode, model_device, pad_token_id
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """How answer letters are scored: the text appended to each prompt, the letters' token ids."""
+
+    #: appended to the prompt (after its trailing spaces are stripped) before it is tokenised
+    prompt_suffix: str
+    #: the token id of each of A, B, C, D as the next token after the suffixed prompt
+    letter_ids: tuple[int, ...]
+
+    def context(self, prompt: str) -> str:
+        """The text whose next token is the answer letter."""
+        return prompt.rstrip(" ") + self.prompt_suffix
+
+
+def answer_tokens(tokenizer, prompt: str) -> AnswerTokens:
+    """The single-token form of the answer letters after ``prompt``, preferring `` A``.
+
+    A form qualifies when, for every letter, tokenising context + letter yields exactly the
+    context's tokens plus one more, so the scored position is the one the model continues
+    from and no merge across the boundary changes the context.
+    """
+    base = prompt.rstrip(" ")
+    for prompt_suffix, letter_prefix in (("", " "), (" ", "")):
+        context_ids = _encode(tokenizer, base + prompt_suffix)
+        letter_ids = []
+        for letter in LETTERS:
+            ids = _encode(tokenizer, base + prompt_suffix + letter_prefix + letter)
+            if len(ids) != len(context_ids) + 1 or ids[:-1] != context_ids:
+                break
+            letter_ids.append(ids[-1])
+        else:
+            return AnswerTokens(prompt_suffix, tuple(letter_ids))
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} has no single-token form of the "
+                     f"answer letters {', '.join(LETTERS)} after the MMLU prompt")
+
+
+def answer_log_likelihoods(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestion], *,
+                           batch_size: int = 8,
+                           progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(len(questions), 4) log-probabilities of A, B, C, D as the next token of each prompt.
+
+    ``progress`` is called after every batch with the number of questions scored so far.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    scores = torch.empty(len(questions), len(LETTERS))
+    if not questions:
+        return scores
+    prompts = [mmlu_prompt(question) for question in questions]
+    form = answer_tokens(tokenizer, prompts[0])  # one form for all: every prompt ends alike
+    contexts = [_encode(tokenizer, form.context(prompt)) for prompt in prompts]
+    pad_id = pad_token_id(tokenizer)
+    device = model_device(model)
+    letter_ids = torch.tensor(form.letter_ids, device=device)
+    # Similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            batch = _left_padded([contexts[i] for i in indices], pad_id, device)
+            # logits_to_keep=1: only the last position's logits are computed and kept.
+            last = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            scores[indices] = last.log_softmax(dim=-1)[:, letter_ids].cpu()
+            if progress is not None:
+                progress(min(start + batch_size, len(order)))
+    return scores
+
+
+def evaluate_mmlu(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestion], *,
+                  batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict:
+    """Accuracy of the argmax answer letter, overall and per subject.
+
+    Returns ``{"mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject"}`` where
+    ``mmlu_per_subject`` maps each subject to ``{"acc", "n"}``; ``mmlu_acc`` is NaN when there
+    are no questions. Ties go to the earliest letter.
+    """
+    scores = answer_log_likelihoods(model, tokenizer, questions, batch_size=batch_size,
+                                    progress=progress)
+    predictions = [LETTERS[index] for index in scores.argmax(dim=-1).tolist()]
+    correct_by_subject: dict[str, list[int]] = {}
+    for question, predicted in zip(questions, predictions, strict=True):
+        tally = correct_by_subject.setdefault(question.subject, [0, 0])
+        tally[0] += int(predicted == question.answer)
+        tally[1] += 1
+    correct = sum(c for c, _ in correct_by_subject.values())
+    total = len(questions)
+    return {
+        "mmlu_acc": correct / total if total else float("nan"),
+        "mmlu_correct": correct,
+        "mmlu_total": total,
+        "mmlu_per_subject": {subject: {"acc": c / n, "n": n}
+                             for subject, (c, n) in sorted(correct_by_subject.items())},
+    }
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def _left_padded(sequences: list[list[int]], pad_id: int,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and position_ids with padding on the left.
+
+    Position ids count real tokens only, so a padded row sees the same positions (and thus
+    the same rotary embeddings) as it would alone.
+    """
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "position_ids": position_ids.to(device)}
