@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,8 @@ from fedlora.models import ModelError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated LoRA fine-tuning of LLMs with exact aggregation.")
 console = Console()
+# PEFT calls a transformers property that transformers 5 deprecates; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 #: mistakes a user can make: printed as one line, never a traceback
 USER_ERRORS = (ConfigError, DataError, ModelError, AggregationError, FileNotFoundError)
 CONFIG_FILE = "config.json"

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -79,6 +80,29 @@ def adapted_shapes(model: nn.Module, target_modules: list[str] | tuple[str, ...]
     return shapes
 
 
+def model_shapes(name: str, target_modules: list[str] | tuple[str, ...], *, gguf_file: str | None = None,
+                 trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """:func:`adapted_shapes` of a model built on the meta device from its config alone.
+
+    Reads no weights, so impossible settings (a rank above a module's min(d, n)) are caught
+    before the model itself is loaded.
+    """
+    if name == TINY_LLAMA_NAME:
+        config = _tiny_llama_config(_byte_tokenizer())
+    else:
+        source, gguf_file = (_smollm2_dir(), SMOLLM2_GGUF) if name == SMOLLM2_NAME else _resolve_source(name, gguf_file)
+        kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except OSError as error:
+            raise ModelError(f"cannot read the configuration of model {source}: {error}") from error
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, **({"trust_remote_code": True} if trust_remote_code else {}))
+    return adapted_shapes(skeleton, target_modules)
+
+
 def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     if dtype is not None:
         if dtype not in DTYPES:
@@ -132,14 +156,18 @@ def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtyp
     return model, tokenizer
 
 
-def _tiny_llama(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A seeded two-layer Llama and a byte-level tokenizer: offline, fast and deterministic."""
-    tokenizer = _byte_tokenizer()
-    config = LlamaConfig(
+def _tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
+
+
+def _tiny_llama(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A seeded two-layer Llama and a byte-level tokenizer: offline, fast and deterministic."""
+    tokenizer = _byte_tokenizer()
+    config = _tiny_llama_config(tokenizer)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

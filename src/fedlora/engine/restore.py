@@ -14,7 +14,7 @@ from fedlora.engine.checkpoint import load_latest_checkpoint, tensors_to_factors
 from fedlora.engine.config import ConfigError, RunConfig, build_config, load_saved_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.setup import load_checked_model
+from fedlora.engine.setup import check_model_fits, load_run_model
 from fedlora.eval.loss import pad_token_id
 from fedlora.lora import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight
@@ -41,7 +41,8 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     if loaded is None:
         raise ConfigError(f"{run_dir}: no checkpoint yet; the run has not finished round 0")
     state, tensors = loaded
-    model, tokenizer, modules = load_checked_model(config)
+    modules = check_model_fits(config)
+    model, tokenizer = load_run_model(config)
     global_model = GlobalModel(model, modules)
     global_model.load_adapted_weights({k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")})
     merged = state["global"] is None or state["global"]["merge"]
@@ -73,7 +74,8 @@ def export_merged(restored: RestoredRun, out_dir: Path) -> None:
 def export_adapter(restored: RestoredRun, out_dir: Path, rank: int) -> float:
     """A rank-``rank`` PEFT adapter of (global model − original base) via SVD; returns the
     largest relative Frobenius error over modules."""
-    original, _, modules = load_checked_model(restored.config)
+    original, _ = load_run_model(restored.config)
+    modules = restored.global_model.adapted_modules
     factors, errors = {}, []
     with restored.model() as model:
         for name in modules:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fedlora.data import Record, TokenizedExample, centralize, load_clients, load_mmlu, load_records, \
+from fedlora.data import LazyTokenizedRecords, Record, centralize, load_clients, load_mmlu, load_records, \
     tokenize_records
 from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_client_count, \
     check_ranks_fit
@@ -20,7 +20,7 @@ from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.federation import Federation
 from fedlora.engine.global_model import GlobalModel
 from fedlora.eval.loss import pad_token_id
-from fedlora.models import adapted_shapes, load_model
+from fedlora.models import load_model, model_shapes
 
 Log = Callable[[str], None]
 
@@ -63,18 +63,22 @@ class RunSetup:
     config: RunConfig
     model: nn.Module
     tokenizer: object
-    client_examples: dict[str, list[TokenizedExample]]
+    client_examples: dict[str, LazyTokenizedRecords]
     trainer: LocalTrainer
     federation: Federation
 
 
-def load_checked_model(config: RunConfig):
-    model, tokenizer = load_model(config.model, gguf_file=config.gguf_file, device=config.device,
-                                  dtype=config.dtype, seed=config.seed,
-                                  trust_remote_code=config.trust_remote_code)
-    shapes = adapted_shapes(model, config.target_modules)
+def check_model_fits(config: RunConfig) -> list[str]:
+    """The adapted module names, after checking the ranks fit them (reads no weights)."""
+    shapes = model_shapes(config.model, config.target_modules, gguf_file=config.gguf_file,
+                          trust_remote_code=config.trust_remote_code)
     check_ranks_fit(config, shapes)
-    return model, tokenizer, list(shapes)
+    return list(shapes)
+
+
+def load_run_model(config: RunConfig):
+    return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
+                      seed=config.seed, trust_remote_code=config.trust_remote_code)
 
 
 def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base_log: bool = False,
@@ -88,15 +92,14 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
         clients = {"centralized": centralize(clients)}
     test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
     questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
-    model, tokenizer, modules = load_checked_model(config)
+    modules = check_model_fits(config)
+    model, tokenizer = load_run_model(config)
     pad_id = pad_token_id(tokenizer)
-    client_examples = {}
-    for cid, records in clients.items():
-        client_examples[cid], stats = tokenize_records(tokenizer, records, config.max_length)
-        if stats.truncated:
-            log(f"client {cid}: {stats.truncated} of {stats.examples} records truncated to "
-                f"max_length {config.max_length}")
-    test_examples, _ = tokenize_records(tokenizer, test_records, config.max_length)
+    client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
+                       for cid, records in clients.items()}
+    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
+    if stats.truncated:
+        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
     evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
                           mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
                           mmlu_progress=mmlu_progress)

@@ -1,0 +1,143 @@
+"""The command line as a user meets it: one-line errors, outputs, resume, export, eval, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedlora import cli
+from fedlora.aggregation import available_aggregators
+from fedlora.engine.config import ConfigError, RunConfig, build_config
+
+runner = CliRunner()
+TINY = ["--model", "tiny-llama", "--local-steps", "1", "--batch-size", "2", "--max-length", "32"]
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(result.output.split())
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Config errors must surface before any model is loaded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was checked")
+    monkeypatch.setattr("fedlora.engine.setup.load_model", refuse)
+
+
+def test_methods_lists_every_aggregator_and_baseline():
+    result = invoke("methods")
+    assert result.exit_code == 0
+    for name in available_aggregators() + ["centralized", "local"]:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("rnds = 3\n", ["bad.toml", "unknown key 'rnds'", "did you mean 'rounds'"]),
+    ("ranks = [0]\n", ["bad.toml", "'ranks'", "≥ 1"]),
+    ("fraction = 1.5\n", ["bad.toml", "'fraction'", "(0, 1]"]),
+    ("fraction = 0\n", ["bad.toml", "'fraction'"]),
+    ("method = 'fedit'\nranks = [8, 4]\n", ["bad.toml", "'ranks'", "mixed", "flora", "zeropad"]),
+    ("method = 'fedavg'\n", ["bad.toml", "'method'", "flora"]),
+    ("rounds = 'three'\n", ["bad.toml", "'rounds' must be int", "str"]),
+    ("lr = -1.0\n", ["bad.toml", "'lr'", "positive"]),
+    ("rounds = [\n", ["bad.toml", "not valid TOML"]),
+])
+def test_bad_config_file_is_one_clear_line(tmp_path, no_model_loading, toml, expected):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    message = one_line_error(invoke("run", config, "--out", tmp_path / "run"))
+    for piece in expected:
+        assert piece in message
+    assert not (tmp_path / "run").exists(), "nothing is written for a rejected configuration"
+
+
+def test_rank_above_a_target_modules_size_is_rejected_before_loading(client_dir, tmp_path, no_model_loading):
+    # tiny-llama's v_proj is 32×64 (two kv heads of 16): rank 40 cannot fit
+    message = one_line_error(invoke("run", *TINY, "--data", client_dir, "--ranks", "40",
+                                    "--out", tmp_path / "run"))
+    assert "exceed min(d, n) = 32" in message and "v_proj" in message
+
+
+def test_bad_data_file_names_file_record_and_field(client_dir, tmp_path, no_model_loading):
+    broken = json.loads((client_dir / "local_training_1.json").read_text())
+    broken[5]["response"] = 42
+    (client_dir / "local_training_1.json").write_text(json.dumps(broken))
+    message = one_line_error(invoke("run", *TINY, "--data", client_dir, "--out", tmp_path / "run"))
+    assert "local_training_1.json" in message and "record 5" in message and "'response'" in message
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, no_model_loading):
+    message = one_line_error(invoke("run", *TINY, "--data", tmp_path / "nowhere.json", "--out", tmp_path / "run"))
+    assert "nowhere.json" in message
+
+
+def test_run_writes_every_output_then_export_eval_and_report(client_dir, tmp_path):
+    out = tmp_path / "runs" / "flora"
+    result = invoke("run", *TINY, "--data", client_dir, "--rounds", "2", "--ranks", "4,2,1",
+                    "--mmlu-limit", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["communication"]["bytes_up"] == sum(row["bytes_up"] for row in rows)
+    assert "communication" in result.output
+
+    again = invoke("run", *TINY, "--data", client_dir, "--out", out)
+    assert "already holds a run" in one_line_error(again)
+
+    merged = invoke("export", out, "--merged", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "config.json").is_file()
+    adapter = invoke("export", out, "--adapter", tmp_path / "adapter", "--rank", "2")
+    assert adapter.exit_code == 0, adapter.output
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert "relative Frobenius error" in " ".join(adapter.output.split())
+
+    evaluated = invoke("eval", out, "--test-data", client_dir / "global_test.json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
+
+    invoke("run", *TINY, "--data", client_dir, "--rounds", "1", "--method", "fedit", "--ranks", "2",
+           "--out", tmp_path / "runs" / "fedit")
+    compared = invoke("report", tmp_path / "runs")
+    assert compared.exit_code == 0, compared.output
+    assert (tmp_path / "runs" / "curves.png").is_file()
+
+
+def test_resume_continues_with_more_rounds(client_dir, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("run", *TINY, "--data", client_dir, "--rounds", "1", "--out", out).exit_code == 0
+    result = invoke("run", "--resume", out, "--rounds", "2")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert "only --rounds may change" in one_line_error(invoke("run", "--resume", out, "--lr", "0.1"))
+
+
+CONFIG_KEYS = sorted(RunConfig.__dataclass_fields__) + ["bogus", "rank"]
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.lists(st.integers(-2, 70), max_size=4),
+                   st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(CONFIG_KEYS), VALUES, max_size=4))
+def test_config_fuzz_only_raises_config_errors(values):
+    try:
+        build_config(values)
+    except ConfigError:
+        pass

@@ -1,0 +1,133 @@
+"""The round loop on tiny-llama: exact FLoRA merges, participation, every method, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.aggregation import available_aggregators
+from fedlora.engine.config import RunConfig, build_config
+from fedlora.engine.setup import prepare_run
+from fedlora.report import read_metrics
+from fedlora.runtime.inprocess import run_inprocess
+
+EVAL_KEYS = ("round", "eval_loss", "perplexity", "train_loss", "bytes_up", "bytes_down", "clients",
+             "mmlu_acc")
+
+
+def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
+    values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 2, "local_steps": 2,
+              "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2}
+    values.update(overrides)
+    return build_config(values)
+
+
+def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
+    config = tiny_config(client_dir, out, **overrides)
+    run_inprocess(prepare_run(config, out, log=lambda message: None))
+    return read_metrics(out)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """The deterministic part of metric rows (wall-clock times excluded)."""
+    return [{key: row.get(key) for key in EVAL_KEYS} for row in rows]
+
+
+def test_flora_round_merges_exactly_the_weighted_sum_of_client_updates(client_dir, tmp_path):
+    config = tiny_config(client_dir, tmp_path / "run", rounds=1, alpha_ratio=3.0)
+    setup = prepare_run(config, tmp_path / "run", log=lambda message: None)
+    federation = setup.federation
+    federation.start()
+    before = {name: w.double() for name, w in federation.global_model.adapted_weights().items()}
+    results = [setup.trainer.train(task, setup.client_examples[task.client_id])
+               for task in federation.configure_train(1)]
+    federation.aggregate_train(1, results)
+    after = federation.global_model.adapted_weights()
+
+    total = sum(r.update.num_examples for r in results)
+    assert total == 8 + 12 + 20
+    for name, weight in before.items():
+        expected = weight.clone()
+        for result in results:
+            f = result.update.factors[name]
+            expected += (result.update.num_examples / total) * f.scale * (f.B.double() @ f.A.double())
+        change = (expected - weight).norm()
+        assert change > 0
+        assert (after[name].double() - expected).norm() / change < 1e-5, name
+    assert {r.update.factors[name].rank for r in results} == {4, 2, 1}
+    assert {r.update.factors[name].scale for r in results} == {3.0}
+
+
+def test_partial_participation_samples_the_configured_number_of_clients(client_dir, tmp_path):
+    rows = run_tiny(client_dir, tmp_path / "run", rounds=3, clients_per_round=2)
+    assert [len(row["clients"]) for row in rows] == [0, 2, 2, 2]
+    assert len({tuple(row["clients"]) for row in rows[1:]}) > 1 or rows[1]["clients"]
+    # a client sampled again downloads the merges it missed; the first round downloads nothing
+    assert rows[1]["bytes_down"] == 0
+    assert all(row["bytes_up"] > 0 for row in rows[1:])
+
+
+@pytest.mark.parametrize("method", available_aggregators() + ["centralized", "local"])
+def test_every_method_runs_two_rounds(client_dir, tmp_path, method):
+    ranks = [4, 2, 1] if method in ("flora", "zeropad", "flexlora", "local", "centralized") else [2]
+    rows = run_tiny(client_dir, tmp_path / method, method=method, ranks=ranks)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["eval_loss"] == row["eval_loss"] for row in rows)  # not NaN
+    assert rows[2]["eval_loss"] != rows[0]["eval_loss"], "training changed nothing"
+    assert not any(row["rejected"] or row["skipped"] for row in rows)
+
+
+def test_rolora_and_ffa_upload_only_the_trained_factor(client_dir, tmp_path):
+    both = run_tiny(client_dir, tmp_path / "fedit", method="fedit", ranks=[2])
+    ffa = run_tiny(client_dir, tmp_path / "ffa", method="ffa", ranks=[2])
+    rolora = run_tiny(client_dir, tmp_path / "rolora", method="rolora", ranks=[2])
+    assert ffa[1]["bytes_up"] < both[1]["bytes_up"]
+    assert rolora[1]["bytes_up"] + rolora[2]["bytes_up"] == both[1]["bytes_up"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(client_dir, tmp_path):
+    full = run_tiny(client_dir, tmp_path / "full", rounds=3, clients_per_round=2)
+    first = run_tiny(client_dir, tmp_path / "split", rounds=1, clients_per_round=2)
+    assert comparable(first) == comparable(full[:2])
+    resumed = run_tiny(client_dir, tmp_path / "split", rounds=3, clients_per_round=2)
+    assert comparable(resumed) == comparable(full)
+
+
+def test_resume_of_a_persistent_adapter_method(client_dir, tmp_path):
+    full = run_tiny(client_dir, tmp_path / "full", method="zeropad", rounds=3)
+    run_tiny(client_dir, tmp_path / "split", method="zeropad", rounds=2)
+    resumed = run_tiny(client_dir, tmp_path / "split", method="zeropad", rounds=3)
+    assert comparable(resumed) == comparable(full)
+
+
+def test_one_base_model_is_shared_by_every_client(client_dir, tmp_path):
+    config = tiny_config(client_dir, tmp_path / "run", rounds=1)
+    setup = prepare_run(config, tmp_path / "run", log=lambda message: None)
+    pointer = setup.model.model.embed_tokens.weight.data_ptr()
+    run_inprocess(setup)
+    assert setup.trainer.model is setup.model
+    assert setup.model.model.embed_tokens.weight.data_ptr() == pointer
+    assert not any("lora" in name for name, _ in setup.model.named_parameters())
+
+
+def test_checkpoint_is_safetensors_and_json(client_dir, tmp_path):
+    run_tiny(client_dir, tmp_path / "run", rounds=1)
+    latest = (tmp_path / "run" / "checkpoints" / "LATEST").read_text()
+    folder = tmp_path / "run" / "checkpoints" / latest
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert json.loads((folder / "state.json").read_text())["completed_round"] == 1
+
+
+@pytest.mark.slow
+def test_smollm2_runs_one_round_of_two_steps(tmp_path):
+    from conftest import DOLLY, require_shared_data
+
+    require_shared_data()
+    rows = run_tiny(DOLLY, tmp_path / "smol", model="smollm2-135m", rounds=1, clients=2, local_steps=2,
+                    ranks=[8, 4], max_length=64, test_limit=8, lr=3e-4)
+    assert [row["round"] for row in rows] == [0, 1]
+    assert 0.5 < rows[0]["eval_loss"] < 5, "a pretrained model has a moderate loss"
+    assert torch.isfinite(torch.tensor(rows[1]["eval_loss"]))
