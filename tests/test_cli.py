@@ -141,3 +141,10 @@ def test_config_fuzz_only_raises_config_errors(values):
         build_config(values)
     except ConfigError:
         pass
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert documented == set(RunConfig.__dataclass_fields__)
