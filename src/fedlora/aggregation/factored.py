@@ -1,0 +1,148 @@
+"""Linear algebra on factored updates ``scale * B @ A`` that never forms the dense d×n matrix.
+
+Adapted layers of an LLM are large (4096×4096) while LoRA ranks are small, so everything
+here works on the d×R and R×n factors: FLoRA's stacking, an SVD of ``B @ A`` through two
+thin QRs, truncation to a rank, weighted sums of factors and the Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import reduce
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.base import ClientUpdate, LoraFactors
+
+#: (U, S, Vh) of a factored product: U is d×q, S has q values (descending), Vh is q×n.
+Svd = tuple[Tensor, Tensor, Tensor]
+
+
+def common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype every tensor can be cast to without loss (float32 and bfloat16 → float32)."""
+    return reduce(torch.promote_types, (tensor.dtype for tensor in tensors))
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    """Weights rescaled to sum to 1, as averaging methods use them."""
+    total = sum(weights)
+    return [weight / total for weight in weights]
+
+
+def concat(blocks: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """One LoraFactors whose product is ``Σ w_k s_k B_k A_k``, for any mix of ranks.
+
+    B = [w_1 s_1 B_1 | … | w_K s_K B_K], A = [A_1; …; A_K], scale 1: the rank is the sum of
+    the blocks' ranks and no information is lost.
+    """
+    dtype = common_dtype([tensor for block in blocks for tensor in (block.A, block.B)])
+    # Concatenating and then scaling the columns in place, while B is still in cache, is
+    # faster than writing each scaled block into a strided slice.
+    B = torch.cat([block.B.to(dtype) for block in blocks], dim=1)
+    B.mul_(torch.cat([torch.full((block.rank,), weight * block.scale, dtype=dtype, device=B.device)
+                      for block, weight in zip(blocks, weights)]))
+    A = torch.cat([block.A.to(dtype) for block in blocks])
+    return LoraFactors(A=A, B=B, scale=1.0)
+
+
+def stack(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> dict[str, LoraFactors]:
+    """FLoRA's stacking per module: ``B @ A == Σ p_k ΔW_k`` exactly (weights used as given)."""
+    return {module: concat([update.factors[module] for update in updates], weights)
+            for module in updates[0].factors}
+
+
+def padded_sum(tensors: Sequence[Tensor], weights: Sequence[float], rank_dim: int) -> Tensor:
+    """``Σ w_k T_k`` where tensors of lower rank are zero-padded along ``rank_dim`` to the largest."""
+    shape = list(tensors[0].shape)
+    shape[rank_dim] = max(tensor.shape[rank_dim] for tensor in tensors)
+    total = torch.zeros(shape, dtype=common_dtype(tensors), device=tensors[0].device)
+    for tensor, weight in zip(tensors, weights):
+        total.narrow(rank_dim, 0, tensor.shape[rank_dim]).add_(tensor, alpha=weight)
+    return total
+
+
+def average_factors(blocks: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """``Σ w_k A_k`` and ``Σ w_k B_k`` (zero-padded to the largest rank) with the first block's scale.
+
+    This is the FedIT-style average; its product is *not* ``Σ w_k ΔW_k`` because of the
+    cross terms ``w_j w_k B_j A_k``.
+    """
+    return LoraFactors(A=padded_sum([block.A for block in blocks], weights, rank_dim=0),
+                       B=padded_sum([block.B for block in blocks], weights, rank_dim=1),
+                       scale=blocks[0].scale)
+
+
+def factored_svd(B: Tensor, A: Tensor) -> Svd:
+    """Thin SVD of ``B @ A`` (B: d×R, A: R×n) from QRs of B and Aᵀ and an SVD of the small core.
+
+    B = Q_b R_b and Aᵀ = Q_a R_a give ``B @ A = Q_b (R_b R_aᵀ) Q_aᵀ``, so only a
+    min(d,R)×min(n,R) matrix is decomposed. Computed in float64, returned in B's dtype.
+    """
+    Q_b, R_b = torch.linalg.qr(B.to(torch.float64))
+    Q_a, R_a = torch.linalg.qr(A.to(torch.float64).T)
+    U_core, S, Vh_core = torch.linalg.svd(R_b @ R_a.T, full_matrices=False)
+    dtype = B.dtype
+    return (Q_b @ U_core).to(dtype), S.to(dtype), (Vh_core @ Q_a.T).to(dtype)
+
+
+def numerical_rank(S: Tensor, size: int) -> int:
+    """Singular values above float64 round-off for a matrix whose larger side is ``size``
+    (the torch.linalg.matrix_rank tolerance)."""
+    if S.numel() == 0 or S[0] == 0:
+        return 0
+    tolerance = S[0].item() * size * torch.finfo(torch.float64).eps
+    return int((S > tolerance).sum())
+
+
+def truncate(svd: Svd, rank: int | None = None) -> tuple[LoraFactors, float]:
+    """Factors B = U·S, A = Vh of the leading ``rank`` singular triplets, and the relative error.
+
+    ``rank=None`` keeps every numerically nonzero value (exact). The error
+    ``sqrt(Σ dropped S²) / sqrt(Σ S²)`` is the relative Frobenius error of the truncation.
+    At least one triplet is kept so the result is a valid LoRA even for a zero update.
+    """
+    U, S, Vh = svd
+    keep = numerical_rank(S, max(U.shape[0], Vh.shape[1])) if rank is None else rank
+    keep = max(1, min(keep, S.numel()))
+    energy = S.to(torch.float64).square()
+    total = energy.sum().item()
+    error = math.sqrt(energy[keep:].sum().item() / total) if total > 0 else 0.0
+    return LoraFactors(A=Vh[:keep].contiguous(), B=U[:, :keep] * S[:keep], scale=1.0), error
+
+
+def refactor(factors: LoraFactors, rank: int | None = None) -> tuple[LoraFactors, float]:
+    """Re-factor ``scale * B @ A`` into orthogonal form truncated to ``rank`` (None: exact).
+
+    Returns the new factors (scale 1, rank ≤ min(d, n, R)) and the relative Frobenius error.
+    """
+    return truncate(factored_svd(factors.scale * factors.B, factors.A), rank)
+
+
+def refactor_all(factors: dict[str, LoraFactors],
+                 rank: int | None = None) -> tuple[dict[str, LoraFactors], float]:
+    """:func:`refactor` every module; also returns the largest relative error."""
+    refactored, worst = {}, 0.0
+    for module, module_factors in factors.items():
+        refactored[module], error = refactor(module_factors, rank)
+        worst = max(worst, error)
+    return refactored, worst
+
+
+def leading(factors: LoraFactors, rank: int) -> LoraFactors:
+    """The first ``rank`` rows of A and columns of B (the best rank-r part of SVD-ordered factors)."""
+    return LoraFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
+
+
+def max_rank(factors: dict[str, LoraFactors]) -> int:
+    """The largest rank over modules: a scalar for ``GlobalUpdate.info``."""
+    return max(module_factors.rank for module_factors in factors.values())
+
+
+def frobenius_norm(factors: LoraFactors) -> float:
+    """``‖scale·B·A‖_F = |scale|·sqrt(trace((BᵀB)(AAᵀ)))``, from two r×r Gram matrices."""
+    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
+    # Both Gram matrices are symmetric, so the trace of their product is their elementwise dot.
+    squared = ((B.T @ B) * (A @ A.T)).sum().clamp(min=0).item()
+    return abs(factors.scale) * math.sqrt(squared)

@@ -1,0 +1,31 @@
+"""Zero-padding (HetLoRA-style): average factors of different ranks by padding to the largest."""
+
+from __future__ import annotations
+
+from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation.factored import average_factors, leading
+from fedlora.aggregation.fedit import FedIT
+
+
+class ZeroPad(FedIT):
+    """FedIT for mixed ranks: pad every A_k (rows) and B_k (columns) with zeros to the largest rank.
+
+    Each client's own scale is folded into its B before averaging (B_k ← s_k B_k) and the
+    global scale is 1.0. Reference implementations average factors trained under different
+    α/r and so mix scalings; folding keeps every client's contribution at the scale it was
+    trained with. Like FedIT, the result carries cross-term error (it is not Σ p_k ΔW_k).
+    A client of rank r starts from the first r components of the global adapter.
+    """
+
+    name = "zeropad"
+    heterogeneous_ranks = True
+
+    def average_module(self, updates: list[ClientUpdate], weights: list[float], module: str) -> LoraFactors:
+        folded = [LoraFactors(A=factors.A, B=factors.scale * factors.B, scale=1.0)
+                  for factors in (update.factors[module] for update in updates)]
+        return average_factors(folded, weights)
+
+    def client_start(self, global_update: GlobalUpdate, client_id: str,
+                     rank: int) -> dict[str, LoraFactors] | None:
+        """The global factors truncated to the client's rank (scale stays the global 1.0)."""
+        return {module: leading(factors, rank) for module, factors in global_update.factors.items()}
