@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedlora.aggregation import available_aggregators
-from fedlora.engine.config import RunConfig, build_config
+from fedlora.engine.config import RunConfig, build_config, save_config
 from fedlora.engine.setup import prepare_run
 from fedlora.report import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
@@ -27,6 +27,8 @@ def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
 
 def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
     config = tiny_config(client_dir, out, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
     run_inprocess(prepare_run(config, out, log=lambda message: None))
     return read_metrics(out)
 

@@ -107,27 +107,35 @@ def _resume_config(run_dir: Path, config_file: Path | None, flags: dict) -> tupl
 
 
 def _execute(config: RunConfig, run_dir: Path) -> None:
-    from fedlora.engine.setup import prepare_run
     from fedlora.report import write_report, write_summary
     from fedlora.runtime.observer import RichObserver
 
     with RichObserver(config.rounds, console) as observer:
-        mmlu_task = observer.progress.add_task("MMLU", total=None, note="", visible=False)
-
-        def mmlu_progress(done: int, total: int) -> None:
-            observer.progress.update(mmlu_task, completed=done, total=total, visible=done < total)
-
-        setup = prepare_run(config, run_dir, log=observer.log, mmlu_progress=mmlu_progress,
-                            keep_base_log=config.runtime == "flower")
         if config.runtime == "flower":
+            from fedlora.runtime.flower.deployment import FlowerRunError
             from fedlora.runtime.flower.runner import run_flower
-            summary = run_flower(setup, run_dir, observer)
+            try:
+                summary = run_flower(config, run_dir, observer)
+            except FlowerRunError as error:  # names the log to read
+                _fail(error)
         else:
-            from fedlora.runtime.inprocess import run_inprocess
-            summary = run_inprocess(setup, observer)
+            summary = _run_inprocess(config, run_dir, observer)
     write_summary(run_dir, summary)
     write_report(run_dir)
     _print_summary(run_dir, summary)
+
+
+def _run_inprocess(config: RunConfig, run_dir: Path, observer) -> dict:
+    from fedlora.engine.setup import prepare_run
+    from fedlora.runtime.inprocess import run_inprocess
+
+    mmlu_task = observer.progress.add_task("MMLU", total=None, note="", visible=False)
+
+    def mmlu_progress(done: int, total: int) -> None:
+        observer.progress.update(mmlu_task, completed=done, total=total, visible=done < total)
+
+    setup = prepare_run(config, run_dir, log=observer.log, mmlu_progress=mmlu_progress)
+    return run_inprocess(setup, observer)
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:

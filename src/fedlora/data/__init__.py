@@ -1,7 +1,7 @@
 """Training data: Alpaca/Dolly records, the Alpaca prompt and tokenisation, client splits, MMLU."""
 
 from fedlora.data.mmlu import MMLUQuestion, load_mmlu, mmlu_prompt
-from fedlora.data.partition import centralize, load_clients
+from fedlora.data.partition import centralize, client_files, load_clients
 from fedlora.data.prompts import (
     IGNORE_INDEX,
     LazyTokenizedRecords,
@@ -24,7 +24,7 @@ from fedlora.data.records import (
 
 __all__ = [
     "IGNORE_INDEX", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "DataError", "LoadReport",
-    "MMLUQuestion", "Record", "TokenizationStats", "TokenizedExample", "centralize", "collate",
+    "MMLUQuestion", "Record", "TokenizationStats", "TokenizedExample", "centralize", "client_files", "collate",
     "format_prompt", "load_clients", "load_mmlu", "load_records", "load_records_with_report",
     "mmlu_prompt", "tokenize_record", "tokenize_records",
 ]

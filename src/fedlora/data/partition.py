@@ -52,10 +52,11 @@ def centralize(clients: dict[str, list[Record]]) -> list[Record]:
     return [record for records in clients.values() for record in records]
 
 
-def _clients_from_directory(directory: Path) -> dict[str, list[Record]]:
-    files = sorted(directory.glob("local_training_*.json"))
+def client_files(directory: Path) -> dict[str, Path]:
+    """Client id -> its ``local_training_<n>.json`` file, in numeric order."""
+    files = sorted(Path(directory).glob("local_training_*.json"))
     if not files:
-        raise DataError(directory.name, "has no local_training_<n>.json client files")
+        raise DataError(Path(directory).name, "has no local_training_<n>.json client files")
     numbered = []
     for file in files:
         match = CLIENT_FILE.fullmatch(file.name)
@@ -63,7 +64,11 @@ def _clients_from_directory(directory: Path) -> dict[str, list[Record]]:
             raise DataError(file.name, "client files must be named local_training_<n>.json "
                                        "with <n> a number")
         numbered.append((int(match[1]), match[1], file))
-    return {client_id: load_records(file) for _, client_id, file in sorted(numbered)}
+    return {client_id: file for _, client_id, file in sorted(numbered)}
+
+
+def _clients_from_directory(directory: Path) -> dict[str, list[Record]]:
+    return {client_id: load_records(file) for client_id, file in client_files(directory).items()}
 
 
 def _check_split(source: str, size: int, num_clients: int, partition: str, alpha: float,

@@ -154,7 +154,7 @@ class Federation:
                 self.log(f"round {server_round}: rejected update: {error}")
         for failure in failures:
             self.log(f"round {server_round}: client {failure.client_id} failed: {failure.reason}")
-        self._account(server_round, tasks, accepted)
+        self._account(server_round, tasks, [r for r in results if r.update.client_id in tasks])
         skipped = len(accepted) < self.config.min_clients
         if skipped:
             self.log(f"round {server_round}: only {len(accepted)} usable updates (< min_clients "
@@ -175,12 +175,16 @@ class Federation:
         }
         return self._finish_round(server_round, row)
 
-    def _account(self, server_round: int, tasks: dict[str, ClientTask], accepted: list[ClientResult]) -> None:
-        uploaded = {r.update.client_id: factor_params(r.update.factors, tasks[r.update.client_id].trainable)
-                    for r in accepted}
-        for cid, task in tasks.items():
+    def _account(self, server_round: int, tasks: dict[str, ClientTask], replies: list[ClientResult]) -> None:
+        """Ledger rows for the clients that replied (accepted or not): each downloaded the merges
+        it had missed plus its start adapter, and uploaded its trained factors. A client that
+        never replied is not known to have received anything and stays where it was."""
+        for result in replies:
+            cid = result.update.client_id
+            task = tasks[cid]
             missed = sum(p for r, p in self.base_log_params.items() if self.synced[cid] < r < server_round)
-            self.ledger.record(server_round, cid, uploaded.get(cid, 0), missed + factor_params(task.start))
+            self.ledger.record(server_round, cid, factor_params(result.update.factors, task.trainable),
+                               missed + factor_params(task.start))
             self.synced[cid] = server_round - 1
 
     def _apply(self, server_round: int, update: GlobalUpdate) -> None:

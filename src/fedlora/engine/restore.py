@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
 
 from fedlora.aggregation import LoraFactors
 from fedlora.data import load_mmlu, load_records, tokenize_records

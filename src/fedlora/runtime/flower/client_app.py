@@ -1,0 +1,130 @@
+"""The ClientApp: one SuperNode's client, whose base-model replica follows the server's model.
+
+A flwr 1.41 SuperNode starts a fresh ``flwr-clientapp`` process for every message, so nothing
+survives between rounds in memory. The replica therefore lives on disk as its log: every base
+update the server sends is written to the node's state dir (one safetensors file per round),
+and a train message rebuilds the replica by loading the pristine base model and replaying the
+log in order through ``trainer.apply_base_update`` – the calls the server made on its own
+model – so weights and merge carry are bit-identical to the server's at that round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedlora.aggregation import GlobalUpdate
+from fedlora.engine.checkpoint import atomic_write_text, factors_to_tensors, tensors_to_factors
+from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, NodeSettings, \
+    decode_task, encode_node_state, encode_result, get_catchup, resolve_factory
+
+
+class ReplicaTrainer(Protocol):
+    """What a node needs from fedlora's ``LocalTrainer``."""
+
+    def apply_base_update(self, update: GlobalUpdate) -> None: ...
+
+    def train(self, task: ClientTask, examples: Sequence) -> ClientResult: ...
+
+
+#: ``client_factory(run_dir, partition_id, data)`` → (trainer on the pristine base model, examples)
+ClientFactory = Callable[[Path, int, str], tuple[ReplicaTrainer, Sequence]]
+
+
+class ReplicaLog:
+    """A replica as the ordered base updates merged into the pristine base model."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+
+    @property
+    def through(self) -> int:
+        """The round the replica is merged through (0: the pristine base model)."""
+        state = self.directory / "replica.json"
+        return json.loads(state.read_text(encoding="utf-8"))["through"] if state.is_file() else 0
+
+    def rounds(self) -> list[int]:
+        return sorted(int(path.stem.removeprefix("round-")) for path in self.directory.glob("round-*.safetensors"))
+
+    def record(self, catchup: Catchup) -> None:
+        """Append the updates of rounds not yet merged; a catch-up that starts after the
+        replica's round would leave a gap and is refused."""
+        through = self.through
+        if catchup.since > through:
+            raise ValueError(f"replica in {self.directory} is merged through round {through} but the "
+                             f"server sent base updates from round {catchup.since + 1}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for server_round, update in catchup.updates:
+            if server_round > through:
+                self._write(server_round, update)
+        atomic_write_text(self.directory / "replica.json",
+                          json.dumps({"through": max(through, catchup.through)}))
+
+    def _write(self, server_round: int, update: GlobalUpdate) -> None:
+        path = self.directory / f"round-{server_round:06d}.safetensors"
+        tmp = path.with_name(f".tmp-{path.name}")
+        tensors = {**factors_to_tensors("factors/", update.factors),
+                   **factors_to_tensors("residual/", update.residual)}
+        # clone: safetensors refuses tensors that share storage
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"merge": json.dumps(update.merge)})
+        os.replace(tmp, path)
+
+    def load(self, server_round: int) -> GlobalUpdate:
+        with safe_open(self.directory / f"round-{server_round:06d}.safetensors", framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            merge = json.loads(file.metadata()["merge"])
+        return GlobalUpdate(factors=tensors_to_factors("factors/", tensors), merge=merge,
+                            residual=tensors_to_factors("residual/", tensors))
+
+    def replay(self, trainer: ReplicaTrainer) -> None:
+        """Merge every logged update into ``trainer``'s pristine model, oldest first."""
+        for server_round in self.rounds():
+            trainer.apply_base_update(self.load(server_round))
+
+
+def node_replica(context: Context) -> tuple[NodeSettings, ReplicaLog]:
+    """This node's settings and its replica log for the current run."""
+    node = NodeSettings.from_node_config(context.node_config)
+    return node, ReplicaLog(Path(node.state_dir) / f"run-{context.run_id}")
+
+
+app = ClientApp()
+
+
+@app.query(IDENTIFY_ACTION)
+def identify(message: Message, context: Context) -> Message:
+    """Which partition this node holds and how far its replica is merged."""
+    node, replica = node_replica(context)
+    return Message(encode_node_state(node.partition_id, replica.through), reply_to=message)
+
+
+@app.query(SYNC_ACTION)
+def sync(message: Message, context: Context) -> Message:
+    """Log the base updates the replica lacks; no model is loaded (the log is the replica)."""
+    node, replica = node_replica(context)
+    replica.record(get_catchup(message.content))
+    return Message(encode_node_state(node.partition_id, replica.through), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Catch the replica up, train this round's LoRA on the node's partition, send the factors."""
+    node, replica = node_replica(context)
+    task = decode_task(message.content)
+    replica.record(get_catchup(message.content))
+    settings = AppSettings.from_run_config(context.run_config)
+    factory: ClientFactory = resolve_factory(settings.client_factory)
+    trainer, examples = factory(Path(settings.run_dir), node.partition_id, node.data)
+    replica.replay(trainer)
+    result = trainer.train(task, examples)
+    return Message(encode_result(result, replica_round=replica.through), reply_to=message)

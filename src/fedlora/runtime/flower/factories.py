@@ -1,0 +1,45 @@
+"""The real engine behind the Flower apps: what the ServerApp and ClientApp build from a run folder.
+
+Both sides read the run's saved ``config.json``, so a SuperNode trains exactly as the
+in-process runtime would, and the ServerApp's Federation is the in-process one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedlora.data import LazyTokenizedRecords, load_records
+from fedlora.engine.client import LocalTrainer
+from fedlora.engine.config import RunConfig, load_saved_config
+from fedlora.engine.federation import Federation
+from fedlora.engine.setup import load_client_records, load_run_model, prepare_run, resolve_data_paths
+from fedlora.eval.loss import pad_token_id
+
+CONFIG_FILE = "config.json"
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    return resolve_data_paths(load_saved_config(Path(run_dir) / CONFIG_FILE), log=lambda message: None)
+
+
+def federation_factory(run_dir: Path) -> Federation:
+    """The server's Federation; it keeps the log of base merges that replicas catch up from."""
+    return prepare_run(load_saved_config(Path(run_dir) / CONFIG_FILE), Path(run_dir),
+                       keep_base_log=True).federation
+
+
+def client_factory(run_dir: Path, partition_id: int, data: str) -> tuple[LocalTrainer, LazyTokenizedRecords]:
+    """A trainer on a pristine base model and this node's examples.
+
+    ``data`` is the node's own records file; empty, the node takes partition ``partition_id``
+    of the run's data exactly as the server splits it.
+    """
+    config = run_config(run_dir)
+    if data:
+        records = load_records(data)
+    else:
+        clients = load_client_records(config)
+        records = list(clients.values())[partition_id]
+    model, tokenizer = load_run_model(config)
+    trainer = LocalTrainer.from_config(model, pad_token_id(tokenizer), config)
+    return trainer, LazyTokenizedRecords(tokenizer, records, config.max_length)

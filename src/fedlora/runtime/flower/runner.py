@@ -1,0 +1,72 @@
+"""`fedlora run --runtime flower`: the run on Flower's Deployment Engine.
+
+Without ``superlink`` a SuperLink and one SuperNode per client are started on 127.0.0.1 and
+stopped afterwards, also on Ctrl-C, SIGTERM or error; with it, the app is submitted to that
+existing deployment, whose SuperNodes must be started with this run's node configs.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedlora.data import client_files
+from fedlora.engine.config import RunConfig, check_client_count
+from fedlora.engine.setup import load_client_records, resolve_data_paths
+from fedlora.runtime.flower.codec import AppSettings, NodeSettings
+from fedlora.runtime.flower.deployment import LocalDeployment, connect
+from fedlora.runtime.observer import RunObserver
+
+FACTORIES = "fedlora.runtime.flower.factories"
+
+
+def node_settings(config: RunConfig) -> list[NodeSettings]:
+    """One SuperNode per client: its own file for a client folder, else its partition index.
+
+    Loads the clients' records first, so bad data fails here, before any process starts.
+    """
+    client_ids = list(load_client_records(config))
+    check_client_count(config, len(client_ids))
+    if Path(config.data).is_dir():
+        files = client_files(Path(config.data))
+        return [NodeSettings(i, data=str(files[cid].resolve())) for i, cid in enumerate(client_ids)]
+    return [NodeSettings(i) for i in range(len(client_ids))]
+
+
+def app_settings(config: RunConfig, run_dir: Path) -> AppSettings:
+    return AppSettings(run_dir=str(run_dir.resolve()), federation_factory=f"{FACTORIES}:federation_factory",
+                       client_factory=f"{FACTORIES}:client_factory", round_timeout=config.client_timeout)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Let SIGTERM unwind like Ctrl-C, so every process this run started is stopped."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = None) -> dict:
+    """Run (or resume) the federation on Flower; returns the Federation's summary."""
+    observer = observer or RunObserver()
+    config = resolve_data_paths(config, observer.log)
+    nodes = node_settings(config)
+    settings = app_settings(config, run_dir)
+    app_dir = run_dir / "flower-app"
+    with sigterm_as_interrupt():
+        if config.superlink:
+            observer.log(f"submitting to the SuperLink at {config.superlink}")
+            outcome = connect(run_dir, config.superlink).run_app(app_dir, settings)
+        else:
+            observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1 "
+                         f"(logs in {run_dir / 'logs'})")
+            with LocalDeployment(run_dir, len(nodes), nodes) as deployment:
+                outcome = deployment.run_app(app_dir, settings)
+    for failure in outcome["flower"].get("sync_failures", []):
+        observer.log(f"final sync: client {failure['client_id']} failed: {failure['reason']}")
+    return outcome["summary"]

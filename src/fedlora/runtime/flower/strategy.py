@@ -1,0 +1,243 @@
+"""The Flower strategy that drives fedlora's :class:`Federation` over a Grid.
+
+Every sampled client gets its own message, addressed to the SuperNode holding its partition
+(learned by an ``identify`` query: partition ``p`` holds ``federation.client_ids[p]``), with
+its own task and the base updates its replica has not merged yet. Replies are matched to
+clients by the id of the message they answer, so error replies the SuperLink makes for an
+unreachable node are attributed too; missing and failed replies become
+:class:`ClientFailure`\\ s and the Federation decides whether enough clients answered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora.engine.federation import ClientFailure, Federation
+from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
+    decode_node_state, decode_result, encode_task, put_catchup, wire_bytes
+
+IDENTIFY = f"{MessageType.QUERY}.{IDENTIFY_ACTION}"
+SYNC = f"{MessageType.QUERY}.{SYNC_ACTION}"
+#: seconds between looks for SuperNodes that have not connected yet
+_NODE_POLL_SECONDS = 1.0
+#: seconds between pulls for replies (Grid.send_and_receive waits 3 s between pulls)
+_REPLY_POLL_SECONDS = 0.25
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and pull their replies until all are in or ``timeout`` seconds pass."""
+    if not messages:
+        return []
+    waiting = set(grid.push_messages(messages)) - {None}
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting and time.monotonic() < deadline:
+        time.sleep(_REPLY_POLL_SECONDS)
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+    return replies
+
+
+class FedLoraStrategy(Strategy):
+    """Per-client tasks and replica catch-up for a :class:`Federation`; see :meth:`run`."""
+
+    def __init__(self, federation: Federation, *, round_timeout: float, connect_timeout: float):
+        self.federation = federation
+        self.client_ids = list(federation.client_ids)
+        self.round_timeout = round_timeout
+        self.connect_timeout = connect_timeout
+        #: SuperNode id → the client whose partition it holds
+        self.nodes: dict[int, str] = {}
+        #: the round each client's replica has confirmed it is merged through
+        self.replica_round = {cid: 0 for cid in self.client_ids}
+        #: per round: bytes Flower carried each way and the catch-up payload (fp32) within them
+        self.transfers: dict[int, dict[str, int]] = {}
+        #: clients whose replica could not be brought up to date by the final sync
+        self.sync_failures: list[ClientFailure] = []
+        self._asked: set[int] = set()
+        self._open: dict[str, str] = {}  # message id → client of the exchange under way
+        self._order: list[str] = []  # the round's clients in task order
+        self._unsent: list[ClientFailure] = []
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        """Continue the federation to its last round, then bring every replica up to date."""
+        self.summary()
+        last_round = self.federation.start()
+        self.identify_nodes(grid, wait=True)
+        for server_round in range(last_round + 1, self.federation.num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, self.federation.num_rounds)
+            messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            self.aggregate_train(server_round, exchange(grid, messages, self.round_timeout))
+            last_round = server_round
+        self.synchronize_replicas(grid, last_round)
+        return self.report()
+
+    def report(self) -> dict:
+        """What the transport saw: traffic per round, replica rounds, failed syncs, node map."""
+        return {"transfers": {str(r): t for r, t in self.transfers.items()},
+                "replica_round": dict(self.replica_round),
+                "sync_failures": [asdict(f) for f in self.sync_failures],
+                "nodes": {cid: node for node, cid in self.nodes.items()}}
+
+    # -- nodes ---------------------------------------------------------------------------
+    def identify_nodes(self, grid: Grid, *, wait: bool) -> None:
+        """Ask SuperNodes not asked before which partition they hold and how far their replica
+        is; with ``wait``, keep looking until every client has a node or ``connect_timeout``."""
+        deadline = time.monotonic() + (self.connect_timeout if wait else 0.0)
+        while True:
+            # waiting, a node that has not answered yet is asked again; between rounds it is
+            # not, so a dead node does not cost every round a timeout
+            fresh = [node for node in grid.get_node_ids()
+                     if node not in self.nodes and (wait or node not in self._asked)]
+            self._asked.update(fresh)
+            messages = [Message(RecordDict(), dst_node_id=node, message_type=IDENTIFY,
+                                ttl=self.round_timeout) for node in fresh]
+            timeout = self.round_timeout
+            if wait:
+                timeout = max(1.0, min(timeout, deadline - time.monotonic()))
+            for reply in exchange(grid, messages, timeout):
+                self._register(reply)
+            if set(self.nodes.values()) >= set(self.client_ids) or time.monotonic() >= deadline:
+                break
+            time.sleep(_NODE_POLL_SECONDS)
+        missing = sorted(set(self.client_ids) - set(self.nodes.values()))
+        if missing and wait:
+            log(WARNING, "no SuperNode holds the partitions of clients %s", missing)
+
+    def _register(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %s did not identify itself: %s", node, reply.error.reason)
+            return
+        try:
+            partition, replica_round = decode_node_state(reply.content)
+        except CodecError as error:
+            log(WARNING, "node %s: %s", node, error)
+            return
+        if not 0 <= partition < len(self.client_ids):
+            log(WARNING, "node %s holds partition %s but there are %s clients", node, partition,
+                len(self.client_ids))
+            return
+        client = self.client_ids[partition]
+        # a restarted SuperNode comes back under a new id: it replaces the old one
+        self.nodes = {n: c for n, c in self.nodes.items() if c != client}
+        self.nodes[node] = client
+        self.replica_round[client] = replica_round
+
+    def _node_of(self, client_id: str) -> int | None:
+        return next((node for node, cid in self.nodes.items() if cid == client_id), None)
+
+    def _catchup(self, client_id: str, through: int) -> Catchup:
+        since = self.replica_round[client_id]
+        return Catchup(since=since, through=through, updates=tuple(self.federation.base_updates_since(since)))
+
+    # -- Strategy ------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """One train message per sampled client; ``arrays`` and ``config`` are unused (every
+        client's instructions are its own)."""
+        self.identify_nodes(grid, wait=False)
+        tasks = self.federation.configure_train(server_round)
+        self._order = [task.client_id for task in tasks]
+        self._open, self._unsent = {}, []
+        transfer = self.transfers[server_round] = {"bytes_down": 0, "bytes_up": 0, "catchup_bytes": 0}
+        messages = []
+        for task in tasks:
+            node = self._node_of(task.client_id)
+            if node is None:
+                self._unsent.append(ClientFailure(task.client_id, server_round,
+                                                  "no SuperNode holds this client's partition"))
+                continue
+            catchup = self._catchup(task.client_id, server_round - 1)
+            content = encode_task(task, catchup)
+            message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                              group_id=str(server_round), ttl=self.round_timeout)
+            self._open[message.object_id] = task.client_id
+            transfer["bytes_down"] += wire_bytes(content)
+            transfer["catchup_bytes"] += catchup.payload_bytes()
+            messages.append(message)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode replies in task order, record failures, and let the Federation aggregate."""
+        results, failures = {}, list(self._unsent)
+        for client, reply in self._match(replies):
+            try:
+                result, replica_round = decode_result(_content(reply))
+                if result.update.client_id != client:
+                    raise CodecError(f"answered as client {result.update.client_id!r}")
+            except CodecError as error:
+                failures.append(ClientFailure(client, server_round, str(error)))
+                continue
+            self.transfers[server_round]["bytes_up"] += wire_bytes(reply.content)
+            self.replica_round[client] = replica_round
+            results[client] = result
+        failures += [ClientFailure(client, server_round, f"no reply within {self.round_timeout:g} s")
+                     for client in self._open.values()]
+        self._open = {}
+        # task order, as the in-process runtime: aggregation sums in this order
+        ordered = [results[cid] for cid in self._order if cid in results]
+        failures.sort(key=lambda failure: self._order.index(failure.client_id))
+        row = self.federation.aggregate_train(server_round, ordered, failures)
+        return None, MetricRecord({k: v for k, v in row.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _match(self, replies: Iterable[Message]) -> Iterable[tuple[str, Message]]:
+        """(client, reply) for replies to the open exchange; stale replies are dropped."""
+        for reply in replies:
+            client = self._open.pop(reply.metadata.reply_to_message_id, None)
+            if client is not None:
+                yield client, reply
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """No client-side evaluation: the Federation evaluates the global model itself."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> %s clients, %s rounds", len(self.client_ids), self.federation.num_rounds)
+        log(INFO, "\t└──> round timeout %g s, connect timeout %g s", self.round_timeout,
+            self.connect_timeout)
+
+    # -- final sync ----------------------------------------------------------------------
+    def synchronize_replicas(self, grid: Grid, last_round: int) -> None:
+        """Send every identified node the base updates it lacks so that, at the end, every
+        replica equals the server's model; nodes that do not confirm go to ``sync_failures``."""
+        self._open = {}
+        messages = []
+        for node, client in self.nodes.items():
+            content = RecordDict()
+            put_catchup(content, self._catchup(client, last_round))
+            message = Message(content, dst_node_id=node, message_type=SYNC, ttl=self.round_timeout)
+            self._open[message.object_id] = client
+            messages.append(message)
+        for client, reply in self._match(exchange(grid, messages, self.round_timeout)):
+            try:
+                _, self.replica_round[client] = decode_node_state(_content(reply))
+            except CodecError as error:
+                self.sync_failures.append(ClientFailure(client, last_round, f"sync failed: {error}"))
+        self.sync_failures += [ClientFailure(client, last_round,
+                                             f"sync: no reply within {self.round_timeout:g} s")
+                               for client in self._open.values()]
+        self._open = {}
+
+
+def _content(reply: Message) -> RecordDict:
+    """The reply's content; a CodecError carrying the reason where the reply is an error."""
+    if reply.has_error():
+        raise CodecError(f"error reply ({reply.error.code}): {reply.error.reason}")
+    return reply.content

@@ -1,0 +1,150 @@
+"""Flower records ⇄ fedlora objects: bit-exact round trips through Flower's own serialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import RecordDict
+from flwr.common.config import parse_config_args
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.runtime.flower.codec import AppSettings, Catchup, CodecError, NodeSettings, decode_node_state, \
+    decode_result, decode_task, encode_node_state, encode_result, encode_task, factor_bytes, get_catchup, \
+    get_factors, put_catchup, put_factors, wire_bytes
+
+
+def over_the_wire(content: RecordDict) -> RecordDict:
+    """``content`` serialised to bytes and rebuilt, as Flower does between processes."""
+    objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(content).items()}
+    return inflate_object_from_contents(content.object_id, objects)
+
+
+def random_factors(ranks: dict[str, tuple[int, int, int]], seed: int = 0) -> dict[str, LoraFactors]:
+    """``{module: (rank, d, n)}`` → factors with awkward scales (not exactly representable decimals)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {module: LoraFactors(torch.randn(r, n, generator=generator), torch.randn(d, r, generator=generator),
+                                scale=(i + 1) / 3 + 0.1)
+            for i, (module, (r, d, n)) in enumerate(ranks.items())}
+
+
+def assert_factors_identical(actual: dict[str, LoraFactors] | None, expected: dict[str, LoraFactors] | None):
+    assert (actual is None) == (expected is None)
+    if expected is None:
+        return
+    assert list(actual) == list(expected)
+    for module, f in expected.items():
+        got = actual[module]
+        assert got.A.dtype == got.B.dtype == torch.float32
+        assert torch.equal(got.A, f.A.float()) and torch.equal(got.B, f.B.float()), module
+        assert got.scale == f.scale, module
+
+
+HETEROGENEOUS = {"model.layers.1.self_attn.v_proj": (8, 16, 24), "model.layers.0.self_attn.q_proj": (2, 24, 24),
+                 "model.layers.0.mlp.down_proj": (1, 24, 40)}
+
+
+def make_task(start: dict[str, LoraFactors] | None, trainable=frozenset({"A", "B"})) -> ClientTask:
+    return ClientTask(client_id="client-7", server_round=3, rank=8, alpha=16.0, trainable=trainable,
+                      init_seed=2**62 + 11, data_seed=5, local_steps=4, start=start)
+
+
+def test_factors_round_trip_bit_exactly_with_mixed_ranks_and_module_order():
+    factors = random_factors(HETEROGENEOUS)
+    content = RecordDict()
+    put_factors(content, "update", factors)
+    assert_factors_identical(get_factors(over_the_wire(content), "update"), factors)
+    assert get_factors(content, "absent") is None
+
+
+def test_half_precision_factors_widen_losslessly_and_fp64_is_refused():
+    factors = {m: LoraFactors(f.A.bfloat16(), f.B.half(), f.scale) for m, f in random_factors(HETEROGENEOUS).items()}
+    content = RecordDict()
+    put_factors(content, "start", factors)
+    assert_factors_identical(get_factors(over_the_wire(content), "start"), factors)
+    with pytest.raises(CodecError, match="q_proj.*float64"):
+        put_factors(RecordDict(), "x", {"model.layers.0.self_attn.q_proj": LoraFactors(
+            torch.zeros(1, 2, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64))})
+
+
+@pytest.mark.parametrize("start", [None, random_factors(HETEROGENEOUS, seed=1)])
+@pytest.mark.parametrize("trainable", [frozenset({"A", "B"}), frozenset({"B"}), frozenset()])
+def test_task_round_trips(start, trainable):
+    task = make_task(start, trainable)
+    decoded = decode_task(over_the_wire(encode_task(task, Catchup(since=0, through=2))))
+    for name in ("client_id", "server_round", "rank", "alpha", "trainable", "init_seed", "data_seed",
+                 "local_steps"):
+        assert getattr(decoded, name) == getattr(task, name), name
+        assert type(getattr(decoded, name)) is type(getattr(task, name)), name
+    assert_factors_identical(decoded.start, task.start)
+
+
+def test_catchup_round_trips_in_order_with_merge_flags_and_residuals():
+    updates = ((2, GlobalUpdate(factors=random_factors(HETEROGENEOUS, 2), merge=True)),
+               (5, GlobalUpdate(factors={}, merge=False, residual=random_factors(HETEROGENEOUS, 3))),
+               (6, GlobalUpdate(factors=random_factors(HETEROGENEOUS, 4), merge=True,
+                                residual=random_factors({"model.layers.0.mlp.down_proj": (3, 24, 40)}, 5))))
+    catchup = Catchup(since=1, through=6, updates=updates)
+    content = encode_task(make_task(None), catchup)
+    decoded = get_catchup(over_the_wire(content))
+    assert (decoded.since, decoded.through) == (1, 6)
+    assert [r for r, _ in decoded.updates] == [2, 5, 6]
+    for (_, got), (_, sent) in zip(decoded.updates, updates):
+        assert got.merge == sent.merge
+        assert_factors_identical(got.factors, sent.factors)
+        assert_factors_identical(got.residual, sent.residual)
+    expected_payload = sum(factor_bytes(u.factors) + factor_bytes(u.residual) for _, u in updates)
+    assert catchup.payload_bytes() == expected_payload
+    assert wire_bytes(content) > expected_payload  # plus array headers and key names
+
+
+def test_an_empty_catchup_round_trips_on_its_own():
+    content = RecordDict()
+    put_catchup(content, Catchup(since=4, through=4))
+    assert get_catchup(over_the_wire(content)) == Catchup(since=4, through=4)
+
+
+@pytest.mark.parametrize("rounds", [(3, 2), (2, 2), (1, 3), (3, 9)])
+def test_catchup_rejects_rounds_out_of_order_or_outside_its_window(rounds):
+    update = GlobalUpdate(factors={}, merge=True)
+    with pytest.raises(CodecError, match="strictly increasing"):
+        Catchup(since=1, through=5, updates=tuple((r, update) for r in rounds))
+
+
+def test_result_round_trips_with_metrics_and_replica_round():
+    result = ClientResult(update=ClientUpdate(factors=random_factors(HETEROGENEOUS, 6), num_examples=123,
+                                              client_id="client-7"),
+                          train_loss=1.2345678901234567, steps=4, seconds=0.1 + 0.2)
+    decoded, replica_round = decode_result(over_the_wire(encode_result(result, replica_round=5)))
+    assert replica_round == 5
+    assert decoded.update.client_id == "client-7" and decoded.update.num_examples == 123
+    assert (decoded.train_loss, decoded.steps, decoded.seconds) == (result.train_loss, 4, result.seconds)
+    assert_factors_identical(decoded.update.factors, result.update.factors)
+
+
+def test_node_state_round_trips():
+    assert decode_node_state(over_the_wire(encode_node_state(2, 7))) == (2, 7)
+
+
+def test_missing_records_raise_codec_errors_naming_them():
+    with pytest.raises(CodecError, match="'task'"):
+        decode_task(RecordDict())
+    with pytest.raises(CodecError, match="'metrics'"):
+        decode_result(RecordDict())
+    content = encode_result(ClientResult(ClientUpdate(random_factors(HETEROGENEOUS), 1, "c"), 0.0, 1, 0.0),
+                            replica_round=0)
+    del content["update.scale"]
+    with pytest.raises(CodecError, match="update.scale"):
+        decode_result(content)
+
+
+def test_settings_round_trip_through_run_and_node_config():
+    settings = AppSettings(run_dir="/runs/a b", federation_factory="pkg.mod:build",
+                           client_factory="pkg.mod:client", round_timeout=12.5, connect_timeout=30.0)
+    assert AppSettings.from_run_config(settings.to_run_config()) == settings
+    node = NodeSettings(partition_id=3, data='/data/with "quotes" and spaces', state_dir="/state/3")
+    assert NodeSettings.from_node_config(parse_config_args([node.to_node_config()])) == node
+    with pytest.raises(CodecError, match="partition-id"):
+        NodeSettings.from_node_config({"data": "x"})

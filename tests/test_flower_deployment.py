@@ -1,0 +1,310 @@
+"""The Flower transport against a fake Federation and trainer: in memory, and on real processes.
+
+The fakes stand in for fedlora's engine with the same interface; their client factors depend
+on the replica's base weights, so a replica that missed or misordered a base update would
+change the server's model, which must equal an in-process run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import save_file
+
+from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.engine.federation import ClientFailure
+from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.runtime.flower import client_app
+from fedlora.runtime.flower.client_app import ReplicaLog
+from fedlora.runtime.flower.codec import AppSettings
+from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
+from test_flower_codec import over_the_wire
+
+SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
+PARAMS_FILE = "fake.json"
+
+
+# --- the fakes (imported by the ServerApp and ClientApp processes through PYTHONPATH) ----------
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    return {m: torch.randn(d, n, generator=generator) for m, (d, n) in SHAPES.items()}
+
+
+def merge_into(weights: dict[str, torch.Tensor], update: GlobalUpdate) -> None:
+    """The one merge both sides use, as fedlora's merge_update is for server and clients."""
+    for module in weights:
+        if update.merge and module in update.factors:
+            weights[module] += update.factors[module].delta(torch.float32)
+        if module in update.residual:
+            weights[module] += update.residual[module].delta(torch.float32)
+
+
+class FakeTrainer:
+    """A replica of the base weights; its factors depend on them (a stale replica shows)."""
+
+    def __init__(self):
+        self.weights = initial_weights()
+
+    def apply_base_update(self, update: GlobalUpdate) -> None:
+        merge_into(self.weights, update)
+
+    def train(self, task: ClientTask, examples) -> ClientResult:
+        generator = torch.Generator().manual_seed(task.data_seed)
+        factors = {}
+        for module, (d, n) in SHAPES.items():
+            A = 0.1 * torch.randn(task.rank, n, generator=generator) + 0.01 * self.weights[module][:task.rank]
+            B = 0.1 * torch.randn(d, task.rank, generator=generator)
+            factors[module] = LoraFactors(A, B, task.alpha / task.rank)
+        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
+        return ClientResult(update=update, train_loss=float(self.weights["layers.0.q_proj"].sum()),
+                            steps=task.local_steps, seconds=0.0)
+
+
+class FakeFederation:
+    """Samples ``fraction`` of the clients, stacks their factors (FLoRA-style, weighted by
+    examples) and merges the stack into its base weights; skips rounds below ``min_clients``."""
+
+    def __init__(self, run_dir: Path, rounds: int, ranks: list[int], fraction: float, min_clients: int):
+        self.run_dir = Path(run_dir)
+        self.num_rounds = rounds
+        self.client_ids = [f"client-{i}" for i in range(len(ranks))]
+        self.ranks = dict(zip(self.client_ids, ranks))
+        self.fraction = fraction
+        self.min_clients = min_clients
+        self.weights = initial_weights()
+        self.base_log: dict[int, GlobalUpdate] = {}
+        self.rows: list[dict] = []
+
+    def start(self) -> int:
+        return 0
+
+    def configure_train(self, server_round: int) -> list[ClientTask]:
+        count = round(self.fraction * len(self.client_ids))
+        chosen = set(random.Random(server_round).sample(self.client_ids, count))
+        return [ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid], alpha=2.0 * self.ranks[cid],
+                           trainable=frozenset("AB"), init_seed=server_round, data_seed=100 * server_round + i,
+                           local_steps=1)
+                for i, cid in enumerate(self.client_ids) if cid in chosen]
+
+    def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
+        return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
+
+    def aggregate_train(self, server_round: int, results: list[ClientResult],
+                        failures: list[ClientFailure] = ()) -> dict:
+        skipped = len(results) < self.min_clients
+        if not skipped:
+            total = sum(r.update.num_examples for r in results)
+            factors = {m: LoraFactors(torch.cat([r.update.factors[m].A for r in results]),
+                                      torch.cat([r.update.factors[m].B * r.update.factors[m].scale
+                                                 * (r.update.num_examples / total) for r in results], dim=1))
+                       for m in SHAPES}
+            # a residual in round 2 exercises the residual path of the catch-up
+            residual = {m: LoraFactors(0.5 * f.A[:1], f.B[:, :1], 0.25) for m, f in factors.items()} \
+                if server_round == 2 else {}
+            update = GlobalUpdate(factors=factors, merge=True, residual=residual)
+            merge_into(self.weights, update)
+            self.base_log[server_round] = update
+        row = {"round": server_round, "clients": [r.update.client_id for r in results],
+               "ranks": [r.update.factors["layers.0.q_proj"].rank for r in results],
+               "failures": [f.__dict__ for f in failures], "skipped": skipped}
+        self.rows.append(row)
+        save_file({m: w.clone() for m, w in self.weights.items()}, self.run_dir / "server-model.safetensors")
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
+            file.write(json.dumps(row) + "\n")
+        return row
+
+    def summary(self) -> dict:
+        return {"rounds": len(self.rows)}
+
+
+def build_federation(run_dir: Path) -> FakeFederation:
+    return FakeFederation(run_dir, **json.loads((Path(run_dir) / PARAMS_FILE).read_text()))
+
+
+def build_client(run_dir: Path, partition_id: int, data: str) -> tuple[FakeTrainer, list[int]]:
+    return FakeTrainer(), list(range(10 + 5 * partition_id))
+
+
+def in_process_weights(tmp_path: Path, params: dict) -> dict[str, torch.Tensor]:
+    """The reference: the same fakes driven like fedlora's in-process runtime (clients train
+    on the server's current model)."""
+    reference_dir = tmp_path / "in-process"
+    reference_dir.mkdir()
+    federation = FakeFederation(reference_dir, **params)
+    for server_round in range(1, federation.num_rounds + 1):
+        results = []
+        for task in federation.configure_train(server_round):
+            trainer = FakeTrainer()
+            trainer.weights = {m: w.clone() for m, w in federation.weights.items()}
+            results.append(trainer.train(task, list(range(10 + 5 * int(task.client_id.split("-")[1])))))
+        federation.aggregate_train(server_round, results)
+    return federation.weights
+
+
+def setup_run(tmp_path: Path, params: dict, round_timeout: float) -> AppSettings:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PARAMS_FILE).write_text(json.dumps(params))
+    return AppSettings(run_dir=str(run_dir), federation_factory=f"{__name__}:build_federation",
+                       client_factory=f"{__name__}:build_client", round_timeout=round_timeout,
+                       connect_timeout=30.0)
+
+
+def replica_weights(state_dir: Path) -> dict[str, torch.Tensor]:
+    """A node's replica rebuilt from its log, as its ClientApp does."""
+    (run_state,) = state_dir.glob("run-*")
+    trainer = FakeTrainer()
+    ReplicaLog(run_state).replay(trainer)
+    return trainer.weights
+
+
+def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for module in expected:
+        assert torch.equal(actual[module], expected[module]), module
+
+
+# --- in memory: the strategy and ClientApp over a Grid that serialises every message --------
+
+class InMemoryGrid(Grid):
+    """Delivers each message to the ClientApp of its node, through Flower's serialisation;
+    nodes in ``dead`` never answer, as a crashed SuperNode."""
+
+    def __init__(self, nodes: dict[int, dict], run_config: dict):
+        self.nodes = nodes
+        self.run_config = run_config
+        self.dead: set[int] = set()
+        self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run) -> None: ...
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(message.object_id)
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.dead:
+                continue
+            received = over_the_wire_message(message)
+            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
+                              run_config=self.run_config)
+            try:
+                reply = client_app.app(received, context)
+            except Exception as error:  # the SuperNode turns a ClientApp exception into an error reply
+                reply = Message(Error(code=0, reason=str(error)), reply_to=received)
+            self.replies[message.object_id] = over_the_wire_message(reply)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError("the strategy pushes and pulls itself")
+
+
+def over_the_wire_message(message: Message) -> Message:
+    copy = over_the_wire(message)
+    copy.metadata.__dict__["_message_id"] = message.object_id
+    return copy
+
+
+@pytest.fixture
+def server_identity():
+    """Messages need the identity of the task creating them; the ServerApp process has one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def in_memory_run(tmp_path: Path, params: dict, dead: set[int] = frozenset()):
+    settings = setup_run(tmp_path, params, round_timeout=1.0)
+    nodes = {1000 + i: {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}")}
+             for i in range(len(params["ranks"]))}
+    grid = InMemoryGrid(nodes, settings.to_run_config())
+    grid.dead = {1000 + i for i in dead}
+    federation = build_federation(Path(settings.run_dir))
+    strategy = FedLoraStrategy(federation, round_timeout=1.0, connect_timeout=0.0)
+    return federation, strategy, strategy.run(grid), grid
+
+
+def test_partial_participation_matches_in_process_and_every_replica_ends_equal(tmp_path, server_identity):
+    params = {"rounds": 4, "ranks": [2, 4, 8], "fraction": 2 / 3, "min_clients": 1}
+    federation, strategy, report, grid = in_memory_run(tmp_path, params)
+    assert all(len(row["clients"]) == 2 and not row["failures"] for row in federation.rows)
+    assert {rank for row in federation.rows for rank in row["ranks"]} == {2, 4, 8}
+    assert_identical(federation.weights, in_process_weights(tmp_path, params))
+    assert report["replica_round"] == {"client-0": 4, "client-1": 4, "client-2": 4}
+    for i in range(3):
+        assert_identical(replica_weights(tmp_path / f"node-{i}"), federation.weights)
+    # catch-up bytes are counted where a client had missed merges
+    assert sum(t["catchup_bytes"] for t in report["transfers"].values()) > 0
+
+
+def test_a_dead_node_is_a_recorded_failure_and_the_round_needs_min_clients(tmp_path, server_identity):
+    params = {"rounds": 2, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 3}
+    federation, strategy, report, grid = in_memory_run(tmp_path, params, dead={2})
+    for row in federation.rows:
+        assert row["clients"] == ["client-0", "client-1"] and row["skipped"]
+        assert [(f["client_id"], f["reason"]) for f in row["failures"]] == [("client-2", "no SuperNode holds "
+                                                                               "this client's partition")]
+    assert [f["client_id"] for f in report["sync_failures"]] == []  # never identified, so never synced
+
+
+def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, server_identity):
+    params = {"rounds": 3, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 2}
+    settings = setup_run(tmp_path, params, round_timeout=1.0)
+    nodes = {1000 + i: {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
+    grid = InMemoryGrid(nodes, settings.to_run_config())
+    federation = build_federation(Path(settings.run_dir))
+    strategy = FedLoraStrategy(federation, round_timeout=1.0, connect_timeout=0.0)
+    federation.start()
+    strategy.identify_nodes(grid, wait=True)
+    for server_round in (1, 2, 3):
+        grid.dead = {1002} if server_round == 2 else set()
+        messages = strategy.configure_train(server_round, None, None, grid)
+        strategy.aggregate_train(server_round, exchange(grid, messages, 1.0))
+    strategy.synchronize_replicas(grid, 3)
+    assert [f["client_id"] for f in federation.rows[1]["failures"]] == ["client-2"]
+    assert "no reply within 1 s" in federation.rows[1]["failures"][0]["reason"]
+    assert not federation.rows[2]["failures"] and not federation.rows[1]["skipped"]
+    # round 3's message to client-2 carried the merges of rounds 1 and 2 it had missed
+    last_to_client_2 = [m for m in grid.sent if m.metadata.dst_node_id == 1002
+                        and m.metadata.message_type == "train"][-1]
+    assert last_to_client_2.content.config_records["catchup"]["rounds"] == [1, 2]
+    for i in range(3):
+        assert_identical(replica_weights(tmp_path / f"node-{i}"), federation.weights)
+
+
+def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_identity, monkeypatch):
+    def broken_train(self, task, examples):
+        raise RuntimeError(f"out of memory on {task.client_id}")
+    monkeypatch.setattr(FakeTrainer, "train", broken_train)
+    params = {"rounds": 1, "ranks": [2, 4], "fraction": 1.0, "min_clients": 1}
+    federation, _, _, _ = in_memory_run(tmp_path, params)
+    (row,) = federation.rows
+    assert row["skipped"] and [f["client_id"] for f in row["failures"]] == ["client-0", "client-1"]
+    assert "out of memory on client-0" in row["failures"][0]["reason"]
+
+
+# --- real processes: a SuperLink and SuperNodes on loopback -------------------------------------
