@@ -82,8 +82,13 @@ def load_run_model(config: RunConfig):
 
 
 def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base_log: bool = False,
-                mmlu_progress: Callable[[int, int], None] | None = None) -> RunSetup:
-    """Load data first (cheap, most likely to be wrong), then the model; build the federation."""
+                mmlu_progress: Callable[[int, int], None] | None = None,
+                loaded: tuple[nn.Module, object] | None = None) -> RunSetup:
+    """Load data first (cheap, most likely to be wrong), then the model; build the federation.
+
+    ``loaded`` is an already loaded (model, tokenizer) of ``config.model`` in its pristine
+    state, for callers running many federations on one model (benchmarks).
+    """
     config = resolve_data_paths(config, log)
     clients = load_client_records(config)
     check_client_count(config, len(clients))
@@ -93,7 +98,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
     questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
     modules = check_model_fits(config)
-    model, tokenizer = load_run_model(config)
+    model, tokenizer = loaded or load_run_model(config)
     pad_id = pad_token_id(tokenizer)
     client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
                        for cid, records in clients.items()}
