@@ -129,7 +129,7 @@ def test_smollm2_runs_one_round_of_two_steps(tmp_path):
 
     require_shared_data()
     rows = run_tiny(DOLLY, tmp_path / "smol", model="smollm2-135m", rounds=1, clients=2, local_steps=2,
-                    ranks=[8, 4], max_length=64, test_limit=8, lr=3e-4)
+                    ranks=[8, 4], max_length=64, test_limit=8, mmlu_limit=4, lr=3e-4)
     assert [row["round"] for row in rows] == [0, 1]
     assert 0.5 < rows[0]["eval_loss"] < 5, "a pretrained model has a moderate loss"
     assert torch.isfinite(torch.tensor(rows[1]["eval_loss"]))

@@ -129,7 +129,7 @@ def build_federation(run_dir: Path) -> FakeFederation:
     return FakeFederation(run_dir, **json.loads((Path(run_dir) / PARAMS_FILE).read_text()))
 
 
-def build_client(run_dir: Path, partition_id: int, data: str) -> tuple[FakeTrainer, list[int]]:
+def build_client(settings: AppSettings, partition_id: int, data: str) -> tuple[FakeTrainer, list[int]]:
     return FakeTrainer(), list(range(10 + 5 * partition_id))
 
 

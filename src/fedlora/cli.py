@@ -12,7 +12,8 @@ from rich.console import Console
 
 from fedlora.aggregation import AggregationError, available_aggregators
 from fedlora.data import DataError
-from fedlora.engine.config import BASELINES, ConfigError, RunConfig, load_config, load_saved_config, save_config
+from fedlora.engine.config import BASELINES, ConfigError, RunConfig, load_config, load_saved_config, save_config, \
+    with_absolute_paths
 from fedlora.models import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -75,6 +76,7 @@ def run(
     min_clients: Annotated[Optional[int], Opt(help="skip a round with fewer usable updates")] = None,
     runtime: Annotated[Optional[str], Opt(help="inprocess (default) or flower")] = None,
     superlink: Annotated[Optional[str], Opt(help="HOST:PORT of an existing Flower SuperLink")] = None,
+    root_certificates: Annotated[Optional[str], Opt(help="CA certificate of --superlink (TLS)")] = None,
     out: Annotated[Optional[str], Opt(help="run folder")] = None,
     resume: Annotated[Optional[Path], Opt(help="continue the run in this folder")] = None,
 ) -> None:
@@ -84,12 +86,13 @@ def run(
                        rounds=rounds, ranks=ranks, alpha=alpha, local_steps=local_steps, batch_size=batch_size,
                        grad_accum=grad_accum, max_length=max_length, lr=lr, seed=seed, test_limit=test_limit,
                        mmlu_limit=mmlu_limit, mmlu_every=mmlu_every, max_update_norm=max_update_norm,
-                       min_clients=min_clients, runtime=runtime, superlink=superlink, out=out)
+                       min_clients=min_clients, runtime=runtime, superlink=superlink,
+                       root_certificates=root_certificates, out=out)
     try:
         if resume is not None:
             config, run_dir = _resume_config(resume, config_file, flags)
         else:
-            config = load_config(config_file, flags)
+            config = with_absolute_paths(load_config(config_file, flags))
             run_dir = _prepare_run_dir(config)
         _execute(config, run_dir)
     except USER_ERRORS as error:

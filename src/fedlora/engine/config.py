@@ -80,6 +80,7 @@ class RunConfig:
     # runtime and outputs
     runtime: str = "inprocess"
     superlink: str | None = None
+    root_certificates: str | None = None
     client_timeout: float = 600.0
     out: str = "runs/latest"
 
@@ -244,6 +245,14 @@ def check_ranks_fit(config: RunConfig, shapes: dict[str, tuple[int, int]]) -> No
     if too_large:
         module = min(shapes, key=lambda name: min(shapes[name]))
         raise ConfigError(f"'ranks' {too_large} exceed min(d, n) = {smallest} of target module {module!r}")
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """Local paths made absolute, so the run folder means the same from any working directory
+    (a resumed run, Flower's app processes); Hugging Face ids are left as they are."""
+    keys = ("model", "data", "test_data", "mmlu", "root_certificates")
+    return config.replace(**{key: str(Path(value).resolve()) for key in keys
+                             if (value := getattr(config, key)) is not None and Path(value).exists()})
 
 
 def save_config(config: RunConfig, path: Path) -> None:

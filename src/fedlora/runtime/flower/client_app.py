@@ -36,8 +36,8 @@ class ReplicaTrainer(Protocol):
     def train(self, task: ClientTask, examples: Sequence) -> ClientResult: ...
 
 
-#: ``client_factory(run_dir, partition_id, data)`` → (trainer on the pristine base model, examples)
-ClientFactory = Callable[[Path, int, str], tuple[ReplicaTrainer, Sequence]]
+#: ``client_factory(settings, partition_id, data)`` → (trainer on the pristine base model, examples)
+ClientFactory = Callable[[AppSettings, int, str], tuple[ReplicaTrainer, Sequence]]
 
 
 class ReplicaLog:
@@ -124,7 +124,7 @@ def train(message: Message, context: Context) -> Message:
     replica.record(get_catchup(message.content))
     settings = AppSettings.from_run_config(context.run_config)
     factory: ClientFactory = resolve_factory(settings.client_factory)
-    trainer, examples = factory(Path(settings.run_dir), node.partition_id, node.data)
+    trainer, examples = factory(settings, node.partition_id, node.data)
     replica.replay(trainer)
     result = trainer.train(task, examples)
     return Message(encode_result(result, replica_round=replica.through), reply_to=message)

@@ -262,8 +262,10 @@ def resolve_factory(reference: str) -> Callable[..., Any]:
 class AppSettings:
     """The Flower app's run config (``[tool.flwr.app.config]``), shared by both apps.
 
-    ``federation_factory(run_dir)`` builds the server's Federation;
-    ``client_factory(run_dir, partition_id, data)`` builds ``(trainer, examples)`` on a node.
+    ``federation_factory(run_dir)`` builds the server's Federation (the run folder is on the
+    server's machine); ``client_factory(settings, partition_id, data)`` builds
+    ``(trainer, examples)`` on a node, which may be another machine: what it needs to know of
+    the run travels in ``run_config`` (the run's configuration as JSON).
     """
 
     run_dir: str
@@ -273,11 +275,12 @@ class AppSettings:
     round_timeout: float = 600.0
     #: seconds the first round waits for every partition's SuperNode to identify itself
     connect_timeout: float = 120.0
+    run_config: str = "{}"
 
     def to_run_config(self) -> dict[str, str | float]:
         return {"run-dir": self.run_dir, "federation-factory": self.federation_factory,
                 "client-factory": self.client_factory, "round-timeout": self.round_timeout,
-                "connect-timeout": self.connect_timeout}
+                "connect-timeout": self.connect_timeout, "fedlora-config": self.run_config}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
@@ -286,7 +289,8 @@ class AppSettings:
                    federation_factory=str(value("federation-factory")),
                    client_factory=str(value("client-factory")),
                    round_timeout=float(value("round-timeout")),
-                   connect_timeout=float(value("connect-timeout")))
+                   connect_timeout=float(value("connect-timeout")),
+                   run_config=str(value("fedlora-config")))
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ class FlowerConnection:
     """The ``flwr`` CLI pointed at one SuperLink through a config file in ``flwr_home``."""
 
     def __init__(self, flwr_home: Path | str, address: str, *, log_dir: Path | str,
-                 insecure: bool = True, env: Mapping[str, str] | None = None):
+                 insecure: bool = True, root_certificates: str | None = None,
+                 env: Mapping[str, str] | None = None):
         self.flwr_home = Path(flwr_home)
         self.address = address
         self.log_dir = Path(log_dir)
@@ -79,8 +80,10 @@ class FlowerConnection:
         self.env = {**os.environ, **(env or {}), "FLWR_HOME": str(self.flwr_home), "PATH": path}
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        config = {"superlink": {"default": CONNECTION_NAME,
-                                CONNECTION_NAME: {"address": address, "insecure": insecure}}}
+        # TLS: the SuperLink's CA certificate; without one the connection is plain (loopback only)
+        connection = ({"address": address, "root-certificates": str(Path(root_certificates).resolve())}
+                      if root_certificates else {"address": address, "insecure": insecure})
+        config = {"superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: connection}}
         (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
     def _flwr(self, *args: str, timeout: float = 120.0) -> str:
@@ -144,12 +147,13 @@ class FlowerConnection:
         return outcome
 
 
-def connect(run_dir: Path | str, superlink_address: str, *, insecure: bool = True,
+def connect(run_dir: Path | str, superlink_address: str, *, root_certificates: str | None = None,
             env: Mapping[str, str] | None = None) -> FlowerConnection:
-    """A connection to an existing deployment's SuperLink (``HOST:PORT`` of its HTTP API)."""
+    """A connection to an existing deployment's SuperLink (``HOST:PORT`` of its Control API),
+    over TLS when ``root_certificates`` (the CA certificate) is given."""
     run_dir = Path(run_dir)
     return FlowerConnection(run_dir / "flwr", superlink_address, log_dir=run_dir / "logs",
-                            insecure=insecure, env=env)
+                            insecure=root_certificates is None, root_certificates=root_certificates, env=env)
 
 
 class LocalDeployment:

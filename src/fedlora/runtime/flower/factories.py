@@ -1,25 +1,24 @@
 """The real engine behind the Flower apps: what the ServerApp and ClientApp build from a run folder.
 
-Both sides read the run's saved ``config.json``, so a SuperNode trains exactly as the
-in-process runtime would, and the ServerApp's Federation is the in-process one.
+The ServerApp reads the run's saved ``config.json``; a SuperNode, maybe on another machine,
+gets the same configuration inside the Flower run config. So a SuperNode trains exactly as
+the in-process runtime would, and the ServerApp's Federation is the in-process one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedlora.data import LazyTokenizedRecords, load_records
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.config import RunConfig, load_saved_config
+from fedlora.engine.config import build_config, load_saved_config
 from fedlora.engine.federation import Federation
 from fedlora.engine.setup import load_client_records, load_run_model, prepare_run, resolve_data_paths
 from fedlora.eval.loss import pad_token_id
+from fedlora.runtime.flower.codec import AppSettings
 
 CONFIG_FILE = "config.json"
-
-
-def run_config(run_dir: Path) -> RunConfig:
-    return resolve_data_paths(load_saved_config(Path(run_dir) / CONFIG_FILE), log=lambda message: None)
 
 
 def federation_factory(run_dir: Path) -> Federation:
@@ -28,13 +27,15 @@ def federation_factory(run_dir: Path) -> Federation:
                        keep_base_log=True).federation
 
 
-def client_factory(run_dir: Path, partition_id: int, data: str) -> tuple[LocalTrainer, LazyTokenizedRecords]:
+def client_factory(settings: AppSettings, partition_id: int,
+                   data: str) -> tuple[LocalTrainer, LazyTokenizedRecords]:
     """A trainer on a pristine base model and this node's examples.
 
     ``data`` is the node's own records file; empty, the node takes partition ``partition_id``
     of the run's data exactly as the server splits it.
     """
-    config = run_config(run_dir)
+    config = resolve_data_paths(build_config(json.loads(settings.run_config), source="Flower run config"),
+                                log=lambda message: None)
     if data:
         records = load_records(data)
     else:

@@ -7,6 +7,7 @@ existing deployment, whose SuperNodes must be started with this run's node confi
 
 from __future__ import annotations
 
+import json
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,8 @@ def node_settings(config: RunConfig) -> list[NodeSettings]:
 
 def app_settings(config: RunConfig, run_dir: Path) -> AppSettings:
     return AppSettings(run_dir=str(run_dir.resolve()), federation_factory=f"{FACTORIES}:federation_factory",
-                       client_factory=f"{FACTORIES}:client_factory", round_timeout=config.client_timeout)
+                       client_factory=f"{FACTORIES}:client_factory", round_timeout=config.client_timeout,
+                       run_config=json.dumps(config.to_dict()))
 
 
 @contextmanager
@@ -61,7 +63,8 @@ def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = 
     with sigterm_as_interrupt():
         if config.superlink:
             observer.log(f"submitting to the SuperLink at {config.superlink}")
-            outcome = connect(run_dir, config.superlink).run_app(app_dir, settings)
+            outcome = connect(run_dir, config.superlink,
+                              root_certificates=config.root_certificates).run_app(app_dir, settings)
         else:
             observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1 "
                          f"(logs in {run_dir / 'logs'})")
