@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models gain nothing from a second thread, and two OpenMP threads stall badly whenever
+# another process holds a core; subprocesses the tests start (CLI runs, Flower apps) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DOLLY = SHARED_DATA / "dolly-10clients"

@@ -94,6 +94,7 @@ def test_run_writes_every_output_then_export_eval_and_report(client_dir, tmp_pat
     assert [row["round"] for row in rows] == [0, 1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["communication"]["bytes_up"] == sum(row["bytes_up"] for row in rows)
+    assert summary["training_examples_truncated"] > 0  # max_length 32 cuts every example
     assert "communication" in result.output
 
     again = invoke("run", *TINY, "--data", client_dir, "--out", out)

@@ -22,4 +22,7 @@ def run_inprocess(setup: RunSetup, observer: RunObserver | None = None) -> dict:
             results.append(setup.trainer.train(task, setup.client_examples[task.client_id], on_step=on_step))
             observer.client_finished(results[-1])
         observer.round_finished(federation.aggregate_train(server_round, results))
-    return federation.summary()
+    truncated = sum(examples.truncated for examples in setup.client_examples.values())
+    if truncated:
+        observer.log(f"{truncated} training examples were truncated to max_length {setup.config.max_length}")
+    return {**federation.summary(), "training_examples_truncated": truncated}
