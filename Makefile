@@ -30,12 +30,15 @@ bench: bench-aggregation bench-perf
 
 bench-aggregation: install
 	$(PY) benchmarks/aggregation.py
+	$(PY) benchmarks/readme_tables.py aggregation
 
 bench-perf: install
 	$(PY) benchmarks/perf.py
+	$(PY) benchmarks/readme_tables.py perf
 
 bench-quality: install
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/readme_tables.py quality
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
