@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q
 
+# a fresh demo run each time (a run folder is otherwise continued only with --resume)
 demo: install
+	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/fedlora run configs/demo.toml --out $(DEMO_OUT)
 
 bench: bench-aggregation bench-perf
