@@ -378,3 +378,18 @@ def test_homogeneous_methods_declare_it():
     flags = {name: get_aggregator(name).heterogeneous_ranks for name in available_aggregators()}
     assert flags == {"flora": True, "fedit": False, "zeropad": True, "ffa": False, "rolora": False,
                      "flexlora": True, "fedex": False}
+
+
+@pytest.mark.parametrize("method", ["zeropad", "flexlora"])
+def test_a_client_of_larger_rank_than_the_global_gets_trainable_extra_components(method):
+    """Partial participation: the global was formed from ranks 2 and 1; a rank-4 client joins."""
+    torch.manual_seed(3)
+    updates = [ClientUpdate({"m": LoraFactors(torch.randn(r, 10), torch.randn(12, r), 2.0)}, 5, cid)
+               for cid, r in (("small", 2), ("smaller", 1))]
+    aggregator = get_aggregator(method)
+    global_update = aggregator.aggregate(updates)
+    start = aggregator.client_start(global_update, "late", 4)["m"]
+    assert start.rank == 4
+    assert torch.allclose(start.delta(torch.float64), global_update.delta("m", torch.float64), atol=1e-6)
+    extra = slice(global_update.factors["m"].rank, 4)
+    assert start.A[extra].abs().min() > 0 and start.B[:, extra].abs().max() == 0

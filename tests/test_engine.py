@@ -133,3 +133,13 @@ def test_smollm2_runs_one_round_of_two_steps(tmp_path):
     assert [row["round"] for row in rows] == [0, 1]
     assert 0.5 < rows[0]["eval_loss"] < 5, "a pretrained model has a moderate loss"
     assert torch.isfinite(torch.tensor(rows[1]["eval_loss"]))
+
+
+@pytest.mark.parametrize("method", ["zeropad", "flexlora"])
+def test_heterogeneous_persistent_adapters_survive_partial_participation(client_dir, tmp_path, method):
+    """A client whose rank exceeds every rank the global adapter was formed from joins later."""
+    rows = run_tiny(client_dir, tmp_path / method, method=method, rounds=4, clients_per_round=1, seed=7)
+    ranks = {"0": 4, "1": 2, "2": 1}
+    sampled = [ranks[row["clients"][0]] for row in rows[1:]]
+    assert any(later > max(sampled[:i]) for i, later in enumerate(sampled) if i), sampled
+    assert not any(row["skipped"] or row["rejected"] for row in rows)

@@ -135,6 +135,26 @@ def leading(factors: LoraFactors, rank: int) -> LoraFactors:
     return LoraFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
 
 
+def fit_rank(factors: LoraFactors, rank: int) -> LoraFactors:
+    """The same update as a rank-``rank`` adapter, for a client whose rank differs from the
+    global's: its leading components, or, where the client's rank is larger (it was not sampled
+    when the global was formed from smaller ranks), the global plus extra components initialised
+    as a fresh LoRA: A rows drawn like PEFT's Kaiming-uniform init, B columns zero.
+
+    Padding A with zero rows as well as B with zero columns would leave those components with
+    zero gradients for good. The draw is seeded by the ranks, so a resumed run redraws it.
+    """
+    if rank <= factors.rank:
+        return leading(factors, rank)
+    extra, width = rank - factors.rank, factors.A.shape[1]
+    generator = torch.Generator().manual_seed(1_000_003 * rank + factors.rank)
+    bound = 1 / math.sqrt(width)  # kaiming_uniform_(a=√5) on an r×n weight
+    fresh_A = (torch.rand(extra, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    return LoraFactors(A=torch.cat([factors.A, fresh_A.to(factors.A.dtype)]),
+                       B=torch.cat([factors.B, factors.B.new_zeros(factors.B.shape[0], extra)], dim=1),
+                       scale=factors.scale)
+
+
 def max_rank(factors: dict[str, LoraFactors]) -> int:
     """The largest rank over modules: a scalar for ``GlobalUpdate.info``."""
     return max(module_factors.rank for module_factors in factors.values())

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
                                       check_updates, example_weights)
-from fedlora.aggregation.factored import factored_svd, leading, max_rank, stack, truncate
+from fedlora.aggregation.factored import factored_svd, fit_rank, max_rank, stack, truncate
 
 
 class FlexLoRA(Aggregator):
@@ -41,10 +41,11 @@ class FlexLoRA(Aggregator):
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """The client's own truncation, or for a client that did not report, the global's leading
-        ``rank`` components (the global is in SVD order, so this is its best rank-r part)."""
+        ``rank`` components (the global is in SVD order, so this is its best rank-r part),
+        extended by fresh components where the client's rank exceeds the global's."""
         if client_id in global_update.client_factors:
             return global_update.client_factors[client_id]
-        return {module: leading(factors, rank) for module, factors in global_update.factors.items()}
+        return {module: fit_rank(factors, rank) for module, factors in global_update.factors.items()}
 
 
 def _require_unique_clients(updates: list[ClientUpdate]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors
-from fedlora.aggregation.factored import average_factors, leading
+from fedlora.aggregation.factored import average_factors, fit_rank
 from fedlora.aggregation.fedit import FedIT
 
 
@@ -14,7 +14,8 @@ class ZeroPad(FedIT):
     global scale is 1.0. Reference implementations average factors trained under different
     α/r and so mix scalings; folding keeps every client's contribution at the scale it was
     trained with. Like FedIT, the result carries cross-term error (it is not Σ p_k ΔW_k).
-    A client of rank r starts from the first r components of the global adapter.
+    A client of rank r starts from the first r components of the global adapter, extended by
+    fresh components when the round's participants all had smaller ranks.
     """
 
     name = "zeropad"
@@ -27,5 +28,5 @@ class ZeroPad(FedIT):
 
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
-        """The global factors truncated to the client's rank (scale stays the global 1.0)."""
-        return {module: leading(factors, rank) for module, factors in global_update.factors.items()}
+        """The global factors fitted to the client's rank (scale stays the global 1.0)."""
+        return {module: fit_rank(factors, rank) for module, factors in global_update.factors.items()}
