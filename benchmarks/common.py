@@ -1,0 +1,130 @@
+"""Helpers shared by the benchmarks: shared data, subprocess measurements, spreads, Markdown, runs.
+
+Run the benchmarks from the repository root: the data paths below are relative to it, as
+in fedlora's own defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path("../shared/data")
+DOLLY = SHARED_DATA / "dolly-10clients"
+DOLLY_TEST = DOLLY / "global_test.json"
+MMLU = SHARED_DATA / "mmlu" / "mmlu_test_1444.json"
+RESULTS = Path(__file__).parent / "results"
+
+
+def require_shared_data() -> None:
+    """Stop with one clear line when the shared Dolly clients or MMLU questions are absent."""
+    missing = [path for path in (DOLLY_TEST, MMLU) if not path.is_file()]
+    if missing:
+        sys.exit(f"benchmark data not found: {', '.join(map(str, missing))} (relative to "
+                 f"{Path.cwd()}); run from the repository root with ../shared/data present")
+
+
+def dolly_client_files() -> list[Path]:
+    return sorted(DOLLY.glob("local_training_*.json"))
+
+
+def pool_dolly(destination: Path) -> Path:
+    """All Dolly client records in one JSON list, written to ``destination``."""
+    pooled = [record for file in dolly_client_files() for record in json.loads(file.read_text())]
+    destination.write_text(json.dumps(pooled))
+    return destination
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_in_subprocess(script: str, args: Sequence[str]) -> dict:
+    """Run ``script`` with ``args`` in a fresh interpreter; its last stdout line is a JSON result.
+
+    A fresh process per measurement makes its peak RSS its own.
+    """
+    completed = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr)
+        raise SystemExit(f"measurement {' '.join(args)} failed (exit {completed.returncode})")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def spread_text(values: Sequence[float], digits: int = 3) -> str:
+    return " / ".join(f"{value:.{digits}f}" for value in spread(values))
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def environment_line(threads: int, load_at_start: float) -> str:
+    """Date, machine, versions, and how busy the machine was when the benchmark started."""
+    import peft
+
+    thread_note = f" ({threads} intra-op thread{'s' if threads != 1 else ''})"
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} cores "
+            f"({platform.processor() or platform.machine()}), torch {torch.__version__}{thread_note}, "
+            f"peft {peft.__version__}; 1-minute load average {load_at_start:.2f} at the start")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]],
+                   align: str | None = None) -> list[str]:
+    """``align``: one character per column, ``l`` or ``r`` (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return [f"| {' | '.join(headers)} |", f"|{'|'.join(rule)}|",
+            *(f"| {' | '.join(str(cell) for cell in row)} |" for row in rows)]
+
+
+def write_result(name: str, text: str) -> Path:
+    path = RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- federated runs ---------------------------------------------------------------------------
+
+
+def prepare(values: dict, run_dir: Path, loaded: tuple | None = None):
+    """A fedlora RunSetup of the config ``values``; its log goes to stderr, indented."""
+    from fedlora.engine.config import build_config
+    from fedlora.engine.setup import prepare_run
+
+    return prepare_run(build_config(values, source="benchmark"), run_dir,
+                       log=lambda message: print(f"  {message}", file=sys.stderr), loaded=loaded)
+
+
+def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None) -> tuple[list[dict], dict]:
+    """One in-process run of the config ``values``; returns (metrics rows, summary).
+
+    With ``loaded`` = (model, tokenizer) the model is shared across runs: the base weights
+    merges change are restored afterwards, so the next run starts from the same model.
+    """
+    from fedlora.runtime.inprocess import run_inprocess
+
+    setup = prepare(values, run_dir, loaded)
+    pristine = setup.federation.global_model.adapted_weights()
+    try:
+        summary = run_inprocess(setup)
+    finally:
+        setup.federation.global_model.load_adapted_weights(pristine)
+    return setup.federation.rows, summary
