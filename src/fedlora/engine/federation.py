@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -198,7 +198,10 @@ class Federation:
                 self.base_log[server_round] = base_part
         if isinstance(self.aggregator, LocalOnly):
             self.client_adapters.update(update.client_factors)
-        self.global_update = update
+        # A merged update lives on in the base weights (and in the base log replicas catch up
+        # from); holding and checkpointing its factors too would keep another copy of every
+        # client's block.
+        self.global_update = replace(update, factors={}, residual={}) if update.merge else update
 
     # -- evaluate, record, checkpoint -----------------------------------------------------
     def evaluate(self, server_round: int) -> dict:
