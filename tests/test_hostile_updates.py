@@ -88,6 +88,25 @@ def test_norm_bound_and_example_cap(five_clients, tmp_path):
     assert rules["4"] == "num_examples"  # client 4 has 14 examples, above the cap of 12
 
 
+def test_a_wrong_scale_is_rejected(five_clients, tmp_path):
+    federation, results = trained_round(five_clients, tmp_path / "run")
+    module = next(iter(results[2].update.factors))
+    row = federation.aggregate_train(1, [with_factors(r, module, scale=0.5) if i == 2 else r
+                                         for i, r in enumerate(results)])
+    assert [(r["client_id"], r["rule"]) for r in row["rejected"]] == [("2", "scale")]
+
+
+@pytest.mark.parametrize("method", ["ffa", "rolora"])
+def test_a_frozen_factor_changed_in_the_first_round_is_rejected(five_clients, tmp_path, method):
+    """The server draws the shared frozen factor itself, so even round 1 can be checked."""
+    federation, results = trained_round(five_clients, tmp_path / method, method=method)
+    module = next(iter(results[0].update.factors))
+    changed = results[0].update.factors[module].A + 1e-3  # both methods keep A frozen in round 1
+    row = federation.aggregate_train(1, [with_factors(results[0], module, A=changed)] + results[1:])
+    assert [(r["client_id"], r["rule"]) for r in row["rejected"]] == [("0", "frozen")]
+    assert row["clients"] == ["1", "2", "3", "4"]
+
+
 def test_a_client_changing_its_frozen_factor_is_rejected(five_clients, tmp_path):
     values = {"model": "tiny-llama", "data": str(five_clients), "rounds": 2, "local_steps": 1, "batch_size": 2,
               "max_length": 32, "ranks": [2], "lr": 1e-2, "method": "ffa"}

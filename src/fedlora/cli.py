@@ -64,6 +64,7 @@ def run(
     ranks: Annotated[Optional[str], Opt(help="LoRA rank for all clients, or one per client: 64,32,16")] = None,
     alpha: Annotated[Optional[float], Opt(help="LoRA alpha for all clients (default 2×rank)")] = None,
     local_steps: Annotated[Optional[int], Opt(help="optimizer steps per client per round")] = None,
+    local_epochs: Annotated[Optional[float], Opt(help="epochs per client per round, instead of steps")] = None,
     batch_size: Annotated[Optional[int], Opt()] = None,
     grad_accum: Annotated[Optional[int], Opt()] = None,
     max_length: Annotated[Optional[int], Opt(help="tokens per example; longer ones are truncated")] = None,
@@ -83,7 +84,8 @@ def run(
     """Federated LoRA fine-tuning; writes metrics.jsonl, summary.json, report.md, curves.png."""
     flags = _overrides(model=model, gguf_file=gguf_file, data=data, test_data=test_data, mmlu=mmlu,
                        method=method, clients=clients, fraction=fraction, clients_per_round=clients_per_round,
-                       rounds=rounds, ranks=ranks, alpha=alpha, local_steps=local_steps, batch_size=batch_size,
+                       rounds=rounds, ranks=ranks, alpha=alpha, local_steps=local_steps, local_epochs=local_epochs,
+                       batch_size=batch_size,
                        grad_accum=grad_accum, max_length=max_length, lr=lr, seed=seed, test_limit=test_limit,
                        mmlu_limit=mmlu_limit, mmlu_every=mmlu_every, max_update_norm=max_update_norm,
                        min_clients=min_clients, runtime=runtime, superlink=superlink,

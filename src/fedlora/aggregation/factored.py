@@ -8,6 +8,7 @@ thin QRs, truncation to a rank, weighted sums of factors and the Frobenius norm.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from functools import reduce
 
@@ -135,24 +136,30 @@ def leading(factors: LoraFactors, rank: int) -> LoraFactors:
     return LoraFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
 
 
-def fit_rank(factors: LoraFactors, rank: int) -> LoraFactors:
+def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
     """The same update as a rank-``rank`` adapter, for a client whose rank differs from the
     global's: its leading components, or, where the client's rank is larger (it was not sampled
     when the global was formed from smaller ranks), the global plus extra components initialised
     as a fresh LoRA: A rows drawn like PEFT's Kaiming-uniform init, B columns zero.
 
     Padding A with zero rows as well as B with zero columns would leave those components with
-    zero gradients for good. The draw is seeded by the ranks, so a resumed run redraws it.
+    zero gradients for good. The draw is seeded by ``seed`` and the ranks, so a resumed run
+    redraws it; callers pass a per-module seed so modules do not share their fresh rows.
     """
     if rank <= factors.rank:
         return leading(factors, rank)
     extra, width = rank - factors.rank, factors.A.shape[1]
-    generator = torch.Generator().manual_seed(1_000_003 * rank + factors.rank)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{rank}/{factors.rank}".encode()))
     bound = 1 / math.sqrt(width)  # kaiming_uniform_(a=√5) on an r×n weight
     fresh_A = (torch.rand(extra, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
     return LoraFactors(A=torch.cat([factors.A, fresh_A.to(factors.A.dtype)]),
                        B=torch.cat([factors.B, factors.B.new_zeros(factors.B.shape[0], extra)], dim=1),
                        scale=factors.scale)
+
+
+def fit_ranks(factors: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """:func:`fit_rank` for every module, each seeded by its name."""
+    return {module: fit_rank(f, rank, zlib.crc32(module.encode())) for module, f in factors.items()}
 
 
 def max_rank(factors: dict[str, LoraFactors]) -> int:

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
                                       check_updates, example_weights)
-from fedlora.aggregation.factored import factored_svd, fit_rank, max_rank, stack, truncate
+from fedlora.aggregation.factored import factored_svd, fit_ranks, max_rank, stack, truncate
 
 
 class FlexLoRA(Aggregator):
@@ -45,7 +45,7 @@ class FlexLoRA(Aggregator):
         extended by fresh components where the client's rank exceeds the global's."""
         if client_id in global_update.client_factors:
             return global_update.client_factors[client_id]
-        return {module: fit_rank(factors, rank) for module, factors in global_update.factors.items()}
+        return fit_ranks(global_update.factors, rank)
 
 
 def _require_unique_clients(updates: list[ClientUpdate]) -> None:

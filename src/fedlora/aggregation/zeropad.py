@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors
-from fedlora.aggregation.factored import average_factors, fit_rank
+from fedlora.aggregation.factored import average_factors, fit_ranks
 from fedlora.aggregation.fedit import FedIT
 
 
@@ -29,4 +29,4 @@ class ZeroPad(FedIT):
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """The global factors fitted to the client's rank (scale stays the global 1.0)."""
-        return {module: fit_rank(factors, rank) for module, factors in global_update.factors.items()}
+        return fit_ranks(global_update.factors, rank)

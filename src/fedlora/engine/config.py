@@ -88,6 +88,9 @@ class RunConfig:
         """Rank of the client at ``index`` in client order: one rank for all, or one each."""
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[index]
 
+    def sampled_per_round(self, num_clients: int) -> int:
+        return self.clients_per_round or max(1, round(self.fraction * num_clients))
+
     def alpha_for(self, rank: int) -> float:
         return self.alpha if self.alpha is not None else self.alpha_ratio * rank
 
@@ -151,6 +154,8 @@ def build_config(values: dict[str, Any], source: str = "config", base: RunConfig
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
         checked[key] = _coerce(key, value, hints[key], source)
+    if checked.get("local_epochs") is not None and "local_steps" not in checked:
+        checked["local_steps"] = None  # epochs replace the default step count
     config = dataclasses.replace(base or RunConfig(), **checked)
     validate(config, source)
     return config
@@ -220,6 +225,8 @@ def validate(config: RunConfig, source: str = "config") -> None:
         fail("partition", f"must be 'iid' or 'dirichlet', got {config.partition!r}")
     if config.runtime not in ("inprocess", "flower"):
         fail("runtime", f"must be 'inprocess' or 'flower', got {config.runtime!r}")
+    if config.runtime == "flower" and config.method == "centralized":
+        fail("method", "'centralized' is one client holding all data: run it with runtime 'inprocess'")
     if config.dtype not in (None, "float32", "bfloat16", "float16"):
         fail("dtype", f"must be float32, bfloat16 or float16, got {config.dtype!r}")
     if not config.target_modules:
@@ -234,8 +241,9 @@ def check_client_count(config: RunConfig, num_clients: int) -> None:
     if config.clients_per_round is not None and config.clients_per_round > num_clients:
         raise ConfigError(f"'clients_per_round' is {config.clients_per_round} but there are only "
                           f"{num_clients} clients")
-    if config.min_clients > num_clients:
-        raise ConfigError(f"'min_clients' is {config.min_clients} but there are only {num_clients} clients")
+    if config.min_clients > config.sampled_per_round(num_clients):
+        raise ConfigError(f"'min_clients' is {config.min_clients} but only {config.sampled_per_round(num_clients)} "
+                          f"of the {num_clients} clients are sampled per round: every round would be skipped")
 
 
 def check_ranks_fit(config: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:

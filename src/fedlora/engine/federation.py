@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import AggregationError, Aggregator, GlobalUpdate, LoraFactors, get_aggregator
+from fedlora.aggregation.base import FACTOR_NAMES
+from fedlora.aggregation.factored import fit_ranks
 from fedlora.aggregation.validation import validate_update
 from fedlora.engine.baselines import LocalOnly
 from fedlora.engine.checkpoint import factors_to_tensors, load_latest_checkpoint, save_checkpoint, \
@@ -87,7 +89,7 @@ class Federation:
 
     # -- configure ------------------------------------------------------------------------
     def sample(self, server_round: int) -> list[str]:
-        count = self.config.clients_per_round or max(1, round(self.config.fraction * len(self.client_ids)))
+        count = self.config.sampled_per_round(len(self.client_ids))
         rng = random.Random(derive_seed(self.config.seed, "sample", server_round))
         chosen = set(rng.sample(self.client_ids, count))
         return [cid for cid in self.client_ids if cid in chosen]
@@ -98,12 +100,20 @@ class Federation:
         per_step = self.config.batch_size * self.config.grad_accum
         return max(1, math.ceil(self.config.local_epochs * self.client_sizes[client_id] / per_step))
 
-    def start_factors(self, client_id: str) -> dict[str, LoraFactors] | None:
+    def start_factors(self, client_id: str, trainable: frozenset[str]) -> dict[str, LoraFactors] | None:
         if isinstance(self.aggregator, LocalOnly):
             return self.client_adapters.get(client_id)
-        if self.global_update is None:
-            return None
-        return self.aggregator.client_start(self.global_update, client_id, self.ranks[client_id])
+        if self.global_update is not None:
+            return self.aggregator.client_start(self.global_update, client_id, self.ranks[client_id])
+        if trainable == frozenset(FACTOR_NAMES):
+            return None  # every client draws its own fresh LoRA
+        # A factor frozen from the first round on (FFA-LoRA, RoLoRA) must be the same for every
+        # client, so the server draws it and can then check that each client sent it back intact.
+        rank = self.ranks[client_id]
+        scale = self.config.alpha_for(rank) / (math.sqrt(rank) if self.config.use_rslora else rank)
+        empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), scale)
+                 for module, (d, n) in self.shapes.items()}
+        return fit_ranks(empty, rank)
 
     def configure_train(self, server_round: int) -> list[ClientTask]:
         self._round_started = time.perf_counter()
@@ -113,7 +123,7 @@ class Federation:
             cid: ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid],
                             alpha=self.config.alpha_for(self.ranks[cid]), trainable=trainable,
                             init_seed=init_seed, data_seed=derive_seed(self.config.seed, "data", server_round, cid),
-                            local_steps=self.local_steps(cid), start=self.start_factors(cid))
+                            local_steps=self.local_steps(cid), start=self.start_factors(cid, trainable))
             for cid in self.sample(server_round)}
         return list(self._tasks.values())
 
@@ -129,7 +139,11 @@ class Federation:
                                    rule="unexpected")
         validate_update(update, self.shapes, max_norm=self.config.max_update_norm,
                         max_examples=self.config.max_examples)
+        expected_scale = task.alpha / (math.sqrt(task.rank) if self.config.use_rslora else task.rank)
         for module, factors in update.factors.items():
+            if not math.isclose(factors.scale, expected_scale, rel_tol=1e-6):
+                raise AggregationError(f"scale {factors.scale:g} differs from the assigned α/r = {expected_scale:g}",
+                                       client_id=update.client_id, module=module, rule="scale")
             if factors.rank != task.rank:
                 raise AggregationError(f"rank {factors.rank} differs from the assigned {task.rank}",
                                        client_id=update.client_id, module=module, rule="shape")
@@ -143,25 +157,30 @@ class Federation:
                         failures: list[ClientFailure] = ()) -> dict:
         started = time.perf_counter()
         tasks, self._tasks = self._tasks, {}
-        accepted, rejected = [], []
+        rejected: list[dict] = []
+
+        def reject(error: AggregationError) -> None:
+            rejected.append({"client_id": error.client_id, "module": error.module, "rule": error.rule,
+                             "reason": str(error)})
+            self.log(f"round {server_round}: rejected update: {error}")
+
+        accepted = []
         for result in results:
             try:
                 self._check(result, tasks.get(result.update.client_id))
                 accepted.append(result)
             except AggregationError as error:
-                rejected.append({"client_id": error.client_id, "module": error.module, "rule": error.rule,
-                                 "reason": str(error)})
-                self.log(f"round {server_round}: rejected update: {error}")
+                reject(error)
         for failure in failures:
             self.log(f"round {server_round}: client {failure.client_id} failed: {failure.reason}")
         self._account(server_round, tasks, [r for r in results if r.update.client_id in tasks])
-        skipped = len(accepted) < self.config.min_clients
+        update = self._aggregate(server_round, accepted, reject)
+        skipped = update is None
         if skipped:
             self.log(f"round {server_round}: only {len(accepted)} usable updates (< min_clients "
                      f"{self.config.min_clients}); round skipped, global model kept")
         else:
-            self._apply(server_round, self.aggregator.aggregate([r.update for r in accepted],
-                                                                server_round=server_round))
+            self._apply(server_round, update)
         server_seconds = time.perf_counter() - started
         row = {
             "round": server_round, "method": self.config.method,
@@ -174,6 +193,21 @@ class Federation:
             **({k: v for k, v in self.global_update.info.items()} if self.global_update and not skipped else {}),
         }
         return self._finish_round(server_round, row)
+
+    def _aggregate(self, server_round: int, accepted: list[ClientResult],
+                   reject: Callable[[AggregationError], None]) -> GlobalUpdate | None:
+        """Aggregate the accepted updates; a client the method itself refuses (e.g. a frozen
+        factor unlike the others') is rejected and the rest aggregated. None: too few left."""
+        while len(accepted) >= self.config.min_clients:
+            try:
+                return self.aggregator.aggregate([r.update for r in accepted], server_round=server_round)
+            except AggregationError as error:
+                culprit = [r for r in accepted if r.update.client_id == error.client_id]
+                if not culprit:
+                    raise
+                reject(error)
+                accepted.remove(culprit[0])
+        return None
 
     def _account(self, server_round: int, tasks: dict[str, ClientTask], replies: list[ClientResult]) -> None:
         """Ledger rows for the clients that replied (accepted or not): each downloaded the merges
@@ -198,10 +232,11 @@ class Federation:
                 self.base_log[server_round] = base_part
         if isinstance(self.aggregator, LocalOnly):
             self.client_adapters.update(update.client_factors)
-        # A merged update lives on in the base weights (and in the base log replicas catch up
-        # from); holding and checkpointing its factors too would keep another copy of every
-        # client's block.
-        self.global_update = replace(update, factors={}, residual={}) if update.merge else update
+        # What was merged lives on in the base weights (and in the base log replicas catch up
+        # from); holding and checkpointing it too would keep another copy of every client's
+        # block. The local baseline's adapters are kept in client_adapters alone.
+        self.global_update = None if isinstance(self.aggregator, LocalOnly) else replace(
+            update, factors={} if update.merge else update.factors, residual={})
 
     # -- evaluate, record, checkpoint -----------------------------------------------------
     def evaluate(self, server_round: int) -> dict:

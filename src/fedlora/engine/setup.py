@@ -52,7 +52,7 @@ def load_client_records(config: RunConfig) -> dict[str, list[Record]]:
 
 def centralized_config(config: RunConfig, num_clients: int) -> RunConfig:
     """One client holding all data, trained for the steps all sampled clients train per round."""
-    per_round = config.clients_per_round or max(1, round(config.fraction * num_clients))
+    per_round = config.sampled_per_round(num_clients)
     steps = config.local_steps * per_round if config.local_steps is not None else None
     return config.replace(ranks=[max(config.ranks)], fraction=1.0, clients_per_round=None,
                           min_clients=1, local_steps=steps)

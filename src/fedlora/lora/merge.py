@@ -78,6 +78,6 @@ def _add_dense(model: nn.Module, module: str, delta: Tensor, carry: dict[str, Te
         return
     new = weight.float() + delta
     if module in carry:
-        new += carry[module]
+        new += carry[module].to(new.device)  # a carry restored from a checkpoint is on the CPU
     weight.copy_(new)  # copy_ rounds to the weight's dtype
     carry[module] = new - weight.float()
