@@ -9,8 +9,8 @@ into are restored before the next). Two settings on the 9 non-IID Dolly clients:
 and a RoLoRA scaling study: the pooled Dolly records re-split by Dirichlet over category into
 3, 10 and 20 clients, rank 4, methods rolora, fedit, ffa, every client in every round.
 
-Budgets: the default fits about an hour on 2 CPU cores; ``--quick`` smoke-tests the script in a
-few minutes; ``--scale`` holds the paper's settings for a GPU machine (TinyLlama-1.1B-Chat,
+Budgets: the default fits about an hour on 2 CPU cores; ``--short`` about half an hour;
+``--quick`` smoke-tests the script in a few minutes; ``--scale`` holds the paper's settings for a GPU machine (TinyLlama-1.1B-Chat,
 3 rounds × 1 local epoch on all data, batch 16, max_length 512, the whole test set and MMLU).
 Before training, one step and one evaluation are timed and the total time predicted.
 
@@ -97,6 +97,13 @@ BUDGETS = {
                    # four rounds: RoLoRA trains B in two of them and A in the other two
                    scaling=Training(rounds=4, local_steps=2, batch_size=2, max_length=96, test_limit=24),
                    mmlu_questions=40),
+    # half an hour: three rounds, fewer steps and smaller evaluation sets
+    "short": Budget("short", "smollm2-135m",
+                    main=Training(rounds=3, local_steps=3, batch_size=4, max_length=128, test_limit=16,
+                                  clients_per_round=3),
+                    # two rounds: RoLoRA trains B in one and A in the other
+                    scaling=Training(rounds=2, local_steps=1, batch_size=2, max_length=96, test_limit=16),
+                    mmlu_questions=24),
     "quick": Budget("quick", "smollm2-135m",
                     main=Training(rounds=2, local_steps=1, batch_size=1, max_length=32, test_limit=4,
                                   clients_per_round=2),
@@ -419,13 +426,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--quick", action="store_true", help="a tiny budget: smoke-test the script in minutes")
+    choice.add_argument("--short", action="store_true", help="about half an hour on 2 CPU cores")
     choice.add_argument("--scale", action="store_true", help="the paper's settings (TinyLlama-1.1B, GPU)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print every run's config, run nothing")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = BUDGETS["quick" if args.quick else "scale" if args.scale else "hour"]
+    budget = BUDGETS["quick" if args.quick else "short" if args.short else "scale" if args.scale else "hour"]
     require_shared_data()
     started, load = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedlora-quality-") as folder:
