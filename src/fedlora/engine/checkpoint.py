@@ -38,6 +38,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors stored under ``prefix``, keyed without it."""
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
 def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
     tensors = {}
     for module, f in factors.items():

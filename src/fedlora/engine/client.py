@@ -11,6 +11,7 @@ from torch import nn
 from fedlora.aggregation import ClientUpdate, GlobalUpdate
 from fedlora.data import TokenizedExample, collate
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.eval.loss import model_device
 from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
 
 StepCallback = Callable[[int, float], None]
@@ -81,7 +82,7 @@ class LocalTrainer:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
-        device = next(model.parameters()).device
+        device = model_device(model)
         model.train()
         losses = []
         for step in range(task.local_steps):

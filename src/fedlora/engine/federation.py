@@ -23,7 +23,7 @@ from fedlora.aggregation.factored import fit_ranks
 from fedlora.aggregation.validation import validate_update
 from fedlora.engine.baselines import LocalOnly
 from fedlora.engine.checkpoint import factors_to_tensors, load_latest_checkpoint, save_checkpoint, \
-    tensors_to_factors
+    tensors_to_factors, with_prefix
 from fedlora.engine.config import RunConfig
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.ledger import Ledger, factor_params
@@ -318,8 +318,8 @@ class Federation:
             return None
         state, tensors = loaded
         self.global_model.load_adapted_weights(
-            {k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")})
-        self.global_model.carry = {k[len("carry/"):]: v for k, v in tensors.items() if k.startswith("carry/")}
+            with_prefix("base/", tensors))
+        self.global_model.carry = with_prefix("carry/", tensors)
         self.completed_round = state["completed_round"]
         self.rows = state["rows"]
         self.ledger = Ledger.from_state_dict(state["ledger"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedlora.aggregation import LoraFactors
 from fedlora.data import load_mmlu, load_records, tokenize_records
-from fedlora.engine.checkpoint import load_latest_checkpoint, tensors_to_factors
+from fedlora.engine.checkpoint import load_latest_checkpoint, tensors_to_factors, with_prefix
 from fedlora.engine.config import ConfigError, RunConfig, build_config, load_saved_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
@@ -43,7 +43,7 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     modules = check_model_fits(config)
     model, tokenizer = load_run_model(config)
     global_model = GlobalModel(model, modules)
-    global_model.load_adapted_weights({k[len("base/"):]: v for k, v in tensors.items() if k.startswith("base/")})
+    global_model.load_adapted_weights(with_prefix("base/", tensors))
     merged = state["global"] is None or state["global"]["merge"]
     adapter = None if merged else tensors_to_factors("global/", tensors)
     return RestoredRun(config, global_model, tokenizer, adapter, state["completed_round"])
