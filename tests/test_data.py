@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from fedlora.data import (
     IGNORE_INDEX,
     DataError,
+    LazyTokenizedRecords,
     Record,
     centralize,
     collate,
@@ -377,6 +378,17 @@ def test_tokenize_records_counts_truncations():
     examples, stats = tokenize_records(byte_tokenizer(), records, max_length=200)
     assert [example.truncated for example in examples] == [False, True, True]
     assert (stats.examples, stats.truncated, stats.prompt_truncated) == (3, 2, 1)
+
+
+def test_lazy_records_tokenise_on_access_and_count_distinct_truncations():
+    records = [Record("a", "", "b"), Record("a", "", "b" * 300), Record("a", "c" * 300, "b")]
+    tokenizer = byte_tokenizer()
+    lazy = LazyTokenizedRecords(tokenizer, records, max_length=200)
+    assert len(lazy) == 3 and lazy.truncated == 0  # len alone tokenises nothing
+    assert [lazy[i] for i in (1, 0, 1)] == [tokenize_record(tokenizer, records[i], 200) for i in (1, 0, 1)]
+    assert lazy.truncated == 1  # example 1, counted once however often it is drawn
+    lazy[2]
+    assert lazy.truncated == 2
 
 
 def test_tokenize_rejects_a_useless_max_length_or_a_tokenizer_without_eos():

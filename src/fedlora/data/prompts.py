@@ -84,30 +84,32 @@ def tokenize_records(tokenizer, records: Iterable[Record],
 
 
 class LazyTokenizedRecords(Sequence[TokenizedExample]):
-    """Records tokenised on first access, then kept.
+    """Records tokenised when accessed, and not kept.
 
     A client trains on a few batches per round, so tokenising its whole data set up front
     would cost more than its training; ``len`` (the example count aggregation weights use)
-    needs no tokenisation at all.
+    needs no tokenisation at all. Keeping the token lists would cost several times the
+    records' own memory (a Python int per token) for a saving of well under 1 ms per example.
     """
 
     def __init__(self, tokenizer, records: Sequence[Record], max_length: int):
         self._encoder = _Encoder(tokenizer, max_length)
         self._records = records
-        self._cache: dict[int, TokenizedExample] = {}
+        self._truncated: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> TokenizedExample:  # type: ignore[override]
-        if index not in self._cache:
-            self._cache[index] = self._encoder.encode(self._records[index])[0]
-        return self._cache[index]
+        example = self._encoder.encode(self._records[index])[0]
+        if example.truncated:
+            self._truncated.add(index)
+        return example
 
     @property
     def truncated(self) -> int:
-        """How many of the examples tokenised so far were cut to max_length."""
-        return sum(example.truncated for example in self._cache.values())
+        """How many of the distinct examples tokenised so far were cut to max_length."""
+        return len(self._truncated)
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
