@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
+
+from fedlora.files import append_text, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -81,19 +82,9 @@ def _metrics_line(row: dict) -> str:
     return json.dumps(row, separators=(",", ":")) + "\n"
 
 
-def _write_durably(f, text: str) -> None:
-    """Write, then flush and fsync, so the text is on disk when this returns."""
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def append_metrics(out_dir: str | Path, row: dict) -> None:
     """Append ``row`` as one JSON line to ``out_dir/metrics.jsonl``, durably (flush + fsync)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        _write_durably(f, _metrics_line(row))
+    append_text(Path(out_dir) / METRICS_FILE, _metrics_line(row))
 
 
 def rewrite_metrics(out_dir: str | Path, rows: list[dict]) -> None:
@@ -101,7 +92,7 @@ def rewrite_metrics(out_dir: str | Path, rows: list[dict]) -> None:
 
     A resumed run calls this to drop rows written after its checkpoint, which it will redo.
     """
-    _replace_atomically(Path(out_dir) / METRICS_FILE, "".join(_metrics_line(row) for row in rows))
+    atomic_write_text(Path(out_dir) / METRICS_FILE, "".join(_metrics_line(row) for row in rows))
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
@@ -132,17 +123,8 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
     """Write ``out_dir/summary.json`` atomically (temporary file, fsync, ``os.replace``)."""
     path = Path(out_dir) / SUMMARY_FILE
-    _replace_atomically(path, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
     return path
-
-
-def _replace_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        _write_durably(f, text)
-    os.replace(tmp, path)
 
 
 def read_summary(out_dir: str | Path) -> dict:

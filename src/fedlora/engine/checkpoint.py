@@ -10,32 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.aggregation import LoraFactors
+from fedlora.files import atomic_write_text, fsync_path
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so readers see the old or the new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,6 +44,15 @@ def tensors_to_factors(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[st
                            float(tensors[f"{prefix}{m}.scale"])) for m in modules}
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors accepts them: it refuses two that share storage (views of
+    one stacked factor, say), so only those are copied; the base weights are written in place."""
+    owners = Counter(tensor.untyped_storage().data_ptr() for tensor in tensors.values())
+    return {key: (tensor.detach().clone() if owners[tensor.untyped_storage().data_ptr()] > 1
+                  else tensor.detach()).contiguous()
+            for key, tensor in tensors.items()}
+
+
 def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -66,15 +60,14 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # clone: safetensors refuses tensors that share storage (a view of a stacked factor, say)
-    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp / TENSORS_FILE)
+    save_file(unshared(tensors), tmp / TENSORS_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     for file in tmp.iterdir():
-        _fsync(file)
+        fsync_path(file)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     atomic_write_text(root / "LATEST", name)
     for old in root.iterdir():  # earlier rounds and leftovers of interrupted saves
         if old.name not in (name, "LATEST") and not old.name.startswith(".LATEST"):

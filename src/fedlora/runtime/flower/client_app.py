@@ -22,8 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedlora.aggregation import GlobalUpdate
-from fedlora.engine.checkpoint import atomic_write_text, factors_to_tensors, tensors_to_factors
+from fedlora.engine.checkpoint import factors_to_tensors, tensors_to_factors, unshared
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.files import atomic_write_text
 from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, NodeSettings, \
     decode_task, encode_node_state, encode_result, get_catchup, resolve_factory
 
@@ -74,8 +75,7 @@ class ReplicaLog:
         tmp = path.with_name(f".tmp-{path.name}")
         tensors = {**factors_to_tensors("factors/", update.factors),
                    **factors_to_tensors("residual/", update.residual)}
-        # clone: safetensors refuses tensors that share storage
-        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp,
+        save_file(unshared(tensors), tmp,
                   metadata={"merge": json.dumps(update.merge)})
         os.replace(tmp, path)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.engine.checkpoint import atomic_write_text
+from fedlora.files import atomic_write_text
 from fedlora.runtime.flower.codec import AppSettings, resolve_factory
 from fedlora.runtime.flower.strategy import FedLoraStrategy
 
