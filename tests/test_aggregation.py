@@ -8,6 +8,7 @@ tensors, α and rank, in float64, without library code.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from fedlora.aggregation import (AggregationError, ClientUpdate, LoraFactors, available_aggregators,
                                  get_aggregator)
+from fedlora.aggregation.base import slots_of
 from fedlora.aggregation.factored import factored_svd, refactor
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (8, 10)}
@@ -137,6 +139,52 @@ def test_flora_shuffle_permutes_blocks_but_not_the_update():
     assert torch.equal(shuffled.factors[module].B, again.factors[module].B)
     for module in SHAPES:
         assert relative_error(shuffled.delta(module), plain.delta(module, torch.float64)) <= 1e-6
+
+
+def test_flora_copies_each_added_update_into_the_stack_and_keeps_no_reference_to_it():
+    tensors = [client.tensors() for client in HETEROGENEOUS]
+    updates = to_updates(HETEROGENEOUS, tensors)
+    stacking = get_aggregator("flora").accumulator(slots_of(updates))
+    held = [weakref.ref(factors.A) for update in updates for factors in update.factors.values()]
+    for update in updates:
+        stacking.add(update)
+    del update, updates, tensors  # the caller keeps nothing
+    assert all(ref() is None for ref in held), "an added update's factors are not kept"
+    assert max_error(stacking.result(), dense_reference(HETEROGENEOUS)) <= 1e-6
+
+
+@pytest.mark.parametrize("name, options", [("flora", {}), ("flora", {"shuffle": 5}), ("flora", {"compress": "exact"}),
+                                           ("zeropad", {}), ("flexlora", {})])
+def test_an_accumulator_missing_or_dropping_clients_equals_aggregating_the_rest(name, options):
+    updates = to_updates(HETEROGENEOUS)
+    accumulator = get_aggregator(name, **options).accumulator(slots_of(updates) + [("late", {})])
+    for update in reversed(updates):  # arrival order does not matter: the slots fix the order
+        accumulator.add(update)
+    accumulator.drop("rs")  # and "late" never arrives
+    result = accumulator.result()
+    expected = get_aggregator(name, **options).aggregate([updates[0], updates[2]])
+    for module in SHAPES:
+        assert torch.equal(result.factors[module].A, expected.factors[module].A), (name, module)
+        assert torch.equal(result.factors[module].B, expected.factors[module].B), (name, module)
+
+
+def test_an_accumulator_refuses_a_client_without_a_free_slot():
+    updates = to_updates(HETEROGENEOUS)
+    for name in ("flora", "zeropad"):
+        accumulator = get_aggregator(name).accumulator(slots_of(updates[:1]))
+        accumulator.add(updates[0])
+        for intruder in (updates[0], updates[1]):  # a second update, and one never expected
+            with pytest.raises(AggregationError) as error:
+                accumulator.add(intruder)
+            assert error.value.rule == "unexpected" and error.value.client_id == intruder.client_id
+
+
+def test_flora_stacking_refuses_a_rank_other_than_its_slot():
+    updates = to_updates(HETEROGENEOUS)
+    stacking = get_aggregator("flora").accumulator([("big", dict.fromkeys(SHAPES, 8))])
+    with pytest.raises(AggregationError) as error:
+        stacking.add(updates[0])  # rank 16
+    assert error.value.rule == "shape" and "expected 8" in str(error.value)
 
 
 @pytest.mark.parametrize("compress", ["lossy", 0, -2, True, 2.5])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlora.aggregation import AggregationError, ClientUpdate, LoraFactors
-from fedlora.aggregation.validation import partition_valid, validate_update
+from fedlora.aggregation.validation import validate_update
 
 SHAPES = {"q_proj": (12, 10), "v_proj": (8, 10)}
 
@@ -105,12 +105,3 @@ def test_num_examples_rule(count, limit):
 
 def test_dtype_none_accepts_any_float():
     validate_update(update(dtype=torch.float64), SHAPES, dtype=None)
-
-
-def test_partition_keeps_valid_updates_and_collects_errors():
-    bad = update("bad")
-    not_finite(bad)
-    valid, rejected = partition_valid([update("a"), bad, update("b", num_examples=50)],
-                                      expected_shapes=SHAPES, max_examples=10)
-    assert [u.client_id for u in valid] == ["a"]
-    assert [(e.client_id, e.rule) for e in rejected] == [("bad", "finite"), ("b", "num_examples")]

@@ -70,6 +70,16 @@ def test_rank_above_a_target_modules_size_is_rejected_before_loading(client_dir,
     assert "exceed min(d, n) = 32" in message and "v_proj" in message
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--ranks", "8,4"], "'ranks' lists 2 ranks for the 3 clients of"),
+    (["--clients-per-round", "4"], "'clients_per_round' is 4 but there are only the 3 clients of"),
+])
+def test_a_setting_that_does_not_fit_the_clients_names_the_key_and_the_data(client_dir, tmp_path, no_model_loading,
+                                                                             flags, expected):
+    message = one_line_error(invoke("run", *TINY, "--data", client_dir, *flags, "--out", tmp_path / "run"))
+    assert expected in message and str(client_dir) in message.replace(" ", "")
+
+
 def test_bad_data_file_names_file_record_and_field(client_dir, tmp_path, no_model_loading):
     broken = json.loads((client_dir / "local_training_1.json").read_text())
     broken[5]["response"] = 42

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -115,12 +116,41 @@ def test_one_base_model_is_shared_by_every_client(client_dir, tmp_path):
     assert not any("lora" in name for name, _ in setup.model.named_parameters())
 
 
+def test_in_process_flora_frees_each_upload_once_it_is_copied_into_the_stack(client_dir, tmp_path):
+    setup = prepare_run(tiny_config(client_dir, tmp_path / "run", rounds=1), tmp_path / "run",
+                        log=lambda message: None)
+    train, earlier = setup.trainer.train, []
+
+    def train_watched(task, examples, on_step=None):
+        assert all(ref() is None for ref in earlier), "an earlier upload is still held"
+        result = train(task, examples, on_step=on_step)
+        earlier.extend(weakref.ref(factors.A) for factors in result.update.factors.values())
+        return result
+
+    setup.trainer.train = train_watched
+    run_inprocess(setup)
+    assert len(earlier) == 3 * len(setup.federation.shapes)
+
+
 def test_checkpoint_is_safetensors_and_json(client_dir, tmp_path):
     run_tiny(client_dir, tmp_path / "run", rounds=1)
     latest = (tmp_path / "run" / "checkpoints" / "LATEST").read_text()
     folder = tmp_path / "run" / "checkpoints" / latest
     assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
     assert json.loads((folder / "state.json").read_text())["completed_round"] == 1
+
+
+def test_checkpoint_copies_only_tensors_that_share_storage(tmp_path):
+    from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint, unshared
+
+    stacked, weight = torch.arange(12.0).reshape(4, 3), torch.randn(3, 3)
+    tensors = {"global/A": stacked[:2], "global/B": stacked[2:], "base/w": weight}
+    written = unshared(tensors)
+    assert written["base/w"].data_ptr() == weight.data_ptr()  # no copy of the base weights
+    assert written["global/A"].data_ptr() != stacked.data_ptr()
+    save_checkpoint(tmp_path, 1, {"completed_round": 1}, tensors)
+    _, loaded = load_latest_checkpoint(tmp_path)
+    assert all(torch.equal(loaded[key], value) for key, value in tensors.items())
 
 
 @pytest.mark.slow

@@ -82,6 +82,7 @@ class FakeFederation:
         self.weights = initial_weights()
         self.base_log: dict[int, GlobalUpdate] = {}
         self.rows: list[dict] = []
+        self.synced: dict[str, int] = {}  # what the strategy reported of each replica
 
     def start(self) -> int:
         return 0
@@ -97,8 +98,12 @@ class FakeFederation:
     def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
         return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
 
+    def replica_through(self, client_id: str, last_round: int) -> None:
+        self.synced[client_id] = last_round
+
     def aggregate_train(self, server_round: int, results: list[ClientResult],
                         failures: list[ClientFailure] = ()) -> dict:
+        results = list(results)  # an iterable, as Federation.aggregate_train takes
         skipped = len(results) < self.min_clients
         if not skipped:
             total = sum(r.update.num_examples for r in results)
@@ -271,7 +276,8 @@ def test_a_dead_node_is_a_recorded_failure_and_the_round_needs_min_clients(tmp_p
     assert [f["client_id"] for f in report["sync_failures"]] == []  # never identified, so never synced
 
 
-def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, server_identity):
+def three_nodes_three_rounds(tmp_path: Path) -> tuple[FakeFederation, FedLoraStrategy, InMemoryGrid]:
+    """A started federation of three nodes, identified, for a test to drive round by round."""
     params = {"rounds": 3, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 2}
     settings = setup_run(tmp_path, params, round_timeout=1.0)
     nodes = {1000 + i: {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
@@ -280,6 +286,11 @@ def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, s
     strategy = FedLoraStrategy(federation, round_timeout=1.0, connect_timeout=0.0)
     federation.start()
     strategy.identify_nodes(grid, wait=True)
+    return federation, strategy, grid
+
+
+def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, server_identity):
+    federation, strategy, grid = three_nodes_three_rounds(tmp_path)
     for server_round in (1, 2, 3):
         grid.dead = {1002} if server_round == 2 else set()
         messages = strategy.configure_train(server_round, None, None, grid)
@@ -294,6 +305,22 @@ def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, s
     assert last_to_client_2.content.config_records["catchup"]["rounds"] == [1, 2]
     for i in range(3):
         assert_identical(replica_weights(tmp_path / f"node-{i}"), federation.weights)
+
+
+def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(tmp_path, server_identity):
+    federation, strategy, grid = three_nodes_three_rounds(tmp_path)
+    for server_round in (1, 2, 3):
+        if server_round == 3:  # client-0's SuperNode comes back under a new id with its state lost
+            del grid.nodes[1000]
+            grid.nodes[1003] = {"partition-id": 0, "state-dir": str(tmp_path / "node-0-fresh")}
+        messages = strategy.configure_train(server_round, None, None, grid)
+        if server_round == 3:
+            assert federation.synced == {"client-0": 0, "client-1": 1, "client-2": 1}
+        strategy.aggregate_train(server_round, exchange(grid, messages, 1.0))
+    to_fresh_node = [m for m in grid.sent if m.metadata.dst_node_id == 1003 and m.metadata.message_type == "train"]
+    assert to_fresh_node[0].content.config_records["catchup"]["rounds"] == [1, 2]
+    strategy.synchronize_replicas(grid, 3)
+    assert_identical(replica_weights(tmp_path / "node-0-fresh"), federation.weights)
 
 
 def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_identity, monkeypatch):

@@ -91,15 +91,12 @@ def model_shapes(name: str, target_modules: list[str] | tuple[str, ...], *, gguf
         config = _tiny_llama_config(_byte_tokenizer())
     else:
         source, gguf_file = (_smollm2_dir(), SMOLLM2_GGUF) if name == SMOLLM2_NAME else _resolve_source(name, gguf_file)
-        kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
-        if trust_remote_code:
-            kwargs["trust_remote_code"] = True
         try:
-            config = AutoConfig.from_pretrained(source, **kwargs)
+            config = AutoConfig.from_pretrained(source, **_loading_kwargs(gguf_file, trust_remote_code))
         except OSError as error:
             raise ModelError(f"cannot read the configuration of model {source}: {error}") from error
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, **({"trust_remote_code": True} if trust_remote_code else {}))
+        skeleton = AutoModelForCausalLM.from_config(config, **_loading_kwargs(None, trust_remote_code))
     return adapted_shapes(skeleton, target_modules)
 
 
@@ -142,11 +139,17 @@ def _resolve_source(name: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(path), gguf_file
 
 
+def _loading_kwargs(gguf_file: str | None, trust_remote_code: bool) -> dict:
+    """Keyword arguments for transformers' loaders; trust_remote_code only when the user asks."""
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
 def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtype,
                      trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
-    if trust_remote_code:  # only ever passed when the user asks for it
-        kwargs["trust_remote_code"] = True
+    kwargs = _loading_kwargs(gguf_file, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

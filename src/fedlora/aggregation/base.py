@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -119,24 +120,26 @@ def check_updates(updates: list[ClientUpdate]) -> None:
     if not updates:
         raise AggregationError("no client updates to aggregate", rule="empty")
     reference = updates[0]
-    expected_modules = set(reference.factors)
+    reference_shapes = {module: factors.shape for module, factors in reference.factors.items()}
     for update in updates:
         check_num_examples(update)
-        modules = set(update.factors)
-        if modules != expected_modules:
-            missing = sorted(expected_modules - modules)
-            extra = sorted(modules - expected_modules)
-            raise AggregationError(
-                f"module set differs from client {reference.client_id!r}: "
-                f"missing {missing}, unexpected {extra}",
-                client_id=update.client_id, module=(missing + extra)[0], rule="modules")
         for module, factors in update.factors.items():
             check_factors(factors, client_id=update.client_id, module=module)
-            expected_shape = reference.factors[module].shape
-            if factors.shape != expected_shape:
-                raise AggregationError(
-                    f"update shape {factors.shape} differs from {expected_shape} of client "
-                    f"{reference.client_id!r}", client_id=update.client_id, module=module, rule="shape")
+        check_modules_and_shapes(update, reference_shapes, f"client {reference.client_id!r}")
+
+
+def check_modules_and_shapes(update: ClientUpdate, shapes: dict[str, tuple[int, int]], source: str) -> None:
+    """The update adapts exactly the modules of ``shapes`` at those dense shapes (``source``
+    says whose shapes they are, for the error)."""
+    modules, expected = set(update.factors), set(shapes)
+    if modules != expected:
+        missing, extra = sorted(expected - modules), sorted(modules - expected)
+        raise AggregationError(f"module set differs from {source}: missing {missing}, unexpected {extra}",
+                               client_id=update.client_id, module=(missing + extra)[0], rule="modules")
+    for module, factors in update.factors.items():
+        if factors.shape != tuple(shapes[module]):
+            raise AggregationError(f"update shape {factors.shape} differs from {tuple(shapes[module])} of {source}",
+                                   client_id=update.client_id, module=module, rule="shape")
 
 
 def check_num_examples(update: ClientUpdate, max_examples: int | None = None) -> None:
@@ -197,9 +200,65 @@ class Aggregator(ABC):
                   server_round: int | None = None) -> GlobalUpdate:
         """Combine client updates; ``weights`` default to the clients' example shares."""
 
+    def accumulator(self, slots: Sequence[Slot]) -> Accumulator:
+        """A collector for one round's updates as they arrive, from the clients (and ranks per
+        module) of ``slots`` (see :class:`Accumulator`)."""
+        return Accumulator(self, slots)
+
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """Factors a client of ``rank`` initialises its next LoRA from; None for a fresh init."""
         if global_update.merge:
             return None
         return global_update.client_factors.get(client_id, global_update.factors)
+
+
+#: a client expected this round and its rank per module
+Slot = tuple[str, dict[str, int]]
+
+
+def slots_of(updates: Sequence[ClientUpdate]) -> list[Slot]:
+    """The slots of updates already at hand: each client's ranks as sent."""
+    return [(update.client_id, {module: factors.rank for module, factors in update.factors.items()})
+            for update in updates]
+
+
+class Accumulator:
+    """One round's updates, added one at a time as clients deliver them.
+
+    ``slots`` are the clients expected, in the order their updates are aggregated whatever
+    the order they arrive in, with their ranks per module. This default keeps the updates and
+    calls :meth:`Aggregator.aggregate` at the end. A method that can keep less overrides
+    :meth:`Aggregator.accumulator`: FLoRA's copies each update into its slot of the stack, so
+    a server that lets go of each upload once added never holds every upload and the stack at
+    once. Either way :meth:`result` equals ``aggregate`` over the updates added and not
+    dropped, in slot order.
+    """
+
+    def __init__(self, aggregator: Aggregator, slots: Sequence[Slot]):
+        self.aggregator = aggregator
+        self.slots = list(slots)
+        self.filled: dict[int, ClientUpdate] = {}  # slot → the update added there
+
+    def add(self, update: ClientUpdate) -> None:
+        """Take in one update; AggregationError for one that cannot join (it is not added)."""
+        self.filled[self.free_slot(update)] = update
+
+    def free_slot(self, update: ClientUpdate) -> int:
+        """The first slot of the update's client not yet filled."""
+        slot = next((i for i, (client_id, _) in enumerate(self.slots)
+                     if client_id == update.client_id and i not in self.filled), None)
+        if slot is None:
+            raise AggregationError("sent an update this round has no place for", client_id=update.client_id,
+                                   rule="unexpected")
+        return slot
+
+    def drop(self, client_id: str) -> int:
+        """Forget the (first) update of ``client_id``, e.g. one :meth:`result` refused; its slot."""
+        slot = next(i for i in sorted(self.filled) if self.filled[i].client_id == client_id)
+        del self.filled[slot]
+        return slot
+
+    def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
+        return self.aggregator.aggregate([self.filled[slot] for slot in sorted(self.filled)], weights,
+                                         server_round=server_round)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, check_updates, example_weights
-from fedlora.aggregation.factored import max_rank, refactor_all, stack
+from fedlora.aggregation.base import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, \
+    LoraFactors, Slot, check_factors, check_modules_and_shapes, check_num_examples, example_weights, slots_of
+from fedlora.aggregation.factored import max_rank, refactor_all
 
 COMPRESS_MODES = ("none", "exact")
 
@@ -35,18 +38,113 @@ class FLoRA(Aggregator):
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                   server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
-        weights = example_weights(updates, weights)
-        order = self._block_order(len(updates))
-        factors = stack([updates[i] for i in order], [weights[i] for i in order])
-        error = 0.0
-        if self.compress != "none":
-            factors, error = refactor_all(factors, None if self.compress == "exact" else self.compress)
-        return GlobalUpdate(factors=factors, merge=True,
-                            info={"broadcast_rank": max_rank(factors), "truncation_error": error})
+        stacking = self.accumulator(slots_of(updates))
+        for update in updates:
+            stacking.add(update)
+        return stacking.result(weights, server_round=server_round)
 
-    def _block_order(self, count: int) -> list[int]:
+    def accumulator(self, slots: Sequence[Slot]) -> Stacking:
+        return Stacking(self, slots)
+
+    def block_order(self, count: int) -> list[int]:
+        """The order of the clients' blocks in the stack: as added, or permuted by ``shuffle``."""
         if self.shuffle is None:
             return list(range(count))
         generator = torch.Generator().manual_seed(self.shuffle)
         return torch.randperm(count, generator=generator).tolist()
+
+    def broadcast(self, stacked: dict[str, LoraFactors]) -> GlobalUpdate:
+        """The global update of a stack, compressed as configured."""
+        error = 0.0
+        if self.compress != "none":
+            stacked, error = refactor_all(stacked, None if self.compress == "exact" else self.compress)
+        return GlobalUpdate(factors=stacked, merge=True,
+                            info={"broadcast_rank": max_rank(stacked), "truncation_error": error})
+
+
+class Stacking(Accumulator):
+    """FLoRA's stack, filled as updates arrive.
+
+    Every expected client has a slot: its rows of the stacked A and its columns of the stacked
+    B, per module. An added update is copied into its slot at once, so a server that lets go
+    of each upload once added holds the stack plus one upload, never every upload and the
+    stack. Dropped or missing clients are cut out at the end, and the columns of B are scaled
+    by p_k s_k then, when every weight is known; the result equals concatenating the blocks.
+    """
+
+    def __init__(self, aggregator: FLoRA, slots: Sequence[Slot]):
+        super().__init__(aggregator, slots)
+        self.offsets: dict[str, list[int]] = {}  # module → each slot's first row of the stack
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        self.scales: dict[int, dict[str, float]] = {}  # slot → module → the client's scale
+        self._reference: tuple[str, dict[str, tuple[int, int]]] | None = None
+
+    def add(self, update: ClientUpdate) -> None:
+        check_num_examples(update)
+        for module, factors in update.factors.items():
+            check_factors(factors, client_id=update.client_id, module=module)
+        if self._reference is None:
+            self._reference = update.client_id, {module: factors.shape for module, factors in update.factors.items()}
+        first, shapes = self._reference
+        check_modules_and_shapes(update, shapes, f"client {first!r}")
+        slot = self.free_slot(update)
+        ranks = self.slots[slot][1]
+        for module, factors in update.factors.items():
+            if factors.rank != ranks.get(module):
+                raise AggregationError(f"rank {factors.rank} differs from the expected {ranks.get(module)}",
+                                       client_id=update.client_id, module=module, rule="shape")
+        for module, factors in update.factors.items():
+            start, rows = self._offset(module, slot), factors.rank
+            A, B = self._buffers(module, shapes[module], factors)
+            A[start:start + rows].copy_(factors.A)
+            B[:, start:start + rows].copy_(factors.B)
+        self.filled[slot] = ClientUpdate({}, update.num_examples, update.client_id)  # the weight needs no more
+        self.scales[slot] = {module: factors.scale for module, factors in update.factors.items()}
+
+    def drop(self, client_id: str) -> int:
+        slot = super().drop(client_id)
+        del self.scales[slot]
+        return slot
+
+    def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
+        """The stacked update. B is scaled in place, so this is called once."""
+        present = sorted(self.filled)
+        if not present:
+            raise AggregationError("no client updates to aggregate", rule="empty")
+        weights = example_weights([self.filled[slot] for slot in present], weights)
+        order = self.aggregator.block_order(len(present))
+        blocks = [(present[i], weights[i]) for i in order]
+        stacked = {}
+        for module in list(self.A):
+            A, B = self.A.pop(module), self.B.pop(module)
+            if [slot for slot, _ in blocks] != list(range(len(self.slots))):  # a client missing or reordered
+                index = torch.cat([torch.arange(self._offset(module, slot), self._offset(module, slot + 1))
+                                   for slot, _ in blocks])
+                A, B = A.index_select(0, index), B.index_select(1, index)
+            B.mul_(torch.cat([torch.full((self.slots[slot][1][module],), weight * self.scales[slot][module],
+                                         dtype=B.dtype) for slot, weight in blocks]))
+            stacked[module] = LoraFactors(A=A, B=B, scale=1.0)
+        return self.aggregator.broadcast(stacked)
+
+    def _offset(self, module: str, slot: int) -> int:
+        if module not in self.offsets:
+            starts, total = [], 0
+            for _, ranks in self.slots:
+                starts.append(total)
+                total += ranks.get(module, 0)
+            self.offsets[module] = starts + [total]
+        return self.offsets[module][slot]
+
+    def _buffers(self, module: str, shape: tuple[int, int], factors: LoraFactors) -> tuple[Tensor, Tensor]:
+        """The module's stacked A and B, allocated on first use and widened to a wider dtype."""
+        dtype = torch.promote_types(factors.A.dtype, factors.B.dtype)
+        if module not in self.A:
+            total = self._offset(module, len(self.slots))
+            (d, n) = shape
+            self.A[module] = torch.empty(total, n, dtype=dtype, device=factors.A.device)
+            self.B[module] = torch.empty(d, total, dtype=dtype, device=factors.B.device)
+        elif torch.promote_types(self.A[module].dtype, dtype) != self.A[module].dtype:
+            dtype = torch.promote_types(self.A[module].dtype, dtype)
+            self.A[module], self.B[module] = self.A[module].to(dtype), self.B[module].to(dtype)
+        return self.A[module], self.B[module]

@@ -234,16 +234,16 @@ def validate(config: RunConfig, source: str = "config") -> None:
 
 
 def check_client_count(config: RunConfig, num_clients: int) -> None:
-    """Checks that need the number of clients (known once the data folder is listed)."""
+    """Checks that need the number of clients (known once the data is listed or split)."""
+    clients = f"{num_clients} clients of {config.data}"
     if len(config.ranks) not in (1, num_clients):
-        raise ConfigError(f"'ranks' lists {len(config.ranks)} ranks for {num_clients} clients; "
+        raise ConfigError(f"'ranks' lists {len(config.ranks)} ranks for the {clients}; "
                           "give one rank for all or one per client")
     if config.clients_per_round is not None and config.clients_per_round > num_clients:
-        raise ConfigError(f"'clients_per_round' is {config.clients_per_round} but there are only "
-                          f"{num_clients} clients")
+        raise ConfigError(f"'clients_per_round' is {config.clients_per_round} but there are only the {clients}")
     if config.min_clients > config.sampled_per_round(num_clients):
         raise ConfigError(f"'min_clients' is {config.min_clients} but only {config.sampled_per_round(num_clients)} "
-                          f"of the {num_clients} clients are sampled per round: every round would be skipped")
+                          f"of the {clients} are sampled per round: every round would be skipped")
 
 
 def check_ranks_fit(config: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fedlora.aggregation import AggregationError, Aggregator, GlobalUpdate, LoraFactors, get_aggregator
+from fedlora.aggregation import Accumulator, AggregationError, Aggregator, GlobalUpdate, LoraFactors, \
+    get_aggregator
 from fedlora.aggregation.base import FACTOR_NAMES
 from fedlora.aggregation.factored import fit_ranks
 from fedlora.aggregation.validation import validate_update
@@ -33,6 +34,16 @@ from fedlora.lora import base_weight
 from fedlora.report import append_metrics, rewrite_metrics
 
 Evaluate = Callable[[nn.Module, int], dict]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a round keeps of an accepted reply once its factors are in the aggregate."""
+
+    client_id: str
+    num_examples: int
+    train_loss: float
+    seconds: float
 
 
 @dataclass
@@ -127,6 +138,12 @@ class Federation:
             for cid in self.sample(server_round)}
         return list(self._tasks.values())
 
+    def replica_through(self, client_id: str, last_round: int) -> None:
+        """A runtime with real replicas (Flower) reports how far ``client_id``'s has merged before
+        sending it the merges since, so the ledger charges what is actually sent: after a
+        ``--resume`` or a SuperNode restart a replica can be further behind than this server thinks."""
+        self.synced[client_id] = last_round
+
     def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
         """Base merges a replica that has applied everything through ``last_round`` still needs."""
         return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
@@ -153,73 +170,90 @@ class Federation:
                     raise AggregationError(f"frozen factor {name} was changed", client_id=update.client_id,
                                            module=module, rule="frozen")
 
-    def aggregate_train(self, server_round: int, results: list[ClientResult],
-                        failures: list[ClientFailure] = ()) -> dict:
-        started = time.perf_counter()
+    def aggregate_train(self, server_round: int, results: Iterable[ClientResult],
+                        failures: Sequence[ClientFailure] = ()) -> dict:
+        """Validate, account and aggregate the round's replies, then update, evaluate and save.
+
+        ``results`` may be a generator (the in-process runtime trains each client as it is
+        drawn): each reply is checked and added to the aggregate, and dropped here, before
+        the next is drawn. Updates are aggregated in task order, whatever order they come in.
+        """
         tasks, self._tasks = self._tasks, {}
+        accumulator = self.aggregator.accumulator(
+            [(cid, dict.fromkeys(self.shapes, task.rank)) for cid, task in tasks.items()])
         rejected: list[dict] = []
+        accepted: list[Contribution] = []
+        replied: set[str] = set()
+        server_seconds = 0.0
 
         def reject(error: AggregationError) -> None:
             rejected.append({"client_id": error.client_id, "module": error.module, "rule": error.rule,
                              "reason": str(error)})
             self.log(f"round {server_round}: rejected update: {error}")
 
-        accepted = []
         for result in results:
+            started = time.perf_counter()
+            cid = result.update.client_id
+            task = tasks.get(cid) if cid not in replied else None  # a second reply is unexpected
             try:
-                self._check(result, tasks.get(result.update.client_id))
-                accepted.append(result)
+                if task is not None:
+                    replied.add(cid)
+                    self._account(server_round, task, result)
+                self._check(result, task)
+                accumulator.add(result.update)
+                accepted.append(Contribution(cid, result.update.num_examples, result.train_loss, result.seconds))
             except AggregationError as error:
                 reject(error)
+            del result  # the accumulator holds what it needs of the upload
+            server_seconds += time.perf_counter() - started
         for failure in failures:
             self.log(f"round {server_round}: client {failure.client_id} failed: {failure.reason}")
-        self._account(server_round, tasks, [r for r in results if r.update.client_id in tasks])
-        update = self._aggregate(server_round, accepted, reject)
+        started = time.perf_counter()
+        update = self._aggregate(server_round, accumulator, accepted, reject)
         skipped = update is None
         if skipped:
             self.log(f"round {server_round}: only {len(accepted)} usable updates (< min_clients "
                      f"{self.config.min_clients}); round skipped, global model kept")
         else:
             self._apply(server_round, update)
-        server_seconds = time.perf_counter() - started
+        server_seconds += time.perf_counter() - started
+        examples = sum(c.num_examples for c in accepted)
         row = {
             "round": server_round, "method": self.config.method,
-            "clients": [r.update.client_id for r in accepted],
-            "train_loss": (sum(r.train_loss * r.update.num_examples for r in accepted)
-                           / sum(r.update.num_examples for r in accepted)) if accepted else None,
+            "clients": [c.client_id for c in accepted],
+            "train_loss": sum(c.train_loss * c.num_examples for c in accepted) / examples if accepted else None,
             **self.ledger.round_totals(server_round),
-            "client_seconds": sum(r.seconds for r in accepted), "server_seconds": server_seconds,
+            "client_seconds": sum(c.seconds for c in accepted), "server_seconds": server_seconds,
             "rejected": rejected, "failures": [asdict(f) for f in failures], "skipped": skipped,
-            **({k: v for k, v in self.global_update.info.items()} if self.global_update and not skipped else {}),
+            **(dict(self.global_update.info) if self.global_update and not skipped else {}),
         }
         return self._finish_round(server_round, row)
 
-    def _aggregate(self, server_round: int, accepted: list[ClientResult],
+    def _aggregate(self, server_round: int, accumulator: Accumulator, accepted: list[Contribution],
                    reject: Callable[[AggregationError], None]) -> GlobalUpdate | None:
         """Aggregate the accepted updates; a client the method itself refuses (e.g. a frozen
         factor unlike the others') is rejected and the rest aggregated. None: too few left."""
         while len(accepted) >= self.config.min_clients:
             try:
-                return self.aggregator.aggregate([r.update for r in accepted], server_round=server_round)
+                return accumulator.result(server_round=server_round)
             except AggregationError as error:
-                culprit = [r for r in accepted if r.update.client_id == error.client_id]
+                culprit = [c for c in accepted if c.client_id == error.client_id]
                 if not culprit:
                     raise
                 reject(error)
                 accepted.remove(culprit[0])
+                accumulator.drop(error.client_id)
         return None
 
-    def _account(self, server_round: int, tasks: dict[str, ClientTask], replies: list[ClientResult]) -> None:
-        """Ledger rows for the clients that replied (accepted or not): each downloaded the merges
+    def _account(self, server_round: int, task: ClientTask, reply: ClientResult) -> None:
+        """The ledger row of a client that replied (accepted or not): it downloaded the merges
         it had missed plus its start adapter, and uploaded its trained factors. A client that
         never replied is not known to have received anything and stays where it was."""
-        for result in replies:
-            cid = result.update.client_id
-            task = tasks[cid]
-            missed = sum(p for r, p in self.base_log_params.items() if self.synced[cid] < r < server_round)
-            self.ledger.record(server_round, cid, factor_params(result.update.factors, task.trainable),
-                               missed + factor_params(task.start))
-            self.synced[cid] = server_round - 1
+        cid = task.client_id
+        missed = sum(p for r, p in self.base_log_params.items() if self.synced[cid] < r < server_round)
+        self.ledger.record(server_round, cid, factor_params(reply.update.factors, task.trainable),
+                           missed + factor_params(task.start))
+        self.synced[cid] = server_round - 1
 
     def _apply(self, server_round: int, update: GlobalUpdate) -> None:
         self.global_model.apply(update)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fedlora.engine.setup import RunSetup
+from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.observer import RunObserver
 
 
@@ -15,14 +18,20 @@ def run_inprocess(setup: RunSetup, observer: RunObserver | None = None) -> dict:
     for server_round in range(federation.completed_round + 1, federation.num_rounds + 1):
         tasks = federation.configure_train(server_round)
         observer.round_started(server_round, tasks)
-        results = []
-        for task in tasks:
-            observer.client_started(task)
-            on_step = observer.step_callback(task)
-            results.append(setup.trainer.train(task, setup.client_examples[task.client_id], on_step=on_step))
-            observer.client_finished(results[-1])
-        observer.round_finished(federation.aggregate_train(server_round, results))
+        observer.round_finished(federation.aggregate_train(server_round, _train_each(setup, tasks, observer)))
     truncated = sum(examples.truncated for examples in setup.client_examples.values())
     if truncated:
         observer.log(f"{truncated} training examples were truncated to max_length {setup.config.max_length}")
     return {**federation.summary(), "training_examples_truncated": truncated}
+
+
+def _train_each(setup: RunSetup, tasks: list[ClientTask], observer: RunObserver) -> Iterator[ClientResult]:
+    """The clients' results, each trained when the federation asks for it: the federation adds
+    an upload to the aggregate and drops it before the next client trains."""
+    for task in tasks:
+        observer.client_started(task)
+        result = setup.trainer.train(task, setup.client_examples[task.client_id],
+                                     on_step=observer.step_callback(task))
+        observer.client_finished(result)
+        yield result
+        del result  # not held while the next client trains

@@ -159,6 +159,7 @@ class FedLoraStrategy(Strategy):
                                                   "no SuperNode holds this client's partition"))
                 continue
             catchup = self._catchup(task.client_id, server_round - 1)
+            self.federation.replica_through(task.client_id, catchup.since)
             content = encode_task(task, catchup)
             message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                               group_id=str(server_round), ttl=self.round_timeout)
@@ -186,8 +187,9 @@ class FedLoraStrategy(Strategy):
         failures += [ClientFailure(client, server_round, f"no reply within {self.round_timeout:g} s")
                      for client in self._open.values()]
         self._open = {}
-        # task order, as the in-process runtime: aggregation sums in this order
-        ordered = [results[cid] for cid in self._order if cid in results]
+        # task order, as the in-process runtime (the metrics list clients in it); each result
+        # is let go of once the Federation has added it to the aggregate
+        ordered = (results.pop(cid) for cid in self._order if cid in results)
         failures.sort(key=lambda failure: self._order.index(failure.client_id))
         row = self.federation.aggregate_train(server_round, ordered, failures)
         return None, MetricRecord({k: v for k, v in row.items()
