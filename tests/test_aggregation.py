@@ -17,7 +17,7 @@ import torch
 from fedlora.aggregation import (AggregationError, ClientUpdate, LoraFactors, available_aggregators,
                                  get_aggregator)
 from fedlora.aggregation.base import slots_of
-from fedlora.aggregation.factored import factored_svd, refactor
+from fedlora.aggregation.factored import factored_svd, refactor, stack
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (8, 10)}
 
@@ -139,6 +139,15 @@ def test_flora_shuffle_permutes_blocks_but_not_the_update():
     assert torch.equal(shuffled.factors[module].B, again.factors[module].B)
     for module in SHAPES:
         assert relative_error(shuffled.delta(module), plain.delta(module, torch.float64)) <= 1e-6
+
+
+def test_flora_stacking_equals_concatenating_the_blocks_bit_for_bit():
+    updates = to_updates(HETEROGENEOUS)
+    result = get_aggregator("flora").aggregate(updates)
+    concatenated = stack(updates, [u.num_examples / sum(v.num_examples for v in updates) for u in updates])
+    for module in SHAPES:
+        assert torch.equal(result.factors[module].A, concatenated[module].A)
+        assert torch.equal(result.factors[module].B, concatenated[module].B)
 
 
 def test_flora_copies_each_added_update_into_the_stack_and_keeps_no_reference_to_it():
