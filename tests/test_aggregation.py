@@ -160,6 +160,8 @@ def test_flora_copies_each_added_update_into_the_stack_and_keeps_no_reference_to
     del update, updates, tensors  # the caller keeps nothing
     assert all(ref() is None for ref in held), "an added update's factors are not kept"
     assert max_error(stacking.result(), dense_reference(HETEROGENEOUS)) <= 1e-6
+    with pytest.raises(RuntimeError, match="taken once"):  # its buffers are now the result's
+        stacking.result()
 
 
 @pytest.mark.parametrize("name, options", [("flora", {}), ("flora", {"shuffle": 5}), ("flora", {"compress": "exact"}),

@@ -79,6 +79,7 @@ class Stacking(Accumulator):
         self.B: dict[str, Tensor] = {}
         self.scales: dict[int, dict[str, float]] = {}  # slot → module → the client's scale
         self._reference: tuple[str, dict[str, tuple[int, int]]] | None = None
+        self._taken = False
 
     def add(self, update: ClientUpdate) -> None:
         check_num_examples(update)
@@ -109,10 +110,13 @@ class Stacking(Accumulator):
 
     def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
         """The stacked update. B is scaled in place, so this is called once."""
+        if self._taken:
+            raise RuntimeError("a Stacking's result is taken once: its buffers became the stack")
         present = sorted(self.filled)
         if not present:
             raise AggregationError("no client updates to aggregate", rule="empty")
         weights = example_weights([self.filled[slot] for slot in present], weights)
+        self._taken = True
         order = self.aggregator.block_order(len(present))
         blocks = [(present[i], weights[i]) for i in order]
         stacked = {}
