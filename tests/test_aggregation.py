@@ -16,8 +16,7 @@ import torch
 
 from fedlora.aggregation import (AggregationError, ClientUpdate, LoraFactors, available_aggregators,
                                  get_aggregator)
-from fedlora.aggregation.base import slots_of
-from fedlora.aggregation.factored import factored_svd, refactor, stack
+from fedlora.aggregation.factored import factored_svd, refactor
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (8, 10)}
 
@@ -55,6 +54,11 @@ def to_updates(clients: list[Client], tensors: list[dict] | None = None) -> list
     return [ClientUpdate({module: LoraFactors(A=A, B=B, scale=client.scale)
                           for module, (A, B) in raw.items()}, client.num_examples, client.client_id)
             for client, raw in zip(clients, tensors)]
+
+
+def slots_of(updates: list[ClientUpdate]) -> list[tuple[str, dict[str, int]]]:
+    """Accumulator slots for updates at hand: each client's ranks as sent."""
+    return [(u.client_id, {module: factors.rank for module, factors in u.factors.items()}) for u in updates]
 
 
 def reference_weights(clients: list[Client], weights: list[float] | None) -> list[float]:
@@ -141,13 +145,16 @@ def test_flora_shuffle_permutes_blocks_but_not_the_update():
         assert relative_error(shuffled.delta(module), plain.delta(module, torch.float64)) <= 1e-6
 
 
-def test_flora_stacking_equals_concatenating_the_blocks_bit_for_bit():
+@pytest.mark.parametrize("options", [{}, {"shuffle": 5}, {"compress": "exact"}])
+def test_flora_accumulator_filling_slots_equals_aggregate_concatenating_bit_for_bit(options):
     updates = to_updates(HETEROGENEOUS)
-    result = get_aggregator("flora").aggregate(updates)
-    concatenated = stack(updates, [u.num_examples / sum(v.num_examples for v in updates) for u in updates])
+    stacking = get_aggregator("flora", **options).accumulator(slots_of(updates))
+    for update in updates:
+        stacking.add(update)
+    result, expected = stacking.result(), get_aggregator("flora", **options).aggregate(updates)
     for module in SHAPES:
-        assert torch.equal(result.factors[module].A, concatenated[module].A)
-        assert torch.equal(result.factors[module].B, concatenated[module].B)
+        assert torch.equal(result.factors[module].A, expected.factors[module].A)
+        assert torch.equal(result.factors[module].B, expected.factors[module].B)
 
 
 def test_flora_copies_each_added_update_into_the_stack_and_keeps_no_reference_to_it():

@@ -217,12 +217,6 @@ class Aggregator(ABC):
 Slot = tuple[str, dict[str, int]]
 
 
-def slots_of(updates: Sequence[ClientUpdate]) -> list[Slot]:
-    """The slots of updates already at hand: each client's ranks as sent."""
-    return [(update.client_id, {module: factors.rank for module, factors in update.factors.items()})
-            for update in updates]
-
-
 class Accumulator:
     """One round's updates, added one at a time as clients deliver them.
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.base import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, \
-    LoraFactors, Slot, check_factors, check_modules_and_shapes, check_num_examples, example_weights, slots_of
-from fedlora.aggregation.factored import max_rank, refactor_all
+    LoraFactors, Slot, check_factors, check_modules_and_shapes, check_num_examples, check_updates, example_weights
+from fedlora.aggregation.factored import max_rank, refactor_all, stack
 
 COMPRESS_MODES = ("none", "exact")
 
@@ -38,10 +38,13 @@ class FLoRA(Aggregator):
 
     def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                   server_round: int | None = None) -> GlobalUpdate:
-        stacking = self.accumulator(slots_of(updates))
-        for update in updates:
-            stacking.add(update)
-        return stacking.result(weights, server_round=server_round)
+        # All updates at hand: one concatenation is fastest (copying blocks into a preallocated
+        # stack, as the accumulator must, writes B's columns strided: ~1.6x slower). A test
+        # holds both bit-identical.
+        check_updates(updates)
+        weights = example_weights(updates, weights)
+        order = self.block_order(len(updates))
+        return self.broadcast(stack([updates[i] for i in order], [weights[i] for i in order]))
 
     def accumulator(self, slots: Sequence[Slot]) -> Stacking:
         return Stacking(self, slots)
