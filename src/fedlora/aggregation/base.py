@@ -122,10 +122,15 @@ def check_updates(updates: list[ClientUpdate]) -> None:
     reference = updates[0]
     reference_shapes = {module: factors.shape for module, factors in reference.factors.items()}
     for update in updates:
-        check_num_examples(update)
-        for module, factors in update.factors.items():
-            check_factors(factors, client_id=update.client_id, module=module)
-        check_modules_and_shapes(update, reference_shapes, f"client {reference.client_id!r}")
+        check_update(update, reference_shapes, f"client {reference.client_id!r}")
+
+
+def check_update(update: ClientUpdate, shapes: dict[str, tuple[int, int]], source: str) -> None:
+    """One update's example count, factors, module set and shapes (those of ``source``)."""
+    check_num_examples(update)
+    for module, factors in update.factors.items():
+        check_factors(factors, client_id=update.client_id, module=module)
+    check_modules_and_shapes(update, shapes, source)
 
 
 def check_modules_and_shapes(update: ClientUpdate, shapes: dict[str, tuple[int, int]], source: str) -> None:

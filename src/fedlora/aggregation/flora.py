@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.base import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, \
-    LoraFactors, Slot, check_factors, check_modules_and_shapes, check_num_examples, check_updates, example_weights
+    LoraFactors, Slot, check_update, check_updates, example_weights
 from fedlora.aggregation.factored import max_rank, refactor_all, stack
 
 COMPRESS_MODES = ("none", "exact")
@@ -85,13 +85,10 @@ class Stacking(Accumulator):
         self._taken = False
 
     def add(self, update: ClientUpdate) -> None:
-        check_num_examples(update)
-        for module, factors in update.factors.items():
-            check_factors(factors, client_id=update.client_id, module=module)
         if self._reference is None:
             self._reference = update.client_id, {module: factors.shape for module, factors in update.factors.items()}
         first, shapes = self._reference
-        check_modules_and_shapes(update, shapes, f"client {first!r}")
+        check_update(update, shapes, f"client {first!r}")
         slot = self.free_slot(update)
         ranks = self.slots[slot][1]
         for module, factors in update.factors.items():

@@ -94,6 +94,10 @@ class RunConfig:
     def alpha_for(self, rank: int) -> float:
         return self.alpha if self.alpha is not None else self.alpha_ratio * rank
 
+    def scale_for(self, rank: int) -> float:
+        """The LoRA scale s = α/r (α/√r with rsLoRA) of a client of ``rank``."""
+        return self.alpha_for(rank) / (math.sqrt(rank) if self.use_rslora else rank)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -121,8 +121,7 @@ class Federation:
         # A factor frozen from the first round on (FFA-LoRA, RoLoRA) must be the same for every
         # client, so the server draws it and can then check that each client sent it back intact.
         rank = self.ranks[client_id]
-        scale = self.config.alpha_for(rank) / (math.sqrt(rank) if self.config.use_rslora else rank)
-        empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), scale)
+        empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), self.config.scale_for(rank))
                  for module, (d, n) in self.shapes.items()}
         return fit_ranks(empty, rank)
 
@@ -156,7 +155,7 @@ class Federation:
                                    rule="unexpected")
         validate_update(update, self.shapes, max_norm=self.config.max_update_norm,
                         max_examples=self.config.max_examples)
-        expected_scale = task.alpha / (math.sqrt(task.rank) if self.config.use_rslora else task.rank)
+        expected_scale = self.config.scale_for(task.rank)
         for module, factors in update.factors.items():
             if not math.isclose(factors.scale, expected_scale, rel_tol=1e-6):
                 raise AggregationError(f"scale {factors.scale:g} differs from the assigned α/r = {expected_scale:g}",
@@ -183,7 +182,6 @@ class Federation:
             [(cid, dict.fromkeys(self.shapes, task.rank)) for cid, task in tasks.items()])
         rejected: list[dict] = []
         accepted: list[Contribution] = []
-        replied: set[str] = set()
         server_seconds = 0.0
 
         def reject(error: AggregationError) -> None:
@@ -194,10 +192,9 @@ class Federation:
         for result in results:
             started = time.perf_counter()
             cid = result.update.client_id
-            task = tasks.get(cid) if cid not in replied else None  # a second reply is unexpected
+            task = tasks.pop(cid, None)  # None for a client not asked, or asked and already answered
             try:
                 if task is not None:
-                    replied.add(cid)
                     self._account(server_round, task, result)
                 self._check(result, task)
                 accumulator.add(result.update)
