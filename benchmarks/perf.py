@@ -45,10 +45,13 @@ SERVER_RUN = {"model": "smollm2-135m", "data": str(DOLLY), "method": "flora",
 SERVER_GOAL = 0.05
 
 # (c) memory against the number of clients
-MEMORY_CLIENTS = (1, 10, 50, 100)
+MEMORY_CLIENTS = (1, 10, 50, 100)  # each divides MEMORY_STEPS_PER_ROUND
 MEMORY_RECORDS = 800  # one pool of Dolly records split among the K clients: the data stays fixed as K grows
+# Training steps per round, split evenly among the K clients: the training work stays fixed as K
+# grows too, so the K=1 baseline has warmed the same allocator pools and caches as K=100 has.
+MEMORY_STEPS_PER_ROUND = 100
 MEMORY_RUN = {"model": "tiny-llama", "method": "flora", "ranks": [8], "rounds": 2, "fraction": 1.0,
-              "local_steps": 1, "batch_size": 2, "max_length": 64, "seed": 0}
+              "batch_size": 2, "max_length": 64, "seed": 0}
 MEMORY_REPEATS = 3  # each K, interleaved: K=1, 10, 50, 100, K=1, 10, …
 MODEL_COPIES_ALLOWED = 2
 
@@ -162,7 +165,9 @@ def part_memory(data: str) -> dict:
     from fedlora.runtime.inprocess import run_inprocess
 
     with tempfile.TemporaryDirectory(prefix="fedlora-perf-") as folder:
-        setup = prepare({**MEMORY_RUN, "data": data}, Path(folder) / "run")
+        clients = len(list(Path(data).glob("local_training_*.json")))
+        setup = prepare({**MEMORY_RUN, "local_steps": MEMORY_STEPS_PER_ROUND // clients, "data": data},
+                        Path(folder) / "run")
         # Tokenise all records once: the tokenizer's word cache (bounded) grows with the distinct
         # text seen, and K clients see K times the records one client does in the same steps.
         for examples in setup.client_examples.values():
@@ -306,9 +311,13 @@ def memory_section(results: dict[int, list[dict]], model_bytes: int) -> tuple[li
         "## (c) Peak RSS against the number of clients", "",
         f"{run['model']} ({model_mb:.2f} MB of float32 parameters), FLoRA rank {run['ranks'][0]} "
         f"({adapter_kb:.1f} KB adapter per client), every client sampled every round (fraction "
-        f"{run['fraction']}), {run['rounds']} rounds × {run['local_steps']} step, batch {run['batch_size']}, "
+        f"{run['fraction']}), {run['rounds']} rounds of {MEMORY_STEPS_PER_ROUND} training steps split evenly "
+        f"among the K clients (K=1: one client, {MEMORY_STEPS_PER_ROUND} local steps; K={max(MEMORY_CLIENTS)}: "
+        f"{MEMORY_STEPS_PER_ROUND // max(MEMORY_CLIENTS)} step each), batch {run['batch_size']}, "
         f"max_length {run['max_length']}; the same {MEMORY_RECORDS} Dolly records split into K equal client "
-        f"files, so the data does not grow with K. One subprocess per measurement, {MEMORY_REPEATS} repeats "
+        "files. Data and training work are the same for every K, so only the number of clients grows (with "
+        "one step per client at every K, the K=1 baseline would also skip the warm-up that many steps give "
+        f"the allocator pools and Python free lists). One subprocess per measurement, {MEMORY_REPEATS} repeats "
         "per K; peak RSS is its `ru_maxrss` (min / median / max), RSS after setup its VmRSS once the model "
         "and the clients' records are loaded and every record has been tokenised once (the tokenizer's "
         "bounded word cache grows with the distinct text seen, and K clients see K times the records one "
@@ -320,8 +329,8 @@ def memory_section(results: dict[int, list[dict]], model_bytes: int) -> tuple[li
                          "global adapter MB", "growth ÷ model", "growth ÷ (K × adapter)", "allowed MB", "check"],
                         rows), "",
         f"From K=1 to K={large}, each client adds {slope_kb:.0f} KB to the peak: {slope_kb / adapter_kb:.1f} adapter "
-        f"sizes (its block of the stack and the tensor objects around it), {slope_kb / 1024 / model_mb:.2f} "
-        "model sizes.", ""]
+        f"sizes (its block of the stack, plus its bookkeeping and allocator slack), "
+        f"{slope_kb / 1024 / model_mb:.2f} model sizes.", ""]
     return lines, summary
 
 

@@ -10,8 +10,9 @@ and a RoLoRA scaling study: the pooled Dolly records re-split by Dirichlet over 
 3, 10 and 20 clients, rank 4, methods rolora, fedit, ffa, every client in every round.
 
 Budgets: the default fits about an hour on 2 CPU cores; ``--short`` about half an hour;
-``--quick`` smoke-tests the script in a few minutes; ``--scale`` holds the paper's settings for a GPU machine (TinyLlama-1.1B-Chat,
-3 rounds × 1 local epoch on all data, batch 16, max_length 512, the whole test set and MMLU).
+``--quick`` smoke-tests the script in a few minutes; ``--scale`` holds the paper's settings for a
+GPU machine (TinyLlama-1.1B-Chat, 3 rounds × 1 local epoch on all data, batch 16, max_length 512,
+the whole test set and MMLU).
 Before training, one step and one evaluation are timed and the total time predicted.
 
 Run from the repository root: ``make bench-quality``. Writes benchmarks/results/quality.md and
