@@ -56,6 +56,12 @@ class FakeTrainer:
     def apply_base_update(self, update: GlobalUpdate) -> None:
         merge_into(self.weights, update)
 
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        return {f"weight/{module}": weight for module, weight in self.weights.items()}
+
+    def load_replica_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.weights = {key.removeprefix("weight/"): weight.clone() for key, weight in tensors.items()}
+
     def train(self, task: ClientTask, examples) -> ClientResult:
         generator = torch.Generator().manual_seed(task.data_seed)
         factors = {}

@@ -12,7 +12,9 @@ from fedlora.aggregation import ClientUpdate, GlobalUpdate
 from fedlora.data import TokenizedExample, collate
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.eval.loss import model_device
+from fedlora.engine.checkpoint import with_prefix
 from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
+from fedlora.lora.merge import base_weight
 
 StepCallback = Callable[[int, float], None]
 
@@ -46,6 +48,7 @@ class LocalTrainer:
         self.weight_decay = weight_decay
         self.use_rslora = use_rslora
         self.carry: dict[str, torch.Tensor] = {}
+        self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
 
     @classmethod
     def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
@@ -57,6 +60,23 @@ class LocalTrainer:
         """Merge a logged global update into this replica's base weights (a Flower client
         catching up); the same call the server made, so the replica stays bit-identical."""
         self.carry = merge_update(self.model, update, self.carry)
+        self.merged_modules.update(update.residual)
+        if update.merge:
+            self.merged_modules.update(update.factors)
+
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        """What merges changed: with the pristine model this is the replica (a Flower node's snapshot)."""
+        return {**{f"weight/{name}": base_weight(self.model, name).detach() for name in self.merged_modules},
+                **{f"carry/{name}": carry for name, carry in self.carry.items()}}
+
+    def load_replica_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`replica_state` onto the pristine model, bit for bit."""
+        weights = with_prefix("weight/", tensors)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                base_weight(self.model, name).copy_(weight)
+        self.carry = with_prefix("carry/", tensors)
+        self.merged_modules = set(weights)
 
     def train(self, task: ClientTask, examples: Sequence[TokenizedExample],
               on_step: StepCallback | None = None) -> ClientResult:

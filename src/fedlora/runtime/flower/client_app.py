@@ -6,6 +6,10 @@ update the server sends is written to the node's state dir (one safetensors file
 and a train message rebuilds the replica by loading the pristine base model and replaying the
 log in order through ``trainer.apply_base_update`` – the calls the server made on its own
 model – so weights and merge carry are bit-identical to the server's at that round.
+
+After a replay the replayed rounds are folded into one snapshot (the weights merges changed and
+the carry, as they are) and their files deleted, so a node's disk and its replay per message
+stay bounded by one copy of the adapted weights instead of growing with every round.
 """
 
 from __future__ import annotations
@@ -16,15 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedlora.aggregation import GlobalUpdate
 from fedlora.engine.checkpoint import factors_to_tensors, tensors_to_factors, unshared
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.files import atomic_write_text
+from fedlora.files import atomic_write_text, fsync_path
 from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, NodeSettings, \
     decode_task, encode_node_state, encode_result, get_catchup, resolve_factory
 
@@ -34,6 +39,10 @@ class ReplicaTrainer(Protocol):
 
     def apply_base_update(self, update: GlobalUpdate) -> None: ...
 
+    def replica_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_replica_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
     def train(self, task: ClientTask, examples: Sequence) -> ClientResult: ...
 
 
@@ -41,8 +50,12 @@ class ReplicaTrainer(Protocol):
 ClientFactory = Callable[[AppSettings, int, str], tuple[ReplicaTrainer, Sequence]]
 
 
+SNAPSHOT_FILE = "snapshot.safetensors"
+
+
 class ReplicaLog:
-    """A replica as the ordered base updates merged into the pristine base model."""
+    """A replica as the ordered base updates merged into the pristine base model: a snapshot
+    of the rounds already folded together, then one file per later round."""
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
@@ -86,10 +99,39 @@ class ReplicaLog:
         return GlobalUpdate(factors=tensors_to_factors("factors/", tensors), merge=merge,
                             residual=tensors_to_factors("residual/", tensors))
 
+    def snapshot_round(self) -> int:
+        """The last round folded into the snapshot (0: none)."""
+        path = self.directory / SNAPSHOT_FILE
+        if not path.is_file():
+            return 0
+        with safe_open(path, framework="pt") as file:
+            return int(file.metadata()["through"])
+
     def replay(self, trainer: ReplicaTrainer) -> None:
-        """Merge every logged update into ``trainer``'s pristine model, oldest first."""
-        for server_round in self.rounds():
+        """Rebuild the replica on ``trainer``'s pristine model: the snapshot, then every later
+        round oldest first; then fold those rounds into a new snapshot and delete their files."""
+        folded = self.snapshot_round()
+        if folded:
+            trainer.load_replica_state(load_file(self.directory / SNAPSHOT_FILE))
+        replayed = [server_round for server_round in self.rounds() if server_round > folded]
+        for server_round in replayed:
             trainer.apply_base_update(self.load(server_round))
+        if replayed:
+            folded = replayed[-1]
+            self._write_snapshot(trainer, folded)
+        # Snapshot first, files after: a crash in between leaves files the snapshot already
+        # holds, which are skipped above and deleted here next time.
+        for server_round in self.rounds():
+            if server_round <= folded:
+                (self.directory / f"round-{server_round:06d}.safetensors").unlink()
+
+    def _write_snapshot(self, trainer: ReplicaTrainer, through: int) -> None:
+        path = self.directory / SNAPSHOT_FILE
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(unshared(trainer.replica_state()), tmp, metadata={"through": str(through)})
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(self.directory)
 
 
 def node_replica(context: Context) -> tuple[NodeSettings, ReplicaLog]:
