@@ -11,7 +11,10 @@ import torch
 
 from fedlora.aggregation import available_aggregators
 from fedlora.engine.config import RunConfig, build_config, save_config
+from fedlora.engine.restore import export_merged, restore_global_model
 from fedlora.engine.setup import prepare_run
+from fedlora.lora.merge import base_weight
+from fedlora.models import load_model
 from fedlora.report import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
 
@@ -154,7 +157,7 @@ def test_checkpoint_copies_only_tensors_that_share_storage(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_runs_one_round_of_two_steps(tmp_path):
+def test_smollm2_runs_one_round_of_two_steps_and_exports_a_plain_model(tmp_path):
     from conftest import DOLLY, require_shared_data
 
     require_shared_data()
@@ -163,6 +166,15 @@ def test_smollm2_runs_one_round_of_two_steps(tmp_path):
     assert [row["round"] for row in rows] == [0, 1]
     assert 0.5 < rows[0]["eval_loss"] < 5, "a pretrained model has a moderate loss"
     assert torch.isfinite(torch.tensor(rows[1]["eval_loss"]))
+
+    # Loaded from GGUF, the model must still save as a plain one (transformers refuses to save
+    # a model that keeps its GGUF quantizer attached), and load back as the trained model.
+    restored = restore_global_model(tmp_path / "smol")
+    export_merged(restored, tmp_path / "merged")
+    exported, _ = load_model(str(tmp_path / "merged"), device="cpu")
+    assert getattr(exported.config, "quantization_config", None) is None
+    for name, weight in restored.global_model.adapted_weights().items():
+        assert torch.equal(base_weight(exported, name), weight), name
 
 
 @pytest.mark.parametrize("method", ["zeropad", "flexlora"])

@@ -17,6 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -150,12 +151,20 @@ def _loading_kwargs(gguf_file: str | None, trust_remote_code: bool) -> dict:
 def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtype,
                      trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = _loading_kwargs(gguf_file, trust_remote_code)
+    # Merging needs plain float weights: dequantise every GGUF tensor even where transformers
+    # could keep them packed (with the `kernels` package installed).
+    model_kwargs = {"quantization_config": GgufConfig(dequantize=True)} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as error:  # missing repo, file or network: one line naming the source
         where = f"{source} ({gguf_file})" if gguf_file else source
         raise ModelError(f"cannot load model {where}: {error}") from error
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "dequantize", False):
+        # The weights are plain tensors now, but transformers leaves the GGUF quantizer attached,
+        # and save_pretrained refuses any model with one (so `fedlora export --merged` would).
+        quantizer.remove_quantization_config(model)
     return model, tokenizer
 
 
