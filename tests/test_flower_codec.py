@@ -144,7 +144,8 @@ def test_settings_round_trip_through_run_and_node_config():
     settings = AppSettings(run_dir="/runs/a b", federation_factory="pkg.mod:build",
                            client_factory="pkg.mod:client", round_timeout=12.5, connect_timeout=30.0)
     assert AppSettings.from_run_config(settings.to_run_config()) == settings
-    node = NodeSettings(partition_id=3, data='/data/with "quotes" and spaces', state_dir="/state/3")
+    node = NodeSettings(partition_id=3, data='/data/with "quotes" and spaces', state_dir="/state/3",
+                        model_cache="/cache/models")
     assert NodeSettings.from_node_config(parse_config_args([node.to_node_config()])) == node
     with pytest.raises(CodecError, match="partition-id"):
         NodeSettings.from_node_config({"data": "x"})

@@ -23,7 +23,7 @@ from fedlora.engine.federation import ClientFailure
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
-from fedlora.runtime.flower.codec import AppSettings
+from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
 from test_flower_codec import over_the_wire
 
@@ -140,8 +140,8 @@ def build_federation(run_dir: Path) -> FakeFederation:
     return FakeFederation(run_dir, **json.loads((Path(run_dir) / PARAMS_FILE).read_text()))
 
 
-def build_client(settings: AppSettings, partition_id: int, data: str) -> tuple[FakeTrainer, list[int]]:
-    return FakeTrainer(), list(range(10 + 5 * partition_id))
+def build_client(settings: AppSettings, node: NodeSettings) -> tuple[FakeTrainer, list[int]]:
+    return FakeTrainer(), list(range(10 + 5 * node.partition_id))
 
 
 def in_process_weights(tmp_path: Path, params: dict) -> dict[str, torch.Tensor]:

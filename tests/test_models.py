@@ -76,3 +76,21 @@ def test_smollm2_is_the_real_pretrained_model():
         loss = model(**batch, labels=batch["input_ids"]).loss.item()
     # A random model would sit near log(49152) ≈ 10.8 nats; a trained one far below.
     assert 0 < loss < 5
+
+
+@pytest.mark.slow
+def test_a_gguf_model_dequantised_once_into_the_cache_loads_back_bit_exact(tmp_path):
+    direct, direct_tokenizer = load_model("smollm2-135m", device="cpu")
+    written, _ = load_model("smollm2-135m", device="cpu", gguf_cache=tmp_path)  # dequantises and writes
+    (copy,) = tmp_path.iterdir()
+    assert copy.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (copy / "model.safetensors").is_file()
+    cached, cached_tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=tmp_path)
+    assert list(tmp_path.iterdir()) == [copy]  # read, not written again
+    expected = direct.state_dict()
+    for model in (written, cached):
+        assert model.state_dict().keys() == expected.keys()
+        assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())
+    text = "### Instruction:\nName three primes.\n\n### Response:\n2, 3 and 5 — ça va."
+    assert cached_tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
+    assert (cached_tokenizer.pad_token_id, cached_tokenizer.eos_token_id) == \
+        (direct_tokenizer.pad_token_id, direct_tokenizer.eos_token_id)

@@ -7,10 +7,14 @@ small randomly initialised Llama with a byte-level tokenizer, built in code for 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
@@ -39,14 +43,15 @@ class ModelError(ValueError):
 
 
 def load_model(name: str, *, gguf_file: str | None = None, device: str | None = None,
-               dtype: str | None = None, seed: int = 0,
-               trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               dtype: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+               gguf_cache: Path | str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, on ``device`` in ``dtype``, in eval mode.
 
     ``name`` is ``smollm2-135m``, ``tiny-llama`` (seeded by ``seed``), a Hugging Face model id,
     a local directory (optionally with ``gguf_file`` inside it) or a path to a ``.gguf`` file.
     ``device`` defaults to cuda when available; ``dtype`` to float32 on cpu and bfloat16 (or
-    float16 where bfloat16 is unsupported) on cuda.
+    float16 where bfloat16 is unsupported) on cuda. With ``gguf_cache``, a local GGUF model is
+    dequantised once into that folder and loaded from there afterwards (same weights, bit for bit).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
@@ -57,6 +62,9 @@ def load_model(name: str, *, gguf_file: str | None = None, device: str | None = 
             source, gguf_file = _smollm2_dir(), SMOLLM2_GGUF
         else:
             source, gguf_file = _resolve_source(name, gguf_file)
+        if gguf_file and gguf_cache is not None and Path(source).is_dir():
+            source, gguf_file = _dequantised_copy(Path(source) / gguf_file, Path(gguf_cache), torch_dtype,
+                                                  trust_remote_code), None
         model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -166,6 +174,32 @@ def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtyp
         # and save_pretrained refuses any model with one (so `fedlora export --merged` would).
         quantizer.remove_quantization_config(model)
     return model, tokenizer
+
+
+def _dequantised_copy(gguf_path: Path, cache: Path, torch_dtype: torch.dtype, trust_remote_code: bool) -> str:
+    """The folder in ``cache`` holding ``gguf_path`` dequantised to ``torch_dtype``, written on first use.
+
+    Dequantising SmolLM2's GGUF and building its tokenizer takes about 16 s here; loading the
+    saved copy well under one, which matters to a Flower node that loads the model for every
+    message. The key covers the file's path, size and mtime, the dtype and the transformers
+    version, so a changed file or loader never reuses a stale copy.
+    """
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    identity = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{torch_dtype}|{transformers.__version__}"
+    folder = cache / f"{gguf_path.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    if folder.is_dir():
+        return str(folder)
+    model, tokenizer = _from_pretrained(str(gguf_path.parent), gguf_path.name, torch_dtype, trust_remote_code)
+    tmp = cache / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)  # atomic: readers see no folder or a complete one
+    except OSError:  # another process (a node on the same machine) renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
 
 
 def _tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:

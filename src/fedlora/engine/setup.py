@@ -76,9 +76,9 @@ def check_model_fits(config: RunConfig) -> list[str]:
     return list(shapes)
 
 
-def load_run_model(config: RunConfig):
+def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = None):
     return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
-                      seed=config.seed, trust_remote_code=config.trust_remote_code)
+                      seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache)
 
 
 def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base_log: bool = False,

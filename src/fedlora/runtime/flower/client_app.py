@@ -46,8 +46,8 @@ class ReplicaTrainer(Protocol):
     def train(self, task: ClientTask, examples: Sequence) -> ClientResult: ...
 
 
-#: ``client_factory(settings, partition_id, data)`` → (trainer on the pristine base model, examples)
-ClientFactory = Callable[[AppSettings, int, str], tuple[ReplicaTrainer, Sequence]]
+#: ``client_factory(settings, node)`` → (trainer on the pristine base model, the node's examples)
+ClientFactory = Callable[[AppSettings, NodeSettings], tuple[ReplicaTrainer, Sequence]]
 
 
 SNAPSHOT_FILE = "snapshot.safetensors"
@@ -166,7 +166,7 @@ def train(message: Message, context: Context) -> Message:
     replica.record(get_catchup(message.content))
     settings = AppSettings.from_run_config(context.run_config)
     factory: ClientFactory = resolve_factory(settings.client_factory)
-    trainer, examples = factory(settings, node.partition_id, node.data)
+    trainer, examples = factory(settings, node)
     replica.replay(trainer)
     result = trainer.train(task, examples)
     return Message(encode_result(result, replica_round=replica.through), reply_to=message)

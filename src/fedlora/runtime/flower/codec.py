@@ -263,7 +263,7 @@ class AppSettings:
     """The Flower app's run config (``[tool.flwr.app.config]``), shared by both apps.
 
     ``federation_factory(run_dir)`` builds the server's Federation (the run folder is on the
-    server's machine); ``client_factory(settings, partition_id, data)`` builds
+    server's machine); ``client_factory(settings, node)`` (node: :class:`NodeSettings`) builds
     ``(trainer, examples)`` on a node, which may be another machine: what it needs to know of
     the run travels in ``run_config`` (the run's configuration as JSON).
     """
@@ -301,11 +301,14 @@ class NodeSettings:
     data: str = ""
     #: the replica's base-update log lives in ``state_dir/run-<run id>``
     state_dir: str = ""
+    #: where a GGUF model is kept dequantised between messages; empty: dequantise for every one
+    model_cache: str = ""
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument: space-separated ``key=<TOML value>`` pairs."""
         return (f"partition-id={self.partition_id} data={_quoted(self.data, 'data')} "
-                f"state-dir={_quoted(self.state_dir, 'state-dir')}")
+                f"state-dir={_quoted(self.state_dir, 'state-dir')} "
+                f"model-cache={_quoted(self.model_cache, 'model-cache')}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -313,7 +316,8 @@ class NodeSettings:
         flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
         state_dir = str(node_config.get("state-dir") or
                         flwr_home / "fedlora" / f"partition-{partition_id}")
-        return cls(partition_id, str(node_config.get("data", "")), state_dir)
+        return cls(partition_id, str(node_config.get("data", "")), state_dir,
+                   str(node_config.get("model-cache", "")))
 
 
 def _quoted(value: str, key: str) -> str:

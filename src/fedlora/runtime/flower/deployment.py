@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -171,9 +172,10 @@ class LocalDeployment:
         node_configs = list(node_configs or [NodeSettings(i) for i in range(num_nodes)])
         if len(node_configs) != num_nodes:
             raise ValueError(f"{len(node_configs)} node configs given for {num_nodes} SuperNodes")
+        # One model cache for all: the nodes share this machine, so one dequantised copy serves all.
         self.node_configs = [
-            node if node.state_dir else NodeSettings(node.partition_id, node.data,
-                                                     str(self.run_dir / "nodes" / str(i)))
+            replace(node, state_dir=node.state_dir or str(self.run_dir / "nodes" / str(i)),
+                    model_cache=node.model_cache or str(self.run_dir / "model-cache"))
             for i, node in enumerate(node_configs)]
         self.marker = uuid.uuid4().hex
         self.env = {**(env or {}), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

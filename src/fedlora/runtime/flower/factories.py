@@ -16,7 +16,7 @@ from fedlora.engine.config import build_config, load_saved_config
 from fedlora.engine.federation import Federation
 from fedlora.engine.setup import load_client_records, load_run_model, prepare_run, resolve_data_paths
 from fedlora.eval.loss import pad_token_id
-from fedlora.runtime.flower.codec import AppSettings
+from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 
 CONFIG_FILE = "config.json"
 
@@ -27,20 +27,19 @@ def federation_factory(run_dir: Path) -> Federation:
                        keep_base_log=True).federation
 
 
-def client_factory(settings: AppSettings, partition_id: int,
-                   data: str) -> tuple[LocalTrainer, LazyTokenizedRecords]:
+def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrainer, LazyTokenizedRecords]:
     """A trainer on a pristine base model and this node's examples.
 
-    ``data`` is the node's own records file; empty, the node takes partition ``partition_id``
-    of the run's data exactly as the server splits it.
+    ``node.data`` is the node's own records file; empty, the node takes partition
+    ``node.partition_id`` of the run's data exactly as the server splits it.
     """
     config = resolve_data_paths(build_config(json.loads(settings.run_config), source="Flower run config"),
                                 log=lambda message: None)
-    if data:
-        records = load_records(data)
+    if node.data:
+        records = load_records(node.data)
     else:
         clients = load_client_records(config)
-        records = list(clients.values())[partition_id]
-    model, tokenizer = load_run_model(config)
+        records = list(clients.values())[node.partition_id]
+    model, tokenizer = load_run_model(config, gguf_cache=node.model_cache or None)
     trainer = LocalTrainer.from_config(model, pad_token_id(tokenizer), config)
     return trainer, LazyTokenizedRecords(tokenizer, records, config.max_length)
