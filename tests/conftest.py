@@ -42,3 +42,13 @@ def client_dir(tmp_path: Path) -> Path:
 def require_shared_data() -> None:
     if not DOLLY.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A model cache holding the embedded SmolLM2 dequantised: tests load it in 0.3 s, not 22 s."""
+    from fedlora.models import load_model
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    load_model("smollm2-135m", device="cpu", gguf_cache=cache)
+    return cache

@@ -216,8 +216,8 @@ def test_mmlu_without_questions(tiny):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2-135m")
+def smollm2(smollm2_cache):
+    return load_model("smollm2-135m", gguf_cache=smollm2_cache)
 
 
 @pytest.mark.slow

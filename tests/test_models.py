@@ -66,8 +66,8 @@ def test_adapted_shapes_lists_targets_and_rejects_unmatched():
 
 
 @pytest.mark.slow
-def test_smollm2_is_the_real_pretrained_model():
-    model, tokenizer = load_model("smollm2-135m", device="cpu")
+def test_smollm2_is_the_real_pretrained_model(smollm2_cache):
+    model, tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=smollm2_cache)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert tokenizer.pad_token is not None
     batch = tokenizer("The capital of France is Paris, a city known for its art and food.",
@@ -79,17 +79,16 @@ def test_smollm2_is_the_real_pretrained_model():
 
 
 @pytest.mark.slow
-def test_a_gguf_model_dequantised_once_into_the_cache_loads_back_bit_exact(tmp_path):
-    direct, direct_tokenizer = load_model("smollm2-135m", device="cpu")
-    written, _ = load_model("smollm2-135m", device="cpu", gguf_cache=tmp_path)  # dequantises and writes
-    (copy,) = tmp_path.iterdir()
+def test_a_gguf_model_dequantised_once_into_the_cache_loads_back_bit_exact(smollm2_cache):
+    (copy,) = smollm2_cache.iterdir()  # the fixture's load dequantised and wrote it
     assert copy.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (copy / "model.safetensors").is_file()
-    cached, cached_tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=tmp_path)
-    assert list(tmp_path.iterdir()) == [copy]  # read, not written again
-    expected = direct.state_dict()
-    for model in (written, cached):
-        assert model.state_dict().keys() == expected.keys()
-        assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())
+    written = (copy / "model.safetensors").stat().st_mtime_ns
+    cached, cached_tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=smollm2_cache)
+    assert list(smollm2_cache.iterdir()) == [copy] and (copy / "model.safetensors").stat().st_mtime_ns == written
+    direct, direct_tokenizer = load_model("smollm2-135m", device="cpu")
+    expected, loaded = direct.state_dict(), cached.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in expected.items())
     text = "### Instruction:\nName three primes.\n\n### Response:\n2, 3 and 5 — ça va."
     assert cached_tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
     assert (cached_tokenizer.pad_token_id, cached_tokenizer.eos_token_id) == \
