@@ -10,9 +10,9 @@ from torch import nn
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate
 from fedlora.data import TokenizedExample, collate
+from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.eval.loss import model_device
-from fedlora.engine.checkpoint import with_prefix
 from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
 from fedlora.lora.merge import base_weight
 
