@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedlora.aggregation import LoraFactors
@@ -9,7 +10,7 @@ from fedlora.aggregation import LoraFactors
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
 
-def factor_params(factors: dict[str, LoraFactors] | None, names: frozenset[str] = frozenset("AB")) -> int:
+def factor_params(factors: Mapping[str, LoraFactors] | None, names: frozenset[str] = frozenset("AB")) -> int:
     """Parameters in the named factors (A and/or B) of every module."""
     if not factors:
         return 0

@@ -22,6 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.engine.ledger import BYTES_PER_PARAM, factor_params
 from fedlora.engine.task import ClientResult, ClientTask
 
 #: (round, what that round merged into the base weights), oldest first
@@ -118,7 +119,7 @@ def get_factors(content: RecordDict, key: str) -> dict[str, LoraFactors] | None:
 
 def factor_bytes(factors: Mapping[str, LoraFactors]) -> int:
     """Payload size of ``factors`` as fp32, the unit the ledger counts in both runtimes."""
-    return sum(4 * f.numel() for f in factors.values())
+    return factor_params(factors) * BYTES_PER_PARAM
 
 
 def wire_bytes(content: RecordDict) -> int:
