@@ -270,6 +270,14 @@ def test_partial_participation_matches_in_process_and_every_replica_ends_equal(t
         assert_identical(replica_weights(tmp_path / f"node-{i}"), federation.weights)
     # catch-up bytes are counted where a client had missed merges
     assert sum(t["catchup_bytes"] for t in report["transfers"].values()) > 0
+    # the final sync sends each client every merge from the round it last trained in onwards
+    update_bytes = {r: 4 * sum(f.A.numel() + f.B.numel() for f in (*u.factors.values(), *u.residual.values()))
+                    for r, u in federation.base_updates_since(0)}
+    last_trained = {cid: max((row["round"] for row in federation.rows if cid in row["clients"]), default=1)
+                    for cid in report["replica_round"]}
+    assert report["sync_transfer"]["catchup_bytes"] == sum(
+        update_bytes[r] for last in last_trained.values() for r in update_bytes if r >= last) > 0
+    assert report["sync_transfer"]["bytes_down"] > report["sync_transfer"]["catchup_bytes"]
 
 
 def test_a_dead_node_is_a_recorded_failure_and_the_round_needs_min_clients(tmp_path, server_identity):

@@ -61,6 +61,9 @@ class FedLoraStrategy(Strategy):
         self.replica_round = {cid: 0 for cid in self.client_ids}
         #: per round: bytes Flower carried each way and the catch-up payload (fp32) within them
         self.transfers: dict[int, dict[str, int]] = {}
+        #: the same for the final sync (replies carry no arrays), a Flower-only step the run's
+        #: ledger does not count, so both runtimes' ledgers stay equal
+        self.sync_transfer = {"bytes_down": 0, "catchup_bytes": 0}
         #: clients whose replica could not be brought up to date by the final sync
         self.sync_failures: list[ClientFailure] = []
         self._asked: set[int] = set()
@@ -83,8 +86,10 @@ class FedLoraStrategy(Strategy):
         return self.report()
 
     def report(self) -> dict:
-        """What the transport saw: traffic per round, replica rounds, failed syncs, node map."""
+        """What the transport saw: traffic per round and in the final sync, replica rounds,
+        failed syncs, node map."""
         return {"transfers": {str(r): t for r, t in self.transfers.items()},
+                "sync_transfer": dict(self.sync_transfer),
                 "replica_round": dict(self.replica_round),
                 "sync_failures": [asdict(f) for f in self.sync_failures],
                 "nodes": {cid: node for node, cid in self.nodes.items()}}
@@ -223,9 +228,12 @@ class FedLoraStrategy(Strategy):
         messages = []
         for node, client in self.nodes.items():
             content = RecordDict()
-            put_catchup(content, self._catchup(client, last_round))
+            catchup = self._catchup(client, last_round)
+            put_catchup(content, catchup)
             message = Message(content, dst_node_id=node, message_type=SYNC, ttl=self.round_timeout)
             self._open[message.object_id] = client
+            self.sync_transfer["bytes_down"] += wire_bytes(content)
+            self.sync_transfer["catchup_bytes"] += catchup.payload_bytes()
             messages.append(message)
         for client, reply in self._match(exchange(grid, messages, self.round_timeout)):
             try:
