@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fedlora import cli
-from fedlora.aggregation import available_aggregators
+from fedlora.aggregation import aggregator_class, available_aggregators
 from fedlora.engine.config import ConfigError, RunConfig, build_config
 
 runner = CliRunner()
@@ -41,6 +41,25 @@ def test_methods_lists_every_aggregator_and_baseline():
     assert result.exit_code == 0
     for name in available_aggregators() + ["centralized", "local"]:
         assert name in result.output
+    # each method's summary line whole: FLoRA's "B = [p_1 s_1 B_1 | …]" is not taken for markup
+    output = " ".join(result.output.split())
+    for name in available_aggregators():
+        summary = " ".join(aggregator_class(name).__doc__.strip().splitlines()[0].split())
+        assert summary in output, name
+
+
+def test_output_that_is_not_a_terminal_gets_the_whole_table(monkeypatch):
+    from fedlora.report import console_table
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = cli.make_console()  # pytest captures stdout: not a terminal
+    row = {"round": 3, "method": "flexlora", "eval_loss": 2.4467, "perplexity": 11.55, "mmlu_acc": 0.2,
+           "train_loss": 2.3722, "bytes_up": 2_768_240, "bytes_down": 1_439_642_828, "seconds": 1031.0}
+    with console.capture() as captured:
+        console.print(console_table([row]))
+    assert "…" not in captured.get() and "flexlora" in captured.get() and "1.34 GiB" in captured.get()
+    monkeypatch.setenv("COLUMNS", "60")
+    assert cli.make_console().width == 60
 
 
 @pytest.mark.parametrize("toml, expected", [
@@ -89,8 +108,9 @@ def test_bad_data_file_names_file_record_and_field(client_dir, tmp_path, no_mode
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, no_model_loading):
-    message = one_line_error(invoke("run", *TINY, "--data", tmp_path / "nowhere.json", "--out", tmp_path / "run"))
-    assert "nowhere.json" in message
+    missing = tmp_path / "[site a]" / "nowhere.json"  # brackets: rich must not read them as markup
+    message = one_line_error(invoke("run", *TINY, "--data", missing, "--out", tmp_path / "run"))
+    assert str(missing) in message
 
 
 def test_run_writes_every_output_then_export_eval_and_report(client_dir, tmp_path):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedlora.aggregation import AggregationError, available_aggregators
 from fedlora.data import DataError
@@ -18,7 +20,19 @@ from fedlora.models import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated LoRA fine-tuning of LLMs with exact aggregation.")
-console = Console()
+
+
+def make_console() -> Console:
+    """The CLI's console. Output piped to a file or `tee` has no width, and rich would assume
+    80 columns and cut the metrics table's cells; it gets room for the whole table unless
+    COLUMNS says otherwise."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=120)
+    return console
+
+
+console = make_console()
 # PEFT calls a transformers property that transformers 5 deprecates; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 #: mistakes a user can make: printed as one line, never a traceback
@@ -29,7 +43,7 @@ Opt = typer.Option
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -152,7 +166,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
                   f"({comm['up_vs_full_finetuning']:.4f} of full fine-tuning), down "
                   f"{format_bytes(comm['bytes_down'])} ({comm['down_vs_full_finetuning']:.4f}) "
                   f"over {comm['participations']} client-rounds")
-    console.print(f"outputs in {run_dir}/: metrics.jsonl summary.json report.md curves.png")
+    console.print(f"outputs in {run_dir}/: metrics.jsonl summary.json report.md curves.png", markup=False)
 
 
 @app.command()
@@ -162,7 +176,7 @@ def methods() -> None:
 
     for name in available_aggregators():
         doc = (aggregator_class(name).__doc__ or "").strip().splitlines()[0]
-        console.print(f"[bold]{name:<12}[/] {doc}")
+        console.print(f"[bold]{name:<12}[/] {escape(doc)}")  # a doc's "[A_1; …]" is not markup
     for name in BASELINES:
         console.print(f"[bold]{name:<12}[/] baseline: "
                       + ("one client holding all data, same total steps" if name == "centralized"
@@ -178,7 +192,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder, or a fold
         _fail(FileNotFoundError(f"{run_dir}: no such folder"))
     written = write_report(run_dir) if (run_dir / METRICS_FILE).exists() else compare_runs(run_dir)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
 
 
 @app.command("eval")
@@ -219,10 +233,10 @@ def export(
         restored = restore_global_model(run_dir)
         if merged is not None:
             export_merged(restored, merged)
-            console.print(f"wrote merged model to {merged}")
+            console.print(f"wrote merged model to {merged}", markup=False)
         else:
             error = export_adapter(restored, adapter, rank)
             console.print(f"wrote rank-{rank} adapter to {adapter}; relative Frobenius error of the "
-                          f"accumulated update: {error:.3e}")
+                          f"accumulated update: {error:.3e}", markup=False)
     except USER_ERRORS as error:
         _fail(error)

@@ -155,7 +155,8 @@ def console_table(rows: list[dict], title: str | None = None) -> Table:
     """The per-round metrics as a rich table for the CLI (same columns as report.md)."""
     table = Table(title=title)
     for key in ROUND_COLUMNS:
-        table.add_column(key, justify="left" if key == "method" else "right")
+        # headers break at "_" (eval / loss): narrow terminals cut fewer columns
+        table.add_column(key.replace("_", "\n"), justify="left" if key == "method" else "right")
     for row in rows:
         table.add_row(*(_cell(row, key, fmt) for key, fmt in ROUND_COLUMNS.items()))
     return table

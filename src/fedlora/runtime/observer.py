@@ -73,4 +73,4 @@ class RichObserver(RunObserver):
                                          title=f"round {row['round']}"))
 
     def log(self, message: str) -> None:
-        self.console.log(message)
+        self.console.log(message, markup=False)  # messages hold paths and records: no markup
