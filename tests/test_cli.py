@@ -72,6 +72,10 @@ def test_output_that_is_not_a_terminal_gets_the_whole_table(monkeypatch):
     ("rounds = 'three'\n", ["bad.toml", "'rounds' must be int", "str"]),
     ("lr = -1.0\n", ["bad.toml", "'lr'", "positive"]),
     ("rounds = [\n", ["bad.toml", "not valid TOML"]),
+    ("data_on_nodes = true\nclients = 3\n", ["bad.toml", "'data_on_nodes'", "'superlink'"]),
+    ("data_on_nodes = true\nruntime = 'flower'\nsuperlink = 'h:8000'\n", ["bad.toml", "'clients'"]),
+    ("data_on_nodes = true\nruntime = 'flower'\nsuperlink = 'h:8000'\nclients = 3\n"
+     "local_epochs = 1.0\n", ["bad.toml", "'local_epochs'", "'local_steps'"]),
 ])
 def test_bad_config_file_is_one_clear_line(tmp_path, no_model_loading, toml, expected):
     config = tmp_path / "bad.toml"

@@ -349,3 +349,41 @@ def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_ident
 
 
 # --- real processes: a SuperLink and SuperNodes on loopback -------------------------------------
+
+
+# --- the real factories, with the clients' records only on the nodes ------------------------
+
+def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(client_dir, tmp_path, server_identity):
+    from fedlora.engine.config import save_config
+    from fedlora.engine.restore import restore_global_model
+    from fedlora.report import read_metrics
+    from fedlora.runtime.flower import factories, runner
+    from test_engine import comparable, run_tiny, tiny_config
+
+    settings = {"rounds": 2, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "min_clients": 1}
+    expected = run_tiny(client_dir, tmp_path / "inprocess", **settings)
+
+    run_dir = tmp_path / "server"
+    run_dir.mkdir()
+    # the server's `data` names no real folder: reading it would fail the run
+    config = tiny_config(tmp_path / "nowhere", run_dir, runtime="flower", superlink="127.0.0.1:1",
+                         data_on_nodes=True, clients=3, test_data=str(client_dir / "global_test.json"), **settings)
+    save_config(config, run_dir / "config.json")
+    assert runner.node_settings(config) == []  # the launcher reads no records either
+    app_settings = AppSettings(run_dir=str(run_dir), federation_factory=f"{factories.__name__}:federation_factory",
+                               client_factory=f"{factories.__name__}:client_factory", round_timeout=60.0,
+                               run_config=json.dumps(config.to_dict()))
+    nodes = {1000 + i: {"partition-id": i, "data": str(client_dir / f"local_training_{i}.json"),
+                        "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
+    strategy = FedLoraStrategy(factories.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
+    report = strategy.run(InMemoryGrid(nodes, app_settings.to_run_config()))
+
+    assert comparable(read_metrics(run_dir)) == comparable(expected)
+    assert report["replica_round"] == {"0": 2, "1": 2, "2": 2}
+    server = restore_global_model(run_dir).global_model.adapted_weights()
+    reference = restore_global_model(tmp_path / "inprocess").global_model.adapted_weights()
+    assert_identical(server, reference)
+
+    # a SuperNode started without its records fails, saying what to do
+    with pytest.raises(ValueError, match=r"partition 1: .*--node-config 'data="):
+        factories.client_factory(app_settings, NodeSettings(1))

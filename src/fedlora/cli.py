@@ -92,6 +92,8 @@ def run(
     runtime: Annotated[Optional[str], Opt(help="inprocess (default) or flower")] = None,
     superlink: Annotated[Optional[str], Opt(help="HOST:PORT of an existing Flower SuperLink")] = None,
     root_certificates: Annotated[Optional[str], Opt(help="CA certificate of --superlink (TLS)")] = None,
+    data_on_nodes: Annotated[Optional[bool], Opt(help="with --superlink: the SuperNodes hold the clients' "
+                                                      "records, the server reads none")] = None,
     out: Annotated[Optional[str], Opt(help="run folder")] = None,
     resume: Annotated[Optional[Path], Opt(help="continue the run in this folder")] = None,
 ) -> None:
@@ -103,7 +105,7 @@ def run(
                        grad_accum=grad_accum, max_length=max_length, lr=lr, seed=seed, test_limit=test_limit,
                        mmlu_limit=mmlu_limit, mmlu_every=mmlu_every, max_update_norm=max_update_norm,
                        min_clients=min_clients, runtime=runtime, superlink=superlink,
-                       root_certificates=root_certificates, out=out)
+                       root_certificates=root_certificates, data_on_nodes=data_on_nodes, out=out)
     try:
         if resume is not None:
             config, run_dir = _resume_config(resume, config_file, flags)

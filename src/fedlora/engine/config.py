@@ -81,6 +81,10 @@ class RunConfig:
     runtime: str = "inprocess"
     superlink: str | None = None
     root_certificates: str | None = None
+    #: the clients' records stay on the SuperNodes (each started with its own ``data=``): the
+    #: server reads none, knows the clients by partition id ("0" … "clients-1") and their sizes
+    #: only from their updates
+    data_on_nodes: bool = False
     client_timeout: float = 600.0
     out: str = "runs/latest"
 
@@ -231,6 +235,14 @@ def validate(config: RunConfig, source: str = "config") -> None:
         fail("runtime", f"must be 'inprocess' or 'flower', got {config.runtime!r}")
     if config.runtime == "flower" and config.method == "centralized":
         fail("method", "'centralized' is one client holding all data: run it with runtime 'inprocess'")
+    if config.data_on_nodes:
+        if config.runtime != "flower" or config.superlink is None:
+            fail("data_on_nodes", "needs runtime 'flower' and a 'superlink' whose SuperNodes hold the data")
+        if config.clients is None:
+            fail("clients", "must say how many SuperNodes hold data when 'data_on_nodes' is set")
+        if config.local_epochs is not None:
+            fail("local_epochs", "need each client's size, which the server does not read with "
+                                 "'data_on_nodes': set 'local_steps' instead")
     if config.dtype not in (None, "float32", "bfloat16", "float16"):
         fail("dtype", f"must be float32, bfloat16 or float16, got {config.dtype!r}")
     if not config.target_modules:

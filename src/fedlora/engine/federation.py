@@ -66,7 +66,7 @@ def make_aggregator(config: RunConfig) -> Aggregator:
 class Federation:
     """Round state of one run: sampling, the global model, the ledger and the metrics rows."""
 
-    def __init__(self, config: RunConfig, client_sizes: dict[str, int], global_model: GlobalModel,
+    def __init__(self, config: RunConfig, client_sizes: dict[str, int | None], global_model: GlobalModel,
                  evaluate: Evaluate, run_dir: Path | str, *, keep_base_log: bool = False,
                  log: Callable[[str], None] = lambda message: None):
         self.config = config

@@ -27,6 +27,8 @@ Log = Callable[[str], None]
 
 def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
     """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset."""
+    if config.data_on_nodes:
+        return config  # the server reads no client data, so there is nothing to default from it
     data = config.data
     if data == DEFAULT_DATA and not Path(data).exists():
         log(f"{DEFAULT_DATA} not found: using {HUB_FALLBACK_DATA} split by {config.partition} over "
@@ -90,8 +92,9 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     state, for callers running many federations on one model (benchmarks).
     """
     config = resolve_data_paths(config, log)
-    clients = load_client_records(config)
-    check_client_count(config, len(clients))
+    clients = {} if config.data_on_nodes else load_client_records(config)
+    num_clients = config.clients if config.data_on_nodes else len(clients)
+    check_client_count(config, num_clients)
     if config.method == "centralized":
         config = centralized_config(config, len(clients))
         clients = {"centralized": centralize(clients)}
@@ -108,8 +111,10 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
                           mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
                           mmlu_progress=mmlu_progress)
-    federation = Federation(config, {cid: len(ex) for cid, ex in client_examples.items()},
-                            GlobalModel(model, modules), evaluator, run_dir, keep_base_log=keep_base_log,
-                            log=log)
+    # with the data on the nodes the server knows the clients by partition id, their sizes not at all
+    client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
+                    else {cid: len(examples) for cid, examples in client_examples.items()})
+    federation = Federation(config, client_sizes, GlobalModel(model, modules), evaluator, run_dir,
+                            keep_base_log=keep_base_log, log=log)
     trainer = LocalTrainer.from_config(model, pad_id, config)
     return RunSetup(config, model, tokenizer, client_examples, trainer, federation)

@@ -37,6 +37,9 @@ def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrai
                                 log=lambda message: None)
     if node.data:
         records = load_records(node.data)
+    elif config.data_on_nodes:
+        raise ValueError(f"partition {node.partition_id}: this run keeps the clients' records on the "
+                         "SuperNodes; start this one with --node-config 'data=\"<its records file>\"'")
     else:
         clients = load_client_records(config)
         records = list(clients.values())[node.partition_id]

@@ -26,7 +26,11 @@ def node_settings(config: RunConfig) -> list[NodeSettings]:
     """One SuperNode per client: its own file for a client folder, else its partition index.
 
     Loads the clients' records first, so bad data fails here, before any process starts.
+    With ``data_on_nodes`` the SuperNodes (of a SuperLink started elsewhere) hold the data: none.
     """
+    if config.data_on_nodes:
+        check_client_count(config, config.clients)
+        return []
     client_ids = list(load_client_records(config))
     check_client_count(config, len(client_ids))
     if Path(config.data).is_dir():
