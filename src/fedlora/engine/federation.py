@@ -30,8 +30,12 @@ from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.ledger import Ledger, factor_params
 from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.engine.update_log import UpdateLog
 from fedlora.lora import base_weight
 from fedlora.report import append_metrics, rewrite_metrics
+
+#: the run folder's log of base merges, kept for runtimes with replicas (Flower)
+BASE_LOG_DIR = "base-log"
 
 Evaluate = Callable[[nn.Module, int], dict]
 
@@ -77,7 +81,6 @@ class Federation:
         self.global_model = global_model
         self.evaluate_model = evaluate
         self.run_dir = Path(run_dir)
-        self.keep_base_log = keep_base_log
         self.log = log
         self.shapes = {m: tuple(base_weight(global_model.model, m).shape) for m in global_model.adapted_modules}
         self.global_update: GlobalUpdate | None = None
@@ -85,9 +88,10 @@ class Federation:
         self.client_adapters: dict[str, dict[str, LoraFactors]] = {}
         #: last round whose base merge each client's replica has applied
         self.synced = {cid: 0 for cid in self.client_ids}
-        #: base merges by round: parameter counts always, the factors when replicas need them
+        #: base merges by round: parameter counts always; the factors, when replicas need them,
+        #: on disk (a restarted replica may need every round; memory and checkpoints need none)
         self.base_log_params: dict[int, int] = {}
-        self.base_log: dict[int, GlobalUpdate] = {}
+        self.base_log = UpdateLog(self.run_dir / BASE_LOG_DIR) if keep_base_log else None
         self.ledger = Ledger(global_model.total_params())
         self.rows: list[dict] = []
         self.completed_round = 0
@@ -145,7 +149,9 @@ class Federation:
 
     def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
         """Base merges a replica that has applied everything through ``last_round`` still needs."""
-        return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
+        if self.base_log is None:
+            raise RuntimeError("this Federation keeps no base log (keep_base_log=False)")
+        return [(r, self.base_log.load(r)) for r in sorted(self.base_log_params) if r > last_round]
 
     # -- aggregate ------------------------------------------------------------------------
     def _check(self, result: ClientResult, task: ClientTask | None) -> None:
@@ -259,8 +265,8 @@ class Federation:
         params = factor_params(base_part.factors) + factor_params(base_part.residual)
         if params:
             self.base_log_params[server_round] = params
-            if self.keep_base_log:
-                self.base_log[server_round] = base_part
+            if self.base_log is not None:
+                self.base_log.write(server_round, base_part)
         if isinstance(self.aggregator, LocalOnly):
             self.client_adapters.update(update.client_factors)
         # What was merged lives on in the base weights (and in the base log replicas catch up
@@ -293,6 +299,8 @@ class Federation:
     def start(self) -> int:
         """Evaluate round 0 unless resuming; returns the last completed round."""
         restored = self.restore()
+        if self.base_log is not None:  # rounds logged after the checkpoint are redone
+            self.base_log.delete(set(self.base_log.rounds()) - set(self.base_log_params))
         if restored is None:
             row = {"round": 0, "method": self.config.method, "clients": [], "train_loss": None,
                    "bytes_up": 0, "bytes_down": 0, "params_up": 0, "params_down": 0,
@@ -336,10 +344,6 @@ class Federation:
         for cid, factors in self.client_adapters.items():
             tensors.update(factors_to_tensors(f"local/{cid}/", factors))
         state["local_clients"] = sorted(self.client_adapters)
-        for r, entry in self.base_log.items():
-            tensors.update(factors_to_tensors(f"log/{r}/factors/", entry.factors))
-            tensors.update(factors_to_tensors(f"log/{r}/residual/", entry.residual))
-        state["base_log"] = {str(r): entry.merge for r, entry in self.base_log.items()}
         save_checkpoint(self.run_dir, self.completed_round, state, tensors)
 
     def restore(self) -> int | None:
@@ -364,8 +368,5 @@ class Federation:
                                 for cid in state["global"]["client_factors"]},
                 info=state["global"]["info"])
         self.client_adapters = {cid: tensors_to_factors(f"local/{cid}/", tensors) for cid in state["local_clients"]}
-        self.base_log = {int(r): GlobalUpdate(factors=tensors_to_factors(f"log/{r}/factors/", tensors), merge=merge,
-                                              residual=tensors_to_factors(f"log/{r}/residual/", tensors))
-                         for r, merge in state["base_log"].items()}
         rewrite_metrics(self.run_dir, self.rows)
         return self.completed_round

@@ -27,8 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedlora.aggregation import GlobalUpdate
-from fedlora.engine.checkpoint import factors_to_tensors, tensors_to_factors, unshared
+from fedlora.engine.checkpoint import unshared
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.engine.update_log import UpdateLog
 from fedlora.files import atomic_write_text, fsync_path
 from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, NodeSettings, \
     decode_task, encode_node_state, encode_result, get_catchup, resolve_factory
@@ -53,21 +54,15 @@ ClientFactory = Callable[[AppSettings, NodeSettings], tuple[ReplicaTrainer, Sequ
 SNAPSHOT_FILE = "snapshot.safetensors"
 
 
-class ReplicaLog:
+class ReplicaLog(UpdateLog):
     """A replica as the ordered base updates merged into the pristine base model: a snapshot
     of the rounds already folded together, then one file per later round."""
-
-    def __init__(self, directory: Path | str):
-        self.directory = Path(directory)
 
     @property
     def through(self) -> int:
         """The round the replica is merged through (0: the pristine base model)."""
         state = self.directory / "replica.json"
         return json.loads(state.read_text(encoding="utf-8"))["through"] if state.is_file() else 0
-
-    def rounds(self) -> list[int]:
-        return sorted(int(path.stem.removeprefix("round-")) for path in self.directory.glob("round-*.safetensors"))
 
     def record(self, catchup: Catchup) -> None:
         """Append the updates of rounds not yet merged; a catch-up that starts after the
@@ -79,25 +74,9 @@ class ReplicaLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         for server_round, update in catchup.updates:
             if server_round > through:
-                self._write(server_round, update)
+                self.write(server_round, update)
         atomic_write_text(self.directory / "replica.json",
                           json.dumps({"through": max(through, catchup.through)}))
-
-    def _write(self, server_round: int, update: GlobalUpdate) -> None:
-        path = self.directory / f"round-{server_round:06d}.safetensors"
-        tmp = path.with_name(f".tmp-{path.name}")
-        tensors = {**factors_to_tensors("factors/", update.factors),
-                   **factors_to_tensors("residual/", update.residual)}
-        save_file(unshared(tensors), tmp,
-                  metadata={"merge": json.dumps(update.merge)})
-        os.replace(tmp, path)
-
-    def load(self, server_round: int) -> GlobalUpdate:
-        with safe_open(self.directory / f"round-{server_round:06d}.safetensors", framework="pt") as file:
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-            merge = json.loads(file.metadata()["merge"])
-        return GlobalUpdate(factors=tensors_to_factors("factors/", tensors), merge=merge,
-                            residual=tensors_to_factors("residual/", tensors))
 
     def snapshot_round(self) -> int:
         """The last round folded into the snapshot (0: none)."""
@@ -121,9 +100,7 @@ class ReplicaLog:
             self._write_snapshot(trainer, folded)
         # Snapshot first, files after: a crash in between leaves files the snapshot already
         # holds, which are skipped above and deleted here next time.
-        for server_round in self.rounds():
-            if server_round <= folded:
-                (self.directory / f"round-{server_round:06d}.safetensors").unlink()
+        self.delete(server_round for server_round in self.rounds() if server_round <= folded)
 
     def _write_snapshot(self, trainer: ReplicaTrainer, through: int) -> None:
         path = self.directory / SNAPSHOT_FILE
