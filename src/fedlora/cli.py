@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from fedlora.aggregation import AggregationError, available_aggregators
 from fedlora.data import DataError
@@ -23,12 +23,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def make_console() -> Console:
-    """The CLI's console. Output piped to a file or `tee` has no width, and rich would assume
-    80 columns and cut the metrics table's cells; it gets room for the whole table unless
-    COLUMNS says otherwise."""
-    console = Console()
+    """The CLI's console. It reads no markup: what it prints holds paths, records and formulas
+    like FLoRA's "[A_1; …]", which rich would take for tags and drop; styles are set as such.
+    Output piped to a file or `tee` has no width, and rich would assume 80 columns and cut the
+    metrics table's cells; it gets room for the whole table unless COLUMNS says otherwise."""
+    console = Console(markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=120)
+        console = Console(markup=False, width=120)
     return console
 
 
@@ -43,7 +44,7 @@ Opt = typer.Option
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+    console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False)
     raise typer.Exit(2)
 
 
@@ -168,7 +169,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
                   f"({comm['up_vs_full_finetuning']:.4f} of full fine-tuning), down "
                   f"{format_bytes(comm['bytes_down'])} ({comm['down_vs_full_finetuning']:.4f}) "
                   f"over {comm['participations']} client-rounds")
-    console.print(f"outputs in {run_dir}/: metrics.jsonl summary.json report.md curves.png", markup=False)
+    console.print(f"outputs in {run_dir}/: metrics.jsonl summary.json report.md curves.png")
 
 
 @app.command()
@@ -178,11 +179,11 @@ def methods() -> None:
 
     for name in available_aggregators():
         doc = (aggregator_class(name).__doc__ or "").strip().splitlines()[0]
-        console.print(f"[bold]{name:<12}[/] {escape(doc)}")  # a doc's "[A_1; …]" is not markup
+        console.print(Text.assemble((f"{name:<12}", "bold"), f" {doc}"))
     for name in BASELINES:
-        console.print(f"[bold]{name:<12}[/] baseline: "
-                      + ("one client holding all data, same total steps" if name == "centralized"
-                         else "every client trains alone, no aggregation"))
+        console.print(Text.assemble((f"{name:<12}", "bold"), " baseline: "
+                                    + ("one client holding all data, same total steps" if name == "centralized"
+                                       else "every client trains alone, no aggregation")))
 
 
 @app.command()
@@ -194,7 +195,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder, or a fold
         _fail(FileNotFoundError(f"{run_dir}: no such folder"))
     written = write_report(run_dir) if (run_dir / METRICS_FILE).exists() else compare_runs(run_dir)
     for path in written:
-        console.print(f"wrote {path}", markup=False)
+        console.print(f"wrote {path}")
 
 
 @app.command("eval")
@@ -235,10 +236,10 @@ def export(
         restored = restore_global_model(run_dir)
         if merged is not None:
             export_merged(restored, merged)
-            console.print(f"wrote merged model to {merged}", markup=False)
+            console.print(f"wrote merged model to {merged}")
         else:
             error = export_adapter(restored, adapter, rank)
             console.print(f"wrote rank-{rank} adapter to {adapter}; relative Frobenius error of the "
-                          f"accumulated update: {error:.3e}", markup=False)
+                          f"accumulated update: {error:.3e}")
     except USER_ERRORS as error:
         _fail(error)

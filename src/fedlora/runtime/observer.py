@@ -32,7 +32,7 @@ class RichObserver(RunObserver):
     """Progress bars for rounds, clients and steps, and the metrics table after every round."""
 
     def __init__(self, num_rounds: int, console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or Console(markup=False)  # messages hold paths and records, not markup
         self.rows: list[dict] = []
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=self.console)
@@ -73,4 +73,4 @@ class RichObserver(RunObserver):
                                          title=f"round {row['round']}"))
 
     def log(self, message: str) -> None:
-        self.console.log(message, markup=False)  # messages hold paths and records: no markup
+        self.console.log(message)
