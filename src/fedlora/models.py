@@ -179,7 +179,7 @@ def _from_pretrained(source: str, gguf_file: str | None, torch_dtype: torch.dtyp
 def _dequantised_copy(gguf_path: Path, cache: Path, torch_dtype: torch.dtype, trust_remote_code: bool) -> str:
     """The folder in ``cache`` holding ``gguf_path`` dequantised to ``torch_dtype``, written on first use.
 
-    Dequantising SmolLM2's GGUF and building its tokenizer takes about 16 s here; loading the
+    Dequantising SmolLM2's GGUF and building its tokenizer takes about 20 s here; loading the
     saved copy well under one, which matters to a Flower node that loads the model for every
     message. The key covers the file's path, size and mtime, the dtype and the transformers
     version, so a changed file or loader never reuses a stale copy.

@@ -71,7 +71,6 @@ class ReplicaLog(UpdateLog):
         if catchup.since > through:
             raise ValueError(f"replica in {self.directory} is merged through round {through} but the "
                              f"server sent base updates from round {catchup.since + 1}")
-        self.directory.mkdir(parents=True, exist_ok=True)
         for server_round, update in catchup.updates:
             if server_round > through:
                 self.write(server_round, update)

@@ -169,8 +169,7 @@ class FedLoraStrategy(Strategy):
             message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                               group_id=str(server_round), ttl=self.round_timeout)
             self._open[message.object_id] = task.client_id
-            transfer["bytes_down"] += wire_bytes(content)
-            transfer["catchup_bytes"] += catchup.payload_bytes()
+            _count_sent(transfer, content, catchup)
             messages.append(message)
         return messages
 
@@ -232,8 +231,7 @@ class FedLoraStrategy(Strategy):
             put_catchup(content, catchup)
             message = Message(content, dst_node_id=node, message_type=SYNC, ttl=self.round_timeout)
             self._open[message.object_id] = client
-            self.sync_transfer["bytes_down"] += wire_bytes(content)
-            self.sync_transfer["catchup_bytes"] += catchup.payload_bytes()
+            _count_sent(self.sync_transfer, content, catchup)
             messages.append(message)
         for client, reply in self._match(exchange(grid, messages, self.round_timeout)):
             try:
@@ -244,6 +242,12 @@ class FedLoraStrategy(Strategy):
                                              f"sync: no reply within {self.round_timeout:g} s")
                                for client in self._open.values()]
         self._open = {}
+
+
+def _count_sent(transfer: dict[str, int], content: RecordDict, catchup: Catchup) -> None:
+    """Add a message to the server's traffic: the bytes Flower carries, the catch-up within them."""
+    transfer["bytes_down"] += wire_bytes(content)
+    transfer["catchup_bytes"] += catchup.payload_bytes()
 
 
 def _content(reply: Message) -> RecordDict:
