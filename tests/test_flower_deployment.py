@@ -1,4 +1,6 @@
-"""The Flower transport against a fake Federation and trainer: in memory, and on real processes.
+"""The Flower transport in memory: against a fake Federation and trainer, and with fedlora's
+real factories when the clients' records live only on the nodes (real processes:
+test_flower_engine.py).
 
 The fakes stand in for fedlora's engine with the same interface; their client factors depend
 on the replica's base weights, so a replica that missed or misordered a base update would
@@ -346,9 +348,6 @@ def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_ident
     (row,) = federation.rows
     assert row["skipped"] and [f["client_id"] for f in row["failures"]] == ["client-0", "client-1"]
     assert "out of memory on client-0" in row["failures"][0]["reason"]
-
-
-# --- real processes: a SuperLink and SuperNodes on loopback -------------------------------------
 
 
 # --- the real factories, with the clients' records only on the nodes ------------------------
