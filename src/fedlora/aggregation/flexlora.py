@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      check_updates, example_weights)
+                                      example_weights)
 from fedlora.aggregation.factored import factored_svd, fit_ranks, max_rank, stack, truncate
 
 
@@ -21,9 +21,8 @@ class FlexLoRA(Aggregator):
 
     name = "flexlora"
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
         _require_unique_clients(updates)
         weights = example_weights(updates, weights)
         global_factors: dict[str, LoraFactors] = {}
@@ -45,7 +44,7 @@ class FlexLoRA(Aggregator):
         extended by fresh components where the client's rank exceeds the global's."""
         if client_id in global_update.client_factors:
             return global_update.client_factors[client_id]
-        return fit_ranks(global_update.factors, rank)
+        return fit_ranks(global_update.factors, rank, self.seed)
 
 
 def _require_unique_clients(updates: list[ClientUpdate]) -> None:

@@ -29,4 +29,4 @@ class ZeroPad(FedIT):
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """The global factors fitted to the client's rank (scale stays the global 1.0)."""
-        return fit_ranks(global_update.factors, rank)
+        return fit_ranks(global_update.factors, rank, self.seed)

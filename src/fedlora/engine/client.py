@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate
-from fedlora.data import TokenizedExample, collate
+from fedlora.data import DataError, TokenizedExample, collate
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.eval.loss import model_device
+from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
 from fedlora.lora.merge import base_weight
 
@@ -81,7 +81,7 @@ class LocalTrainer:
     def train(self, task: ClientTask, examples: Sequence[TokenizedExample],
               on_step: StepCallback | None = None) -> ClientResult:
         if not examples:
-            raise ValueError(f"client {task.client_id!r} has no training examples")
+            raise DataError(f"client {task.client_id!r} has no training examples")
         started = time.perf_counter()
         peft_model = attach_lora(self.model, task.rank, task.alpha, self.target_modules,
                                  use_rslora=self.use_rslora, seed=task.init_seed)
