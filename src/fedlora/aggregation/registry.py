@@ -14,6 +14,11 @@ AGGREGATORS: dict[str, str] = {
     "rolora": "fedlora.aggregation.rolora:RoLoRA",
     "flexlora": "fedlora.aggregation.flexlora:FlexLoRA",
     "fedex": "fedlora.aggregation.fedex:FedExLoRA",
+    "fedsa": "fedlora.aggregation.fedsa:FedSALoRA",
+    "lorafair": "fedlora.aggregation.lorafair:LoRAFAIR",
+    "florist": "fedlora.aggregation.florist:FLoRIST",
+    "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
+    "raflora": "fedlora.aggregation.raflora:RaFLoRA",
 }
 
 
