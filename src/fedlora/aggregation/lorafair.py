@@ -15,17 +15,20 @@ from fedlora.aggregation.fedit import FedIT
 def corrected_B(target: LoraFactors, A: Tensor, B: Tensor, scale: float, ridge: float = 0.0) -> Tensor:
     """B' = B + ΔB, ΔB minimising ``‖T − scale·(B + ΔB)·A‖_F² + ridge·‖scale·ΔB‖_F²`` (closed form).
 
-    ``T = target.scale·target.B·target.A``. The normal equations give
-    ``scale·ΔB = (T·Aᵀ − scale·B·A·Aᵀ)(A·Aᵀ + ridge·I)⁺``, and ``T·Aᵀ`` is formed from the
-    factors (d×R times R×r), never as the dense d×n T. The pseudo-inverse gives the minimum-norm
-    ΔB (the ridge → 0 limit) where A has dependent rows. In float64, returned in B's dtype.
+    With ``T = target.scale·target.B·target.A`` and the thin SVD A = U·Σ·Vᵀ (r×n, small), the
+    normal equations give ``scale·ΔB = (T·V − scale·B·U·Σ)·diag(σ / (σ² + ridge))·Uᵀ``, and
+    ``T·V`` is formed from the factors (d×R times R×r), never as the dense d×n T. Singular
+    values of A below its input precision (σ_1·max(r, n)·eps of A's dtype) count as zero, so
+    where A has (numerically) dependent rows ΔB is the minimum-norm solution, not an amplified
+    round-off. In float64, returned in B's dtype.
     """
     A64, B64 = A.to(torch.float64), B.to(torch.float64)
-    gram = A64 @ A64.T
-    projected = target.scale * (target.B.to(torch.float64) @ (target.A.to(torch.float64) @ A64.T))
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    delta = (projected - scale * B64 @ gram) @ torch.linalg.pinv(gram + ridge * eye, hermitian=True) / scale
-    return (B64 + delta).to(B.dtype)
+    U, S, Vh = torch.linalg.svd(A64, full_matrices=False)
+    significant = S > S[0] * max(A.shape) * torch.finfo(A.dtype).eps
+    gain = torch.where(significant, S / (S.square() + ridge), 0.0)
+    residual_V = (target.scale * target.B.to(torch.float64) @ (target.A.to(torch.float64) @ Vh.T)
+                  - scale * B64 @ (U * S))
+    return (B64 + (residual_V * gain) @ U.T / scale).to(B.dtype)
 
 
 class LoRAFAIR(FedIT):
