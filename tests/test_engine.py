@@ -78,7 +78,8 @@ def test_partial_participation_samples_the_configured_number_of_clients(client_d
 
 @pytest.mark.parametrize("method", available_aggregators())
 def test_every_method_runs_two_rounds(client_dir, tmp_path, method):
-    ranks = [4, 2, 1] if method in ("flora", "zeropad", "flexlora", "local", "centralized") else [2]
+    ranks = [4, 2, 1] if method in ("flora", "zeropad", "flexlora", "florist", "hetlora", "raflora", "local",
+                                    "centralized") else [2]
     rows = run_tiny(client_dir, tmp_path / method, method=method, ranks=ranks)
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert all(row["eval_loss"] == row["eval_loss"] for row in rows)  # not NaN

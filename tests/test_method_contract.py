@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.aggregation import GlobalUpdate, LoraFactors, MethodState, available_aggregators, \
+from fedlora.aggregation import GlobalUpdate, LoraFactors, MethodState, available_aggregators, get_aggregator, \
     factors_to_tensors, tensors_to_factors
 from fedlora.aggregation.fedit import FedIT
 from fedlora.aggregation.registry import AGGREGATORS, method_summaries
@@ -46,14 +46,18 @@ class ServerMomentum(FedIT):
     def combine(self, updates, weights=None, *, server_round=None) -> GlobalUpdate:
         average = super().combine(updates, weights, server_round=server_round)
         previous = self.global_update.factors if self.global_update is not None else average.factors
-        moved = {}
+        moved, self.pending = {}, {}
         for module, mean in average.factors.items():
             last = previous[module]
             v = self.velocity.get(module, LoraFactors(torch.zeros_like(mean.A), torch.zeros_like(mean.B), mean.scale))
             v = LoraFactors(self.beta * v.A + (mean.A - last.A), self.beta * v.B + (mean.B - last.B), mean.scale)
-            self.velocity[module] = v
+            self.pending[module] = v
             moved[module] = LoraFactors(last.A + v.A, last.B + v.B, mean.scale)
         return replace(average, factors=moved)
+
+    def commit(self, server_round, update) -> None:
+        super().commit(server_round, update)
+        self.velocity = self.pending  # state moves only once the round is applied
 
     def state_dict(self) -> MethodState:
         meta, tensors = super().state_dict()
@@ -155,3 +159,13 @@ def test_listing_methods_and_building_the_cli_import_no_torch():
             "method_summaries(); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", available_aggregators())
+def test_every_method_resumed_from_its_checkpoint_equals_the_uninterrupted_run(client_dir, tmp_path, method):
+    ranks = [2] if not get_aggregator(method).heterogeneous_ranks else [2, 1, 1]
+    overrides = {"method": method, "ranks": ranks, "rounds": 2}
+    uninterrupted = run(config_for(client_dir, tmp_path / "full", **overrides), tmp_path / "full")
+    first = config_for(client_dir, tmp_path / "resumed", **{**overrides, "rounds": 1})
+    run(first, tmp_path / "resumed")
+    assert run(first.replace(rounds=2), tmp_path / "resumed") == uninterrupted

@@ -167,9 +167,14 @@ def max_rank(factors: dict[str, LoraFactors]) -> int:
     return max(module_factors.rank for module_factors in factors.values())
 
 
-def frobenius_norm(factors: LoraFactors) -> float:
-    """``‖scale·B·A‖_F = |scale|·sqrt(trace((BᵀB)(AAᵀ)))``, from two r×r Gram matrices."""
-    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
+def squared_product_norm(A: Tensor, B: Tensor) -> Tensor:
+    """``‖B·A‖_F² = trace((BᵀB)(AAᵀ))`` from two r×r Gram matrices: a tensor in the factors'
+    dtype, differentiable in both."""
     # Both Gram matrices are symmetric, so the trace of their product is their elementwise dot.
-    squared = ((B.T @ B) * (A @ A.T)).sum().clamp(min=0).item()
+    return ((B.T @ B) * (A @ A.T)).sum().clamp(min=0)
+
+
+def frobenius_norm(factors: LoraFactors) -> float:
+    """``‖scale·B·A‖_F``, factored (in float64)."""
+    squared = squared_product_norm(factors.A.to(torch.float64), factors.B.to(torch.float64)).item()
     return abs(factors.scale) * math.sqrt(squared)

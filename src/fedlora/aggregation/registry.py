@@ -19,6 +19,11 @@ AGGREGATORS: dict[str, str] = {
     "rolora": "fedlora.aggregation.rolora:RoLoRA",
     "flexlora": "fedlora.aggregation.flexlora:FlexLoRA",
     "fedex": "fedlora.aggregation.fedex:FedExLoRA",
+    "fedsa": "fedlora.aggregation.fedsa:FedSALoRA",
+    "lorafair": "fedlora.aggregation.lorafair:LoRAFAIR",
+    "florist": "fedlora.aggregation.florist:FLoRIST",
+    "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
+    "raflora": "fedlora.aggregation.raflora:RaFLoRA",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }

@@ -1,4 +1,4 @@
-"""Zero-padding (HetLoRA-style): average factors of different ranks by padding to the largest."""
+"""Zero-padding: average factors of different ranks by padding to the largest (HetLoRA without its norm weights)."""
 
 from __future__ import annotations
 
