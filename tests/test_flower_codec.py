@@ -6,8 +6,6 @@ import pytest
 import torch
 from flwr.app import RecordDict
 from flwr.common.config import parse_config_args
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.task import ClientResult, ClientTask
@@ -15,11 +13,7 @@ from fedlora.runtime.flower.codec import AppSettings, Catchup, CodecError, NodeS
     decode_result, decode_task, encode_node_state, encode_result, encode_task, get_catchup, \
     get_factors, put_catchup, put_factors, wire_bytes
 
-
-def over_the_wire(content: RecordDict) -> RecordDict:
-    """``content`` serialised to bytes and rebuilt, as Flower does between processes."""
-    objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(content).items()}
-    return inflate_object_from_contents(content.object_id, objects)
+from support import over_the_wire
 
 
 def random_factors(ranks: dict[str, tuple[int, int, int]], seed: int = 0) -> dict[str, LoraFactors]:

@@ -27,7 +27,8 @@ from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
-from test_flower_codec import over_the_wire
+
+from support import comparable, over_the_wire, run_tiny, tiny_config
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
 PARAMS_FILE = "fake.json"
@@ -364,7 +365,6 @@ def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(c
     from fedlora.engine.restore import restore_global_model
     from fedlora.engine.metrics import read_metrics
     from fedlora.runtime.flower import client_factory, runner, server_factory
-    from test_engine import comparable, run_tiny, tiny_config
 
     settings = {"rounds": 2, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "min_clients": 1}
     expected = run_tiny(client_dir, tmp_path / "inprocess", **settings)

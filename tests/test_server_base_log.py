@@ -15,7 +15,8 @@ from fedlora.eval.loss import pad_token_id
 from fedlora.lora.merge import base_weight
 from fedlora.models import load_model
 from fedlora.runtime.inprocess import run_inprocess
-from test_engine import tiny_config
+
+from support import tiny_config
 
 SETTINGS = {"rounds": 3, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "dtype": "bfloat16"}
 

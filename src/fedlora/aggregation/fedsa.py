@@ -38,10 +38,13 @@ class FedSALoRA(Aggregator):
     #: the factors each client keeps across rounds and never sends
     kept_on_client: ClassVar[frozenset[str]] = frozenset({"B"})
 
-    def setup(self, context) -> None:
-        super().setup(context)
+    def __init__(self):
         #: client → module → its B after its last round (stand-in for state held by the client)
         self.kept: dict[str, dict[str, Tensor]] = {}
+
+    def setup(self, context) -> None:
+        super().setup(context)
+        self.kept = {}
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -64,7 +67,7 @@ class FedSALoRA(Aggregator):
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """(Ā, B_k): the global A with the client's own B, or a zero B before it has trained."""
-        kept = getattr(self, "kept", {}).get(client_id, {})
+        kept = self.kept.get(client_id, {})
         return {module: LoraFactors(A=factors.A, B=kept[module] if module in kept else
                                     factors.B.new_zeros(factors.B.shape), scale=factors.scale)
                 for module, factors in global_update.factors.items()}
