@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-perf: install
 bench-quality: install
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/readme_tables.py quality
+
+bench-privacy: install
+	$(PY) benchmarks/privacy.py
+	$(PY) benchmarks/readme_tables.py privacy
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

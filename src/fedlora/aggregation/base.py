@@ -272,16 +272,20 @@ class Aggregator(ABC):
         must be the same on every client, so it is drawn here, from the run's seed, and the
         engine can check that each client sent it back intact.
         """
-        rank = self.context.ranks[client_id]
         if self.global_update is not None:
-            return self.client_start(self.global_update, client_id, rank)
+            return self.client_start(self.global_update, client_id, self.context.ranks[client_id])
         if self.trainable(server_round) == frozenset(FACTOR_NAMES):
             return None  # every client draws its own fresh LoRA
+        return self.drawn_start(client_id)
+
+    def drawn_start(self, client_id: str) -> dict[str, LoraFactors]:
+        """A fresh LoRA for ``client_id`` drawn here, from the run's seed: A as PEFT draws it
+        (Kaiming-uniform), B zero; the same for every client of one rank."""
         from fedlora.aggregation.factored import fit_ranks  # factored builds on this module
 
         empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), self.context.scales[client_id])
                  for module, (d, n) in self.context.shapes.items()}
-        return fit_ranks(empty, rank, self.seed)
+        return fit_ranks(empty, self.context.ranks[client_id], self.seed)
 
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:

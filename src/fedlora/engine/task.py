@@ -28,6 +28,12 @@ class ClientTask:
     local_steps: int
     #: factors the LoRA starts from (a persistent global adapter); None: fresh init
     start: dict[str, LoraFactors] | None = None
+    #: sample-level DP-SGD (fedlora.engine.dp_sgd): noise multiplier σ and per-example clip
+    #: norm; None: plain training
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    #: seeds DP-SGD's batches and noise; None: the client draws a secret seed
+    dp_noise_seed: int | None = None
 
 
 @dataclass
