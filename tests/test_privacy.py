@@ -214,11 +214,19 @@ def test_resume_keeps_the_accountants_history(client_dir, tmp_path):
     assert privacy_view(resumed) == privacy_view(full)
 
 
+@pytest.mark.parametrize("method", ["ffa", "rolora", "fedsa"])
+def test_every_summed_factor_method_runs_with_both_dp_levels(client_dir, tmp_path, method):
+    rows, summary = run(tiny_values(client_dir, tmp_path / method, method=method, rounds=2, local_steps=1))
+    assert [row["round"] for row in rows] == [0, 1, 2] and not any(row["skipped"] for row in rows)
+    assert all(row["dp_noise_std"] == 0.8 * 0.05 / 2 for row in rows[1:])
+    assert set(summary["client_privacy"]) == set(SIZES) and set(summary["privacy"]) == set(SIZES)
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["flora", "flexlora"])
 def test_client_level_dp_is_refused_for_stacking_methods(client_dir, tmp_path, method):
-    with pytest.raises(ConfigError, match="'client_dp'.*stacks every client's own factors"):
+    with pytest.raises(ConfigError, match="'client_dp'.*stacking method broadcasts every client's own factors"):
         build_config(tiny_values(client_dir, tmp_path, method=method, ranks=[4]))
 
 
