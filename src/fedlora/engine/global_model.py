@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import GlobalUpdate, LoraFactors
+from fedlora.eval.loss import model_device
 from fedlora.lora import merge_factors, merge_update
 from fedlora.lora.merge import base_weight
 
@@ -25,6 +26,11 @@ class GlobalModel:
         self.model = model
         self.adapted_modules = adapted_modules
         self.carry: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are, and so where its checkpointed state is loaded to."""
+        return model_device(self.model)
 
     def apply(self, update: GlobalUpdate) -> None:
         self.carry = merge_update(self.model, update, self.carry)
