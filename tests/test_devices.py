@@ -156,10 +156,12 @@ def test_cli_device_options_reach_the_run_and_a_device_torch_cannot_use_is_a_one
                 "--batch-size", "2", "--max-length", "32", "--ranks", "2", "--out", tmp_path / out, *flags]
         return CliRunner().invoke(cli.app, [str(arg) for arg in args], catch_exceptions=False)
 
-    result = run("--device", "cpu", "--dtype", "bfloat16", out="options")
+    result = run("--device", "cpu", "--dtype", "bfloat16", "--gradient-checkpointing", "--autocast", "bfloat16",
+                 out="options")
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "options" / "config.json").read_text())
-    assert {key: saved[key] for key in ("device", "dtype")} == {"device": "cpu", "dtype": "bfloat16"}
+    assert {key: saved[key] for key in ("device", "dtype", "gradient_checkpointing", "autocast")} == {
+        "device": "cpu", "dtype": "bfloat16", "gradient_checkpointing": True, "autocast": "bfloat16"}
 
     unknown = run("--device", "gpu0", out="unknown")
     assert unknown.exit_code == 2 and "device 'gpu0' is not a torch device" in unknown.output
