@@ -110,7 +110,7 @@ def test_trainer_with_checkpointing_trains_as_the_plain_trainer(device):
     for name, f in plain.items():
         assert f.B.norm() > 0
         assert relative(checkpointed[name].delta(), f.delta()) <= 1e-4, name
-        assert relative(both[name].delta(), f.delta()) <= 0.2, name  # bf16 matmuls: same training, rounded
+        assert relative(both[name].delta(), f.delta()) <= 0.15, name  # bf16 matmuls: the same training, rounded
     assert "forward" not in vars(model) and model.config.use_cache is True
 
 
