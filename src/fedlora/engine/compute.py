@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fedlora.eval.loss import model_device
+from fedlora.models import model_device
 
 #: the ``autocast`` run option's values
 AUTOCAST_DTYPES = ("bfloat16",)

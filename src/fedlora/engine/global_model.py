@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import GlobalUpdate, LoraFactors
-from fedlora.eval.loss import model_device
 from fedlora.lora import merge_factors, merge_update
 from fedlora.lora.merge import base_weight
+from fedlora.models import model_device
 
 
 class GlobalModel:
