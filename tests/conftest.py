@@ -30,3 +30,10 @@ def smollm2_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("model-cache")
     load_model("smollm2-135m", device="cpu", gguf_cache=cache)
     return cache
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def device(request) -> str:
+    """Every device a test runs on: the CPU always, a CUDA GPU where there is one."""
+    return request.param

@@ -48,7 +48,8 @@ EVAL_KEYS = ("round", "eval_loss", "perplexity", "train_loss", "bytes_up", "byte
 
 
 def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
-    values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 2, "local_steps": 2,
+    # float32 on every device: the tests built on it check float32 exactness (bfloat16: test_bf16_run.py)
+    values = {"model": "tiny-llama", "dtype": "float32", "data": str(client_dir), "rounds": 2, "local_steps": 2,
               "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2}
     values.update(overrides)
     return build_config(values)

@@ -52,8 +52,9 @@ class LoraFactors:
         """(d, n): the shape of the dense update."""
         return self.B.shape[0], self.A.shape[1]
 
-    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
-        A, B = (self.A, self.B) if dtype is None else (self.A.to(dtype), self.B.to(dtype))
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The dense d×n update, computed in ``dtype`` on ``device`` (default: the factors' own)."""
+        A, B = self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
         return self.scale * (B @ A)
 
     def numel(self) -> int:
@@ -87,11 +88,12 @@ class GlobalUpdate:
     client_factors: dict[str, dict[str, LoraFactors]] = field(default_factory=dict)
     info: dict[str, float | int | str] = field(default_factory=dict)
 
-    def delta(self, module: str, dtype: torch.dtype | None = None) -> Tensor:
+    def delta(self, module: str, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Tensor:
         """The dense d×n update of the global model for ``module``."""
-        total = self.factors[module].delta(dtype)
+        total = self.factors[module].delta(dtype, device)
         if module in self.residual:
-            total = total + self.residual[module].delta(dtype)
+            total = total + self.residual[module].delta(dtype, device)
         return total
 
     @property

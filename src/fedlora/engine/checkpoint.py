@@ -58,8 +58,9 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict
     return final
 
 
-def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """The newest complete checkpoint, or None if the run has none yet."""
+def load_latest_checkpoint(run_dir: Path,
+                           device: torch.device | str = "cpu") -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The newest complete checkpoint, its tensors on ``device``, or None if the run has none yet."""
     root = Path(run_dir) / "checkpoints"
     try:
         name = (root / "LATEST").read_text(encoding="utf-8").strip()
@@ -67,4 +68,4 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]
         return None
     folder = root / name
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    return state, load_file(folder / TENSORS_FILE)
+    return state, load_file(folder / TENSORS_FILE, device=str(device))

@@ -93,6 +93,11 @@ class RunConfig:
     lr: float = option(3e-4, "AdamW learning rate", positive=True)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
     seed: int = option(0, "seeds sampling, initialisation and batch order")
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                                 "pass: less memory, about a third more compute")
+    autocast: str | None = option(None, "bfloat16: client forward passes under torch.autocast (matmuls in "
+                                        "bf16, weights and LoRA factors keep their dtypes)",
+                                  choices="fedlora.engine.compute:AUTOCAST_DTYPES")
     # update validation
     max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
     max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)

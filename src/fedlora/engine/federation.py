@@ -154,8 +154,10 @@ class Federation:
                 raise AggregationError(f"rank {factors.rank} differs from the assigned {task.rank}",
                                        client_id=update.client_id, module=module, rule="shape")
             for name in "AB":  # a frozen factor must come back exactly as it was sent
-                if name not in task.trainable and task.start is not None and not torch.equal(
-                        getattr(factors, name), getattr(task.start[module], name)):
+                if name in task.trainable or task.start is None:
+                    continue
+                returned = getattr(factors, name)
+                if not torch.equal(returned, getattr(task.start[module], name).to(returned.device)):
                     raise AggregationError(f"frozen factor {name} was changed", client_id=update.client_id,
                                            module=module, rule="frozen")
 
@@ -313,7 +315,7 @@ class Federation:
 
     def restore(self) -> int | None:
         """Load the newest checkpoint of ``run_dir``; None when there is none."""
-        loaded = load_latest_checkpoint(self.run_dir)
+        loaded = load_latest_checkpoint(self.run_dir, device=self.global_model.device)
         if loaded is None:
             return None
         state, tensors = loaded
