@@ -32,6 +32,7 @@ from fedlora.lora import base_weight
 
 #: the run folder's log of base merges, kept for runtimes with replicas (Flower)
 BASE_LOG_DIR = "base-log"
+BOTH_FACTORS = frozenset(FACTOR_NAMES)
 
 Evaluate = Callable[[nn.Module, int], dict]
 EvaluateClients = Callable[[int, dict[str, dict[str, LoraFactors]]], dict[str, dict]]
@@ -60,7 +61,7 @@ def received(update: ClientUpdate, task: ClientTask) -> ClientUpdate:
     """The update as the server has it: the factors the client uploads, the others those of the
     start it was sent (a frozen factor, or the stand-in for one the client keeps), whatever the
     reply held in their place (the Flower codec sends only the uploads)."""
-    withheld = frozenset(FACTOR_NAMES) - task.uploads
+    withheld = BOTH_FACTORS - task.uploads
     if not withheld:
         return update
     factors = {module: replace(f, **{name: getattr(task.start[module], name).to(getattr(f, name).device)
@@ -134,7 +135,7 @@ class Federation:
         for cid in self.sample(server_round):
             rank = method.client_rank(cid, server_round)
             start = method.start_adapter(cid, server_round)
-            if start is None and (uploads != set(FACTOR_NAMES) or kept):
+            if start is None and (uploads != BOTH_FACTORS or kept):
                 raise RuntimeError(f"method {self.config.method!r} gives client {cid!r} no start adapter; the "
                                    "server takes the factors clients do not send from it")
             self._tasks[cid] = ClientTask(
@@ -264,7 +265,7 @@ class Federation:
         cid = task.client_id
         self.ledger.record(server_round, cid, factor_params(reply.update.factors, task.uploads),
                            self.catchup_params(cid, server_round - 1)
-                           + factor_params(task.start, frozenset(FACTOR_NAMES) - task.kept))
+                           + factor_params(task.start, BOTH_FACTORS - task.kept))
         self.synced[cid] = server_round - 1
 
     def _apply(self, server_round: int, update: GlobalUpdate) -> None:
