@@ -1,8 +1,9 @@
 """FedSA-LoRA, LoRA-FAIR, FLoRIST, HetLoRA and raFLoRA end to end on both runtimes, with the
 communication their papers describe.
 
-Each method runs two rounds in-process and over Flower and must give the same metrics (the
-clients' own models included), the same model and the same method state. Flower here is the
+Each method runs two rounds (HetLoRA three, for its pruned ranks) in-process and over Flower and
+must give the same metrics (the clients' own models included), the same model and the same
+method state. Flower here is the
 real strategy, ClientApp and factories with every message serialised as Flower does, in this
 process (support.InMemoryGrid): real SuperLink and SuperNode processes cost minutes a run
 on this machine, and test_flower_engine.py runs them for FLoRA.
@@ -32,11 +33,13 @@ from support import InMemoryGrid, tiny_config
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1]}
+#: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
+OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}}}
 
 
 def config_for(client_dir: Path, out: Path, method: str, **overrides):
-    return tiny_config(client_dir, out, fraction=2 / 3, local_steps=1, min_clients=1, method=method,
-                       ranks=RANKS[method], **overrides)
+    return tiny_config(client_dir, out, **{"fraction": 2 / 3, "local_steps": 1, "min_clients": 1, "method": method,
+                                           "ranks": RANKS[method], **OVERRIDES.get(method, {}), **overrides})
 
 
 def in_process(client_dir: Path, out: Path, method: str) -> list[dict]:
@@ -102,15 +105,22 @@ def florist_downloads_one_global_pair(run_dir: Path, nodes_dir: Path, rows: list
     assert report["transfers"]["2"]["catchup_bytes"] == BYTES_PER_PARAM * rows[2]["params_down"]
 
 
-LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair}
+def hetlora_clients_send_their_self_pruned_ranks(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    assert rows[1]["params_up"] == rows[2]["params_up"] > rows[3]["params_up"]  # a rank shrank after round 2
+
+
+LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair,
+                 "hetlora": hetlora_clients_send_their_self_pruned_ranks}
 
 
 @pytest.mark.parametrize("method", list(RANKS))
-def test_two_rounds_over_flower_equal_the_in_process_run(client_dir, tmp_path, method, server_identity):
+def test_a_run_over_flower_equals_the_in_process_run(client_dir, tmp_path, method, server_identity):
     expected = in_process(client_dir, tmp_path / "inprocess", method)
     rows, report = over_flower(client_dir, tmp_path / "flower", tmp_path / "nodes", method)
     assert without_times(rows) == without_times(expected)
-    assert [row["round"] for row in rows] == [0, 1, 2] and not any(row["rejected"] or row["failures"] for row in rows)
+    rounds = list(range(OVERRIDES.get(method, {}).get("rounds", 2) + 1))
+    assert [row["round"] for row in rows] == rounds
+    assert not any(row["rejected"] or row["failures"] for row in rows)
     # the model and the method's state (FedSA-LoRA's Ā, HetLoRA's ranks, …) as well
     server, reference = checkpoint_tensors(tmp_path / "flower"), checkpoint_tensors(tmp_path / "inprocess")
     assert server.keys() == reference.keys()
@@ -119,7 +129,7 @@ def test_two_rounds_over_flower_equal_the_in_process_run(client_dir, tmp_path, m
         tmp_path / "inprocess")[0]["method"]
     # the bytes Flower carried up are the ledger's uploads plus array headers (under 256 bytes each), no more
     modules = len(factor_sizes(tmp_path / "flower"))
-    for server_round in (1, 2):
+    for server_round in rounds[1:]:
         wire, counted = report["transfers"][str(server_round)]["bytes_up"], rows[server_round]["bytes_up"]
         arrays = len(rows[server_round]["clients"]) * modules * len(get_aggregator(method).uploads(server_round))
         assert counted < wire < counted + 256 * arrays, server_round
