@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.federation import ClientFailure
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.flower import client_app
@@ -118,7 +118,7 @@ class FakeFederation:
         self.synced[client_id] = last_round
 
     def aggregate_train(self, server_round: int, results: list[ClientResult],
-                        failures: list[ClientFailure] = ()) -> dict:
+                        failures: list[ClientFailure] = (), refused: list[AggregationError] = ()) -> dict:
         results = list(results)  # an iterable, as Federation.aggregate_train takes
         skipped = len(results) < self.min_clients
         if not skipped:
@@ -135,7 +135,8 @@ class FakeFederation:
             self.base_log[server_round] = update
         row = {"round": server_round, "clients": [r.update.client_id for r in results],
                "ranks": [r.update.factors["layers.0.q_proj"].rank for r in results],
-               "failures": [f.__dict__ for f in failures], "skipped": skipped}
+               "failures": [f.__dict__ for f in failures], "skipped": skipped,
+               "rejected": [{"client_id": e.client_id, "rule": e.rule, "reason": str(e)} for e in refused]}
         self.rows.append(row)
         save_file({m: w.clone() for m, w in self.weights.items()}, self.run_dir / "server-model.safetensors")
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:

@@ -11,15 +11,19 @@ merged through.
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.task import ClientResult, ClientTask
@@ -67,6 +71,28 @@ def _reader(record: Mapping[str, Any], record_name: str) -> Callable[[str], Any]
     return read
 
 
+# Scalars a reply carries are checked by type: Python would turn 2.5 examples into 2 and a
+# NaN step count into an exception, and a reply is bytes from a machine we do not control.
+
+def _int(value: Any, what: str, *, minimum: int | None = 0) -> int:
+    if type(value) is not int or (minimum is not None and value < minimum):
+        bound = f" ≥ {minimum}" if minimum is not None else ""
+        raise CodecError(f"{what} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def _float(value: Any, what: str, *, finite: bool = True) -> float:
+    if type(value) not in (int, float) or (finite and not math.isfinite(value)):
+        raise CodecError(f"{what} must be a {'finite ' if finite else ''}number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise CodecError(f"{what} must be a string, got {value!r}")
+    return value
+
+
 # --- factors -----------------------------------------------------------------------------
 
 def _fp32(tensor: torch.Tensor, module: str, name: str) -> torch.Tensor:
@@ -87,18 +113,39 @@ def factors_to_records(factors: Mapping[str, LoraFactors]) -> tuple[ArrayRecord,
     return arrays, scales
 
 
+def _tensor(arrays: ArrayRecord, key: str) -> torch.Tensor:
+    """The received array ``key`` as a tensor of its own dtype (the update's checks judge it).
+
+    Read as the ``.npy`` bytes :meth:`Array.from_numpy_ndarray` writes and nothing else (no
+    archives, no pickles); any array torch cannot hold is a CodecError.
+    """
+    try:
+        array = arrays[key]
+    except KeyError:
+        raise CodecError(f"factor {key!r} missing from the ArrayRecord") from None
+    if array.stype != SType.NUMPY:
+        raise CodecError(f"array {key!r} is serialised as {array.stype!r}, not {SType.NUMPY!r}")
+    try:
+        values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+    # the .npy header is a Python literal from another machine: its parser fails in many ways
+    except Exception as error:  # noqa: BLE001
+        raise CodecError(f"array {key!r} is not a .npy array: {type(error).__name__}: {error}") from None
+    try:
+        return torch.from_numpy(np.ascontiguousarray(values))
+    except (TypeError, ValueError) as error:  # strings, dates, records, foreign byte order
+        raise CodecError(f"array {key!r} of dtype {values.dtype} cannot be a factor: {error}") from None
+
+
 def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str, LoraFactors]:
-    """Inverse of :func:`factors_to_records`; module order follows the scales record."""
-    factors = {}
-    for module, scale in scales.items():
-        try:
-            A, B = (arrays[f"{module}.{name}"].numpy() for name in ("A", "B"))
-        except KeyError as err:
-            raise CodecError(f"module {module!r}: factor {err} missing from the ArrayRecord") from None
-        # copy: the arrays are read-only views of the received bytes
-        factors[module] = LoraFactors(torch.from_numpy(A.copy()), torch.from_numpy(B.copy()),
-                                      float(scale))
-    return factors
+    """Inverse of :func:`factors_to_records`; module order follows the scales record. Arrays
+    the scales do not name are refused, not ignored."""
+    expected = {f"{module}.{name}" for module in scales for name in ("A", "B")}
+    stray = sorted(set(arrays) - expected)
+    if stray:
+        raise CodecError(f"ArrayRecord holds arrays of no module in the scales: {stray[:3]}")
+    return {module: LoraFactors(_tensor(arrays, f"{module}.A"), _tensor(arrays, f"{module}.B"),
+                                _float(scale, f"module {module!r}: scale", finite=False))
+            for module, scale in scales.items()}
 
 
 def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors]) -> None:
@@ -218,11 +265,12 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     factors = get_factors(content, UPDATE_KEY)
     if factors is None:
         raise CodecError(f"train reply lacks the {UPDATE_KEY!r} record")
-    update = ClientUpdate(factors=factors, num_examples=int(metric("num-examples")),
-                          client_id=str(client_id))
-    result = ClientResult(update=update, train_loss=float(metric("train-loss")),
-                          steps=int(metric("steps")), seconds=float(metric("seconds")))
-    return result, int(metric("replica-round"))
+    # num-examples may be any integer: the update's checks reject a bad count under their rule
+    update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
+                          client_id=_str(client_id, "client-id"))
+    result = ClientResult(update=update, train_loss=_float(metric("train-loss"), "train-loss"),
+                          steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
+    return result, _int(metric("replica-round"), "replica-round")
 
 
 def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
@@ -234,7 +282,7 @@ def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
 def decode_node_state(content: RecordDict) -> tuple[int, int]:
     """(partition id, replica round) of :func:`encode_node_state`."""
     value = _reader(_record(content.config_records, NODE_KEY), f"record {NODE_KEY!r}")
-    return int(value("partition-id")), int(value("replica-round"))
+    return _int(value("partition-id"), "partition-id"), _int(value("replica-round"), "replica-round")
 
 
 # --- run and node configuration -------------------------------------------------------------
