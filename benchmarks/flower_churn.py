@@ -5,8 +5,9 @@ Checks, and writes to benchmarks/results/flower_churn.md (JSON beside it):
 - every round completes or is skipped, and every failure has its reason in metrics.jsonl;
 - at the end every node's replica (rebuilt from its log, as its ClientApp does) equals the
   server's model, restarted nodes included;
-- peak memory: the sum of the resident memory of every process of the deployment, sampled
-  each second, and each kind's largest single process.
+- peak memory: the proportional set size (PSS: shared pages split among their sharers) of
+  every process of the deployment and this launcher summed, sampled each second; and each
+  kind's largest single process (RSS).
 
 The deployment is started and churned from the main thread (the nodes die with the thread that
 started them); the run waits in another. Run from the repository root: ``make bench-flower``.
@@ -31,8 +32,7 @@ from common import dolly_client_files, environment_line, markdown_table, require
 
 NODES = 24
 ROUNDS = 10
-CHURNED = NODES // 3
-RUN = {"model": "tiny-llama", "rounds": ROUNDS, "clients_per_round": 8, "min_clients": 3, "ranks": [4],
+RUN = {"model": "tiny-llama", "clients_per_round": 6, "min_clients": 3, "ranks": [4],
        "local_steps": 1, "batch_size": 2, "max_length": 48, "lr": 1e-2, "seed": 0, "test_limit": 16,
        # a dead node's message waits for the SuperLink to give up on it, at most this long
        "client_timeout": 180.0}
@@ -40,19 +40,19 @@ RECORDS_PER_CLIENT = 12
 SEED = 7
 
 
-def write_clients(folder: Path) -> Path:
-    """NODES client files of Dolly records (the shared clients' records, dealt in turn)."""
+def write_clients(folder: Path, count: int) -> Path:
+    """``count`` client files of Dolly records (the shared clients' records, dealt in turn)."""
     pooled = [record for file in dolly_client_files() for record in json.loads(file.read_text())]
     folder.mkdir(parents=True)
-    for client in range(NODES):
-        records = pooled[client::NODES][:RECORDS_PER_CLIENT]
+    for client in range(count):
+        records = pooled[client::count][:RECORDS_PER_CLIENT]
         (folder / f"local_training_{client:02d}.json").write_text(json.dumps(records))
     (folder / "global_test.json").write_text(json.dumps(pooled[-16:]))
     return folder
 
 
 class MemorySampler(threading.Thread):
-    """Each second: the summed RSS of the deployment's processes (by marker) and this one."""
+    """Each second: the summed PSS of the deployment's processes (by marker) and this one."""
 
     def __init__(self, marker: str):
         super().__init__(daemon=True)
@@ -65,18 +65,19 @@ class MemorySampler(threading.Thread):
         from fedlora.runtime.flower.deployment import marked_processes
 
         while not self.stopped.wait(1.0):
-            total = rss_mb(os.getpid())
+            total = memory_mb(os.getpid(), "smaps_rollup", "Pss:")
             for pid in marked_processes(self.marker):
-                rss, kind = rss_mb(pid), process_kind(pid)
-                total += rss
-                self.peak_by_kind[kind] = max(self.peak_by_kind[kind], rss)
+                total += memory_mb(pid, "smaps_rollup", "Pss:")
+                kind = process_kind(pid)
+                self.peak_by_kind[kind] = max(self.peak_by_kind[kind], memory_mb(pid, "status", "VmRSS:"))
             self.peak_total_mb = max(self.peak_total_mb, total)
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int, proc_file: str, field: str) -> float:
+    """A ``kB`` field of /proc/PID/PROC_FILE in MB; 0 for a process gone meanwhile."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{proc_file}").read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -92,11 +93,12 @@ def process_kind(pid: int) -> str:
     return script or Path(command[0].decode()).name
 
 
-def churn_plan(rng: random.Random) -> list[tuple[int, int, float, float]]:
-    """(node, round in which it dies, seconds into that round, seconds it stays down)."""
-    nodes = rng.sample(range(NODES), CHURNED)
-    return sorted(((node, rng.randint(1, ROUNDS - 1), rng.uniform(0.0, 20.0), rng.uniform(5.0, 60.0))
-                   for node in nodes), key=lambda event: (event[1], event[2]))
+def churn_plan(rng: random.Random, nodes: int, rounds: int) -> list[tuple[int, int, float, float]]:
+    """For a third of the nodes: (node, round in which it dies, seconds into that round,
+    seconds it stays down)."""
+    churned = rng.sample(range(nodes), nodes // 3)
+    return sorted(((node, rng.randint(1, rounds - 1), rng.uniform(0.0, 20.0), rng.uniform(5.0, 60.0))
+                   for node in churned), key=lambda event: (event[1], event[2]))
 
 
 def rows_written(run_dir: Path) -> int:
@@ -133,7 +135,7 @@ def churn(deployment, run_dir: Path, plan, done: threading.Event) -> list[dict]:
     return log
 
 
-def replicas_equal_the_server(run_dir: Path) -> dict[int, bool]:
+def replicas_equal_the_server(run_dir: Path, nodes: int) -> dict[int, bool]:
     from fedlora.engine.client import LocalTrainer
     from fedlora.engine.restore import restore_global_model
     from fedlora.eval.loss import pad_token_id
@@ -144,7 +146,7 @@ def replicas_equal_the_server(run_dir: Path) -> dict[int, bool]:
     flower_run = server_log.stem.removeprefix("serverapp-")
     server = restore_global_model(run_dir).global_model.adapted_weights()
     equal = {}
-    for node in range(NODES):
+    for node in range(nodes):
         model, tokenizer = load_model("tiny-llama")
         trainer = LocalTrainer(model, pad_token_id(tokenizer), target_modules=["q_proj", "v_proj"], batch_size=2)
         ReplicaLog(run_dir / "nodes" / str(node) / f"run-{flower_run}").replay(trainer)
@@ -156,6 +158,8 @@ def replicas_equal_the_server(run_dir: Path) -> dict[int, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="folder for the run (default: a temporary one)")
+    parser.add_argument("--nodes", type=int, default=NODES, help="SuperNodes (a third of them churn)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     require_shared_data()
     from fedlora.engine.config import build_config, save_config
@@ -167,10 +171,12 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="flower-churn-"))
     run_dir = work / "run"
     run_dir.mkdir(parents=True)
-    config = build_config({**RUN, "data": str(write_clients(work / "clients")), "out": str(run_dir)}, source="benchmark")
+    data = write_clients(work / "clients", args.nodes)
+    config = build_config({**RUN, "rounds": args.rounds, "clients_per_round": min(RUN["clients_per_round"], args.nodes),
+                           "data": str(data), "out": str(run_dir)}, source="benchmark")
     save_config(config, run_dir / "config.json")
     nodes = runner.node_settings(config)
-    plan = churn_plan(random.Random(SEED))
+    plan = churn_plan(random.Random(SEED), args.nodes, args.rounds)
     started = time.monotonic()
     outcome: dict = {}
     done = threading.Event()
@@ -192,9 +198,9 @@ def main() -> None:
     if not outcome:
         sys.exit(f"the run failed; see {run_dir / 'logs'}")
     rows = read_metrics(run_dir)[1:]
-    replicas = replicas_equal_the_server(run_dir)
-    result = {"nodes": NODES, "rounds": ROUNDS, "run": RUN, "churn": churned, "seconds": seconds,
-              "peak_total_rss_mb": sampler.peak_total_mb, "peak_rss_mb_by_kind": dict(sampler.peak_by_kind),
+    replicas = replicas_equal_the_server(run_dir, args.nodes)
+    result = {"nodes": args.nodes, "rounds": args.rounds, "run": RUN, "churn": churned, "seconds": seconds,
+              "peak_total_pss_mb": sampler.peak_total_mb, "peak_rss_mb_by_kind": dict(sampler.peak_by_kind),
               "rows": [{key: row[key] for key in ("round", "clients", "failures", "rejected", "skipped", "seconds")}
                        for row in rows],
               "replicas_equal": replicas, "sync_failures": outcome["flower"]["sync_failures"],
@@ -203,7 +209,7 @@ def main() -> None:
     text = report(result, environment_line(int(os.environ.get("OMP_NUM_THREADS", "1")), load))
     write_result("flower_churn.md", text)
     print(text)
-    if len(rows) != ROUNDS or not all(replicas.values()) or outcome["flower"]["sync_failures"]:
+    if len(rows) != args.rounds or not all(replicas.values()) or outcome["flower"]["sync_failures"]:
         sys.exit("churn benchmark: rounds missing or replicas differ from the server")
 
 
@@ -222,8 +228,8 @@ def report(result: dict, environment: str) -> str:
         f"{sum(r['skipped'] for r in rows)}; every failure below carries its reason in metrics.jsonl",
         f"- replicas equal to the server's model at the end (bit for bit): {equal} of {result['nodes']}; "
         f"failed final syncs: {len(result['sync_failures'])}",
-        f"- peak memory, all processes of the deployment and the launcher summed (sampled each second): "
-        f"{result['peak_total_rss_mb']:.0f} MB; largest single process by kind: " + ", ".join(
+        f"- peak memory, every process of the deployment and the launcher (PSS summed, sampled each second): "
+        f"{result['peak_total_pss_mb']:.0f} MB; largest single process (RSS) by kind: " + ", ".join(
             f"{kind} {mb:.0f} MB" for kind, mb in sorted(result["peak_rss_mb_by_kind"].items(), key=lambda kv: -kv[1])),
         "", "## Rounds", "",
         *markdown_table(["round", "clients", "failed (reason)", "rejected", "skipped", "seconds"], [
