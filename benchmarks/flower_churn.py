@@ -163,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     require_shared_data()
     from fedlora.engine.config import build_config, save_config
-    from fedlora.report import read_metrics
+    from fedlora.engine.metrics import read_metrics
     from fedlora.runtime.flower import runner
     from fedlora.runtime.flower.deployment import LocalDeployment
 

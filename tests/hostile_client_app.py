@@ -21,8 +21,7 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
-from fedlora.aggregation import ClientUpdate, LoraFactors
-from fedlora.engine.checkpoint import factors_to_tensors, tensors_to_factors
+from fedlora.aggregation import ClientUpdate, LoraFactors, factors_to_tensors, tensors_to_factors
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.flower import client_app as fedlora_app
 from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, UPDATE_KEY, decode_result, decode_task, \

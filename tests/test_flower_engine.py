@@ -21,6 +21,7 @@ import torch
 
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import save_config
+from fedlora.engine.ledger import BYTES_PER_PARAM, factor_params
 from fedlora.engine.restore import restore_global_model
 from fedlora.engine.update_log import UpdateLog
 from fedlora.eval.loss import pad_token_id
@@ -28,7 +29,6 @@ from fedlora.models import load_model
 from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.flower import runner
 from fedlora.runtime.flower.client_app import ReplicaLog
-from fedlora.runtime.flower.codec import factor_bytes
 from fedlora.runtime.flower.deployment import MARKER_FILE, marked_processes
 
 from support import comparable, run_tiny, tiny_config
@@ -162,7 +162,8 @@ def test_a_launcher_killed_mid_round_and_in_the_final_sync_resumes_to_the_uninte
     # every replica of the last launch was rebuilt from nothing: its final sync re-sent each node
     # every merge, and counted it (the ledger in metrics.jsonl counts rounds only, as in-process)
     merges = UpdateLog(run_dir / "base-log")
-    history = sum(factor_bytes(u.factors) + factor_bytes(u.residual) for u in map(merges.load, merges.rounds()))
+    history = BYTES_PER_PARAM * sum(factor_params(u.factors) + factor_params(u.residual)
+                                    for u in map(merges.load, merges.rounds()))
     resumed = json.loads((run_dir / "flower-run.json").read_text())["flower"]
     uninterrupted_sync = json.loads((expected_dir / "flower-run.json").read_text())["flower"]["sync_transfer"]
     assert resumed["transfers"] == {} and resumed["replica_round"] == {"0": 2, "1": 2, "2": 2}

@@ -27,7 +27,7 @@ from fedlora.engine.config import build_config, save_config
 from fedlora.engine.restore import restore_global_model
 from fedlora.engine.setup import prepare_run
 from fedlora.models import model_shapes
-from fedlora.report import read_metrics
+from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.flower import runner
 from fedlora.runtime.flower.deployment import FlowerRunError, LocalDeployment, NodeKey, TlsFiles, connect, \
     free_port
