@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
@@ -346,6 +346,31 @@ def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(
     assert to_fresh_node[0].content.config_records["catchup"]["rounds"] == [1, 2]
     strategy.synchronize_replicas(grid, 3)
     assert_identical(replica_weights(tmp_path / "node-0-fresh"), federation.weights)
+
+
+def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, server_identity, monkeypatch):
+    """client-1's first reply holds bytes that are no array; client-2 sends its first reply again."""
+    honest_encode, replies = client_app.encode_result, {}
+
+    def hostile_encode(result, *, replica_round):
+        client = result.update.client_id
+        content = replies.get(client) if client == "client-2" else None
+        content = content or honest_encode(result, replica_round=replica_round)
+        if client == "client-1" and client not in replies:
+            name = next(iter(content.array_records["update"]))
+            content.array_records["update"][name] = Array(dtype="float32", shape=(1,), stype="numpy.ndarray",
+                                                          data=b"no npy")
+        replies.setdefault(client, content)
+        return content
+    monkeypatch.setattr(client_app, "encode_result", hostile_encode)
+    params = {"rounds": 2, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 1}
+    federation, _, _, _ = in_memory_run(tmp_path, params)
+    assert [(r["client_id"], r["rule"]) for r in federation.rows[0]["rejected"]] == [("client-1", "record")]
+    assert "is not a .npy array" in federation.rows[0]["rejected"][0]["reason"]
+    assert [(r["client_id"], r["rule"]) for r in federation.rows[1]["rejected"]] == [("client-2", "replay")]
+    assert federation.rows[0]["clients"] == ["client-0", "client-2"]
+    assert federation.rows[1]["clients"] == ["client-0", "client-1"]
+    assert not any(row["failures"] for row in federation.rows)
 
 
 def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_identity, monkeypatch):

@@ -128,7 +128,7 @@ def _tensor(arrays: ArrayRecord, key: str) -> torch.Tensor:
     try:
         values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
     # the .npy header is a Python literal from another machine: its parser fails in many ways
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise CodecError(f"array {key!r} is not a .npy array: {type(error).__name__}: {error}") from None
     try:
         return torch.from_numpy(np.ascontiguousarray(values))

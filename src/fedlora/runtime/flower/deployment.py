@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import tomli_w
 
@@ -134,7 +134,7 @@ class FlowerConnection:
             self._fail(args, f"failed: {answer.get('error-message', '').strip()}")
         return answer
 
-    def _fail(self, args: Sequence[str], what: str):
+    def _fail(self, args: Sequence[str], what: str) -> NoReturn:
         # Flower says only "connection unavailable" for a TLS mismatch; say which it is
         problem = connection_problem(self.address, self.root_certificates)
         raise FlowerRunError(f"flwr {' '.join(args)} {what}" + (f"\n{problem}" if problem else ""))

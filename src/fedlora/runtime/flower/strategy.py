@@ -76,7 +76,7 @@ class FedLoraStrategy(Strategy):
         self._open: dict[str, str] = {}  # message id → client of the exchange under way
         self._order: list[str] = []  # the round's clients in task order
         self._unsent: list[ClientFailure] = []
-        #: content digest (Flower's object id) of every update received → (client, round)
+        #: digest of every update received (see _check_fresh) → (client, round)
         self._received: dict[str, tuple[str, int]] = {}
 
     # -- the loop ------------------------------------------------------------------------
