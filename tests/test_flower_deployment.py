@@ -349,11 +349,14 @@ def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(
 
 
 def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, server_identity, monkeypatch):
-    """client-1's first reply holds bytes that are no array; client-2 sends its first reply again."""
+    """client-1's first reply holds bytes that are no array; client-2 sends its first reply again;
+    client-0's second reply claims a replica round its task's catch-up cannot have left it at."""
     honest_encode, replies = client_app.encode_result, {}
 
     def hostile_encode(result, *, replica_round):
         client = result.update.client_id
+        if client == "client-0" and client in replies:
+            replica_round = 99
         content = replies.get(client) if client == "client-2" else None
         content = content or honest_encode(result, replica_round=replica_round)
         if client == "client-1" and client not in replies:
@@ -367,9 +370,11 @@ def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, s
     federation, _, _, _ = in_memory_run(tmp_path, params)
     assert [(r["client_id"], r["rule"]) for r in federation.rows[0]["rejected"]] == [("client-1", "record")]
     assert "is not a .npy array" in federation.rows[0]["rejected"][0]["reason"]
-    assert [(r["client_id"], r["rule"]) for r in federation.rows[1]["rejected"]] == [("client-2", "replay")]
+    assert [(r["client_id"], r["rule"]) for r in federation.rows[1]["rejected"]] == [("client-0", "record"),
+                                                                                      ("client-2", "replay")]
+    assert "replica-round 99" in federation.rows[1]["rejected"][0]["reason"]
     assert federation.rows[0]["clients"] == ["client-0", "client-2"]
-    assert federation.rows[1]["clients"] == ["client-0", "client-1"]
+    assert federation.rows[1]["clients"] == ["client-1"]
     assert not any(row["failures"] for row in federation.rows)
 
 

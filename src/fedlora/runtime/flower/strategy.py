@@ -194,6 +194,9 @@ class FedLoraStrategy(Strategy):
                 if result.update.client_id != client:
                     raise CodecError(f"answered as client {result.update.client_id!r}")
                 self._check_fresh(client, server_round, reply.content)
+                if replica_round != server_round - 1:  # where this round's catch-up took it
+                    raise CodecError(f"replica-round {replica_round}: the task's catch-up merges its replica "
+                                     f"through round {server_round - 1}")
             except CodecError as error:
                 refused.append(AggregationError(str(error), client_id=client, rule="record"))
                 continue
