@@ -69,7 +69,8 @@ class MemorySampler(threading.Thread):
             for pid in marked_processes(self.marker):
                 total += memory_mb(pid, "smaps_rollup", "Pss:")
                 kind = process_kind(pid)
-                self.peak_by_kind[kind] = max(self.peak_by_kind[kind], memory_mb(pid, "status", "VmRSS:"))
+                if kind:  # not gone meanwhile
+                    self.peak_by_kind[kind] = max(self.peak_by_kind[kind], memory_mb(pid, "status", "VmRSS:"))
             self.peak_total_mb = max(self.peak_total_mb, total)
 
 
@@ -85,12 +86,12 @@ def memory_mb(pid: int, proc_file: str, field: str) -> float:
 
 
 def process_kind(pid: int) -> str:
+    """The script a Flower process runs (``flower-supernode``, ``flwr-clientapp`` …); '' if gone."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return "gone"
-    script = next((Path(part.decode()).name for part in command[1:2]), "")
-    return script or Path(command[0].decode()).name
+        return ""
+    return Path(command[1].decode()).name if len(command) > 1 and command[1] else ""
 
 
 def churn_plan(rng: random.Random, nodes: int, rounds: int) -> list[tuple[int, int, float, float]]:
@@ -230,11 +231,12 @@ def report(result: dict, environment: str) -> str:
         f"failed final syncs: {len(result['sync_failures'])}",
         f"- peak memory, every process of the deployment and the launcher (PSS summed, sampled each second): "
         f"{result['peak_total_pss_mb']:.0f} MB; largest single process (RSS) by kind: " + ", ".join(
-            f"{kind} {mb:.0f} MB" for kind, mb in sorted(result["peak_rss_mb_by_kind"].items(), key=lambda kv: -kv[1])),
+            f"{kind} {mb:.0f} MB" for kind, mb in sorted(result["peak_rss_mb_by_kind"].items(), key=lambda kv: -kv[1])
+            if mb > 0),
         "", "## Rounds", "",
         *markdown_table(["round", "clients", "failed (reason)", "rejected", "skipped", "seconds"], [
             (r["round"], len(r["clients"]),
-             "; ".join(f"{f['client_id']}: {f['reason'][:70]}" for f in r["failures"]) or "—",
+             "; ".join(f"{f['client_id']}: {f['reason']}" for f in r["failures"]) or "—",
              len(r["rejected"]), "yes" if r["skipped"] else "no", f"{r['seconds']:.0f}") for r in rows], "rrlrrr"),
         "", "## Churn", "",
         *markdown_table(["node", "killed in round", "at s", "down s", "restarted at s"], [
