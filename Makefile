@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-flower clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench-perf: install
 bench-quality: install
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/readme_tables.py quality
+
+# 24 SuperNodes, a third killed and restarted: minutes of many processes on this machine
+bench-flower: install
+	$(PY) benchmarks/flower_churn.py
+	$(PY) benchmarks/readme_tables.py flower_churn
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -22,6 +22,12 @@ def client_dir(tmp_path: Path) -> Path:
     return write_clients(tmp_path / "clients")
 
 
+@pytest.fixture(scope="module")
+def module_client_dir(tmp_path_factory) -> Path:
+    """The clients of ``client_dir``, once for a module whose fixtures share a run."""
+    return write_clients(tmp_path_factory.mktemp("clients"))
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory) -> Path:
     """A model cache holding the embedded SmolLM2 dequantised: tests load it in 0.3 s, not 22 s."""

@@ -184,12 +184,14 @@ class Federation:
                                        client_id=update.client_id, module=module, rule="shape")
 
     def aggregate_train(self, server_round: int, results: Iterable[ClientResult],
-                        failures: Sequence[ClientFailure] = ()) -> dict:
+                        failures: Sequence[ClientFailure] = (), refused: Sequence[AggregationError] = ()) -> dict:
         """Validate, account and aggregate the round's replies, then update, evaluate and save.
 
         ``results`` may be a generator (the in-process runtime trains each client as it is
         drawn): each reply is checked and added to the aggregate, and dropped here, before
         the next is drawn. Updates are aggregated in task order, whatever order they come in.
+        ``refused`` are replies the runtime rejected before they became results (Flower: ones
+        it cannot decode, or replayed); they are recorded with the others' rejections.
         """
         tasks, self._tasks = self._tasks, {}
         accumulator = self.aggregator.accumulator(
@@ -203,6 +205,8 @@ class Federation:
                              "reason": str(error)})
             self.log(f"round {server_round}: rejected update: {error}")
 
+        for error in refused:
+            reject(error)
         for result in results:
             started = time.perf_counter()
             cid = result.update.client_id

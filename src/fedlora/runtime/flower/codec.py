@@ -15,15 +15,19 @@ metrics of the client's own model.
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.aggregation.base import FACTOR_NAMES
@@ -54,6 +58,8 @@ _BASE_UPDATE_PREFIX = "base-update."
 _SCALE_SUFFIX = ".scale"
 #: a module's [rank, d, n] in a scales record where a factor stays behind
 _SHAPE_SUFFIX = ".shape"
+#: elements a left-out factor pair may state: a rank-1024 adapter of a 65536-wide layer
+_MAX_LEFT_BEHIND = 1024 * 2 * 65536
 
 
 class CodecError(FedloraError):
@@ -75,6 +81,28 @@ def _reader(record: Mapping[str, Any], record_name: str) -> Callable[[str], Any]
         except KeyError:
             raise CodecError(f"{record_name} lacks {key!r}") from None
     return read
+
+
+# Scalars a reply carries are checked by type: Python would turn 2.5 examples into 2 and a
+# NaN step count into an exception, and a reply is bytes from a machine we do not control.
+
+def _int(value: Any, what: str, *, minimum: int | None = 0) -> int:
+    if type(value) is not int or (minimum is not None and value < minimum):
+        bound = f" ≥ {minimum}" if minimum is not None else ""
+        raise CodecError(f"{what} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def _float(value: Any, what: str, *, finite: bool = True) -> float:
+    if type(value) not in (int, float) or (finite and not math.isfinite(value)):
+        raise CodecError(f"{what} must be a {'finite ' if finite else ''}number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise CodecError(f"{what} must be a string, got {value!r}")
+    return value
 
 
 # --- factors -----------------------------------------------------------------------------
@@ -101,26 +129,63 @@ def factors_to_records(factors: Mapping[str, LoraFactors],
     return arrays, scales
 
 
+def _tensor(arrays: ArrayRecord, key: str) -> torch.Tensor:
+    """The received array ``key`` as a tensor of its own dtype (the update's checks judge it).
+
+    Read as the ``.npy`` bytes :meth:`Array.from_numpy_ndarray` writes and nothing else (no
+    archives, no pickles); any array torch cannot hold is a CodecError.
+    """
+    try:
+        array = arrays[key]
+    except KeyError:
+        raise CodecError(f"factor {key!r} missing from the ArrayRecord") from None
+    if array.stype != SType.NUMPY:
+        raise CodecError(f"array {key!r} is serialised as {array.stype!r}, not {SType.NUMPY!r}")
+    try:
+        values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+    # the .npy header is a Python literal from another machine: its parser fails in many ways
+    except Exception as error:
+        raise CodecError(f"array {key!r} is not a .npy array: {type(error).__name__}: {error}") from None
+    try:
+        return torch.from_numpy(np.ascontiguousarray(values))
+    except (TypeError, ValueError) as error:  # strings, dates, records, foreign byte order
+        raise CodecError(f"array {key!r} of dtype {values.dtype} cannot be a factor: {error}") from None
+
+
 def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str, LoraFactors]:
     """Inverse of :func:`factors_to_records`; module order follows the scales record. A factor
-    left behind comes back as zeros: the receiver puts its own in its place (the server the
-    start it sent, a client the factor it keeps)."""
+    left behind comes back as zeros of the shape the record states: the receiver puts its own
+    in its place (the server the start it sent, a client the factor it keeps). Arrays the
+    scales do not name are refused, not ignored."""
+    modules = [module for module in scales if not module.endswith(_SHAPE_SUFFIX)]
+    expected = {f"{module}.{name}" for module in modules for name in FACTOR_NAMES}
+    stray = sorted(set(arrays) - expected)
+    if stray:
+        raise CodecError(f"ArrayRecord holds arrays of no module in the scales: {stray[:3]}")
     factors = {}
-    for module, scale in scales.items():
-        if module.endswith(_SHAPE_SUFFIX):
-            continue
-        rank, d, n = scales.get(module + _SHAPE_SUFFIX, (None, None, None))
+    for module in modules:
         tensors = {}
-        for name, shape in (("A", (rank, n)), ("B", (d, rank))):
+        for name in FACTOR_NAMES:
             key = f"{module}.{name}"
-            if key in arrays:  # copy: the arrays are read-only views of the received bytes
-                tensors[name] = torch.from_numpy(arrays[key].numpy().copy())
-            elif rank is not None:
-                tensors[name] = torch.zeros(shape)
+            if key in arrays:
+                tensors[name] = _tensor(arrays, key)
+            elif module + _SHAPE_SUFFIX in scales:
+                tensors[name] = torch.zeros(_left_behind_shape(scales[module + _SHAPE_SUFFIX], module, name))
             else:
                 raise CodecError(f"module {module!r}: factor {key!r} missing from the ArrayRecord")
-        factors[module] = LoraFactors(tensors["A"], tensors["B"], float(scale))
+        factors[module] = LoraFactors(tensors["A"], tensors["B"],
+                                      _float(scales[module], f"module {module!r}: scale", finite=False))
     return factors
+
+
+def _left_behind_shape(entry: Any, module: str, name: str) -> tuple[int, int]:
+    """The shape of a factor a message leaves out, from its ``(rank, d, n)`` entry."""
+    if type(entry) is not list or len(entry) != 3:
+        raise CodecError(f"module {module!r}: shape entry must be [rank, d, n], got {entry!r}")
+    rank, d, n = (_int(value, f"module {module!r}: shape", minimum=1) for value in entry)
+    if rank * (d + n) > _MAX_LEFT_BEHIND:  # a stated shape is allocated before any check
+        raise CodecError(f"module {module!r}: shape entry {entry} is too large for a LoRA factor")
+    return (rank, n) if name == "A" else (d, rank)
 
 
 def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors],
@@ -249,11 +314,12 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     factors = get_factors(content, UPDATE_KEY)
     if factors is None:
         raise CodecError(f"train reply lacks the {UPDATE_KEY!r} record")
-    update = ClientUpdate(factors=factors, num_examples=int(metric("num-examples")),
-                          client_id=str(client_id))
-    result = ClientResult(update=update, train_loss=float(metric("train-loss")),
-                          steps=int(metric("steps")), seconds=float(metric("seconds")))
-    return result, int(metric("replica-round"))
+    # num-examples may be any integer: the update's checks reject a bad count under their rule
+    update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
+                          client_id=_str(client_id, "client-id"))
+    result = ClientResult(update=update, train_loss=_float(metric("train-loss"), "train-loss"),
+                          steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
+    return result, _int(metric("replica-round"), "replica-round")
 
 
 def encode_evaluation(client_id: str, server_round: int, adapter: Mapping[str, LoraFactors],
@@ -295,7 +361,7 @@ def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
 def decode_node_state(content: RecordDict) -> tuple[int, int]:
     """(partition id, replica round) of :func:`encode_node_state`."""
     value = _reader(_record(content.config_records, NODE_KEY), f"record {NODE_KEY!r}")
-    return int(value("partition-id")), int(value("replica-round"))
+    return _int(value("partition-id"), "partition-id"), _int(value("replica-round"), "replica-round")
 
 
 # --- run and node configuration -------------------------------------------------------------

@@ -6,10 +6,16 @@ its own task and the base updates its replica has not merged yet. Replies are ma
 clients by the id of the message they answer, so error replies the SuperLink makes for an
 unreachable node are attributed too; missing and failed replies become
 :class:`ClientFailure`\\ s and the Federation decides whether enough clients answered.
+
+A reply is bytes from a machine the server does not control: one that does not decode, or
+whose update repeats one already received (a replay), is rejected here with its rule
+(``record``, ``replay``) next to the Federation's own rejections.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -20,11 +26,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.aggregation import LoraFactors
+from fedlora.aggregation import AggregationError, LoraFactors
 from fedlora.engine.federation import ClientFailure, Federation
 from fedlora.engine.ledger import BYTES_PER_PARAM
-from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
-    decode_metrics, decode_node_state, decode_result, encode_evaluation, encode_task, put_catchup, wire_bytes
+from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, UPDATE_KEY, Catchup, \
+    CodecError, decode_metrics, decode_node_state, decode_result, encode_evaluation, encode_task, put_catchup, \
+    wire_bytes
 
 IDENTIFY = f"{MessageType.QUERY}.{IDENTIFY_ACTION}"
 SYNC = f"{MessageType.QUERY}.{SYNC_ACTION}"
@@ -74,6 +81,8 @@ class FedLoraStrategy(Strategy):
         self._open: dict[str, str] = {}  # message id → client of the exchange under way
         self._order: list[str] = []  # the round's clients in task order
         self._unsent: list[ClientFailure] = []
+        #: digest of every (client, update) received (see _check_fresh) → its round
+        self._received: dict[str, int] = {}
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
@@ -180,15 +189,26 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode replies in task order, record failures, and let the Federation aggregate."""
-        results, failures, replica_rounds = {}, list(self._unsent), {}
+        """Decode replies in task order, record failures and rejections, and let the Federation
+        aggregate."""
+        results, failures, refused, replica_rounds = {}, list(self._unsent), [], {}
         for client, reply in self._match(replies):
+            if reply.has_error():  # the node or the SuperLink could not run the task
+                failures.append(ClientFailure(client, server_round, _error_reason(reply)))
+                continue
             try:
-                result, replica_round = decode_result(_content(reply))
+                result, replica_round = decode_result(reply.content)
                 if result.update.client_id != client:
                     raise CodecError(f"answered as client {result.update.client_id!r}")
+                self._check_fresh(client, server_round, reply.content)
+                if replica_round != server_round - 1:  # where this round's catch-up took it
+                    raise CodecError(f"replica-round {replica_round}: the task's catch-up merges its replica "
+                                     f"through round {server_round - 1}")
             except CodecError as error:
-                failures.append(ClientFailure(client, server_round, str(error)))
+                refused.append(AggregationError(str(error), client_id=client, rule="record"))
+                continue
+            except AggregationError as error:
+                refused.append(error)
                 continue
             self.transfers[server_round]["bytes_up"] += wire_bytes(reply.content)
             replica_rounds[client] = replica_round
@@ -200,11 +220,25 @@ class FedLoraStrategy(Strategy):
         # is let go of once the Federation has added it to the aggregate
         ordered = (results.pop(cid) for cid in self._order if cid in results)
         failures.sort(key=lambda failure: self._order.index(failure.client_id))
-        row = self.federation.aggregate_train(server_round, ordered, failures)
+        refused.sort(key=lambda error: self._order.index(error.client_id))
+        row = self.federation.aggregate_train(server_round, ordered, failures, refused)
         for client, replica_round in replica_rounds.items():  # after the ledger charged the catch-up
             self.federation.replica_through(client, replica_round)
         return None, MetricRecord({k: v for k, v in row.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _check_fresh(self, client: str, server_round: int, content: RecordDict) -> None:
+        """A client's update must not repeat one it sent in an earlier round, in whatever order
+        its arrays come (an array's Flower object id is the hash of its dtype, shape and bytes).
+        Two clients may send the same factors in one round: a factor no step has moved yet
+        (FedSA-LoRA's A in a first step, while B is still zero) is the start they share."""
+        arrays = content.array_records[UPDATE_KEY]
+        digest = hashlib.sha256(json.dumps([client, sorted((key, array.object_id) for key, array in arrays.items())])
+                                .encode()).hexdigest()
+        if digest in self._received:
+            raise AggregationError(f"update identical to the one it sent in round {self._received[digest]}",
+                                   client_id=client, rule="replay")
+        self._received[digest] = server_round
 
     def _match(self, replies: Iterable[Message]) -> Iterable[tuple[str, Message]]:
         """(client, reply) for replies to the open exchange; stale replies are dropped."""
@@ -290,8 +324,12 @@ class FedLoraStrategy(Strategy):
         self._open = {}
 
 
+def _error_reason(reply: Message) -> str:
+    return f"error reply ({reply.error.code}): {reply.error.reason}"
+
+
 def _content(reply: Message) -> RecordDict:
     """The reply's content; a CodecError carrying the reason where the reply is an error."""
     if reply.has_error():
-        raise CodecError(f"error reply ({reply.error.code}): {reply.error.reason}")
+        raise CodecError(_error_reason(reply))
     return reply.content
