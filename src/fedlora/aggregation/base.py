@@ -268,6 +268,10 @@ class Aggregator(ABC):
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
         """The factors ``client_id`` starts this round's LoRA from; None for a fresh LoRA.
 
+        Factors of a lower rank than the client's fill its LoRA's leading components and the
+        others start fresh (B zero), so the client still starts from exactly their update; a
+        method whose clients train only one factor returns them at the client's rank.
+
         Before any global update, a factor frozen from the first round on (FFA-LoRA, RoLoRA)
         must be the same on every client, so it is drawn here, from the run's seed, and the
         engine can check that each client sent it back intact.
