@@ -170,8 +170,7 @@ def test_engine_rounds_are_exact_and_clients_start_from_the_global_model(client_
         for name, after in global_model_float64(federation).items():
             start = dense(adapter.factors[name]) if adapter is not None else 0
             change = sum(r.update.num_examples / total * (dense(r.update.factors[name]) - start) for r in results)
-            assert relative(after - before[name], change) < 1e-5, (server_round, name)
-            assert (after - before[name] - change).norm() / before[name].norm() < 1e-6, (server_round, name)
+            assert relative(after - before[name], change) < 1e-6, (server_round, name)
     assert any(cid not in sampled[1] and cid in sampled[2] for cid in sampled[0] | sampled[2])
 
 
