@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct, the first Dolly client alone, rank 16, lr 3e-4, 20 optimizer steps in
 all: one round of 20 steps (no restart), and 4 rounds × 5 steps for FedIT (the same LoRA
 continued, optimizer reset), FLoRA (merged, a fresh LoRA each round) and flora-warm (the
-global adapter continued in SVD form). Only the final round is evaluated (the round-0 loss
+global adapter continued in SVD form, A's rows of norm 1 or of a fresh LoRA's 1/√3). Only the final round is evaluated (the round-0 loss
 once), on the first 48 records of Dolly's ``global_test.json``. The model is loaded once and
 its base weights restored between runs.
 
@@ -13,6 +13,7 @@ benchmarks/results/flora_warm_single_client.md and prints it.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -26,11 +27,13 @@ from common import DOLLY, environment_line, markdown_table, require_shared_data,
 
 SETTINGS = {"model": "smollm2-135m", "data": str(DOLLY), "clients": 1, "ranks": [16], "lr": 3e-4,
             "batch_size": 4, "max_length": 128, "test_limit": 48, "seed": 0}
-#: (label, method, rounds, local steps per round)
-RUNS = (("one round of 20 steps (no restart)", "flora", 1, 20),
-        ("FedIT: 4 rounds × 5, the same LoRA continued (optimizer reset)", "fedit", 4, 5),
-        ("FLoRA: 4 rounds × 5, merged and a fresh LoRA each round", "flora", 4, 5),
-        ("flora-warm: 4 rounds × 5, the global adapter continued (SVD form)", "flora-warm", 4, 5))
+#: (label, method, its options, rounds, local steps per round)
+RUNS = (("one round of 20 steps (no restart)", "flora", {}, 1, 20),
+        ("FedIT: 4 rounds × 5, the same LoRA continued (optimizer reset)", "fedit", {}, 4, 5),
+        ("FLoRA: 4 rounds × 5, merged and a fresh LoRA each round", "flora", {}, 4, 5),
+        ("flora-warm: 4 rounds × 5, the global adapter continued (A: orthonormal rows)", "flora-warm", {}, 4, 5),
+        ("flora-warm, `row_norm` 1/√3 (A's rows as long as a fresh LoRA's)", "flora-warm",
+         {"row_norm": 1 / math.sqrt(3)}, 4, 5))
 
 
 def main() -> None:
@@ -42,9 +45,10 @@ def main() -> None:
     loaded = load_model(SETTINGS["model"], seed=SETTINGS["seed"])
     rows, untrained = [], None
     with tempfile.TemporaryDirectory() as work:
-        for index, (label, method, rounds, steps) in enumerate(RUNS):
+        for index, (label, method, options, rounds, steps) in enumerate(RUNS):
             started = time.perf_counter()
-            metrics, _ = run_federation({**SETTINGS, "method": method, "rounds": rounds, "local_steps": steps},
+            values = {**SETTINGS, "method": method, "method_options": options, "rounds": rounds, "local_steps": steps}
+            metrics, _ = run_federation(values,
                                         Path(work) / f"run-{index}", loaded=loaded,
                                         evaluated_rounds={rounds} if untrained is not None else {0, rounds})
             untrained = untrained if untrained is not None else metrics[0]["eval_loss"]

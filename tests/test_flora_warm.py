@@ -94,6 +94,18 @@ def test_one_client_keeps_its_whole_update_in_the_adapter():
     assert relative(dense(update.factors[MODULE]), dense(factors)) < 1e-6
 
 
+@pytest.mark.parametrize("row_norm", [1.0, 1 / math.sqrt(3)])
+def test_row_norm_sets_the_adapter_factors_balance_not_its_product(row_norm):
+    torch.manual_seed(4)
+    updates = [ClientUpdate({MODULE: LoraFactors(torch.randn(r, 9), torch.randn(7, r), 0.5)}, 2, str(r)) for r in (3, 4)]
+    plain, scaled = get_aggregator("flora-warm").aggregate(updates), \
+        get_aggregator("flora-warm", row_norm=row_norm).aggregate(updates)
+    torch.testing.assert_close(scaled.factors[MODULE].A.norm(dim=1), torch.full((3,), row_norm))
+    assert relative(dense(scaled.factors[MODULE]), dense(plain.factors[MODULE])) < 1e-6
+    with pytest.raises(ValueError, match="row_norm"):
+        get_aggregator("flora-warm", row_norm=0)
+
+
 def test_the_global_adapter_is_the_best_shared_rank_part_and_collapse_is_measured():
     """G_{t+1} is the leading r_min part of the exact update (float64 dense SVD as the reference);
     ``energy_outside_shared_rank`` is the share of the round's update Σ p_k (M_k − W) = S − G_t

@@ -9,10 +9,11 @@ from fedlora.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, Lor
 from fedlora.aggregation.factored import Svd, concat, factored_svd, normalized, numerical_rank, stack
 
 
-def components(svd: Svd, start: int, stop: int) -> LoraFactors:
-    """Singular triplets ``start:stop`` as factors: B = U·S, A = Vh (scale 1)."""
+def components(svd: Svd, start: int, stop: int, row_norm: float = 1.0) -> LoraFactors:
+    """Singular triplets ``start:stop`` as factors: A = row_norm·Vh (rows of that norm),
+    B = U·S / row_norm (scale 1)."""
     U, S, Vh = svd
-    return LoraFactors(A=Vh[start:stop].contiguous(), B=U[:, start:stop] * S[start:stop], scale=1.0)
+    return LoraFactors(A=Vh[start:stop] * row_norm, B=U[:, start:stop] * (S[start:stop] / row_norm), scale=1.0)
 
 
 def energy_beyond(S: Tensor, rank: int) -> float:
@@ -36,6 +37,10 @@ class FLoRAWarm(Aggregator):
     weights, so W_{t+1} + G_{t+1} = W_t + S. Both together have the stack's numerical rank
     (≤ ΣR): a client downloads no more than FLoRA's stack.
 
+    ``row_norm``: the norm of each row of the adapter's A (1: orthonormal rows; 1/√3 is the
+    mean row norm of a fresh LoRA's A under PEFT's Kaiming-uniform init), B absorbing the
+    rest: the product is the same, the clients' optimizer sees other step sizes.
+
     ``info``: ``shared_rank`` (r_min), ``broadcast_rank`` and ``residual_rank`` (largest over
     modules), ``energy_outside_shared_rank`` (mean over modules) and its ``_max``: raFLoRA's
     rank-collapse diagnostic, the share of the round's global update Σ p_k (M_k − W) lying
@@ -44,6 +49,11 @@ class FLoRAWarm(Aggregator):
     """
 
     name = "flora-warm"
+
+    def __init__(self, row_norm: float = 1.0):
+        if isinstance(row_norm, bool) or not isinstance(row_norm, (int, float)) or not 0 < row_norm < float("inf"):
+            raise ValueError(f"row_norm must be a positive number, got {row_norm!r}")
+        self.row_norm = float(row_norm)
 
     def shared_rank(self, updates: list[ClientUpdate]) -> int:
         """r_min: the smallest rank of the run (of these updates, without a run context)."""
@@ -61,7 +71,7 @@ class FLoRAWarm(Aggregator):
             U, S, Vh = svd = factored_svd(stacked.B, stacked.A)
             nonzero = numerical_rank(S, max(U.shape[0], Vh.shape[1]))
             kept = max(1, min(rank, nonzero))
-            adapter[module] = components(svd, 0, kept)
+            adapter[module] = components(svd, 0, kept, self.row_norm)
             if nonzero > kept:
                 residual[module] = components(svd, kept, nonzero)
             merged.append(energy_beyond(S, kept))
