@@ -290,6 +290,10 @@ class Aggregator(ABC):
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
         """The factors ``client_id`` starts this round's LoRA from; None for a fresh LoRA.
 
+        Factors of a lower rank than the client's fill its LoRA's leading components and the
+        others start fresh (B zero), so the client still starts from exactly their update; a
+        method whose clients train only one factor returns them at the client's rank.
+
         Before any global update, a factor the server does not get back (frozen from the first
         round on, as in FFA-LoRA and RoLoRA, or not uploaded) must be one the server knows, the
         same on every client, so the start is drawn here, from the run's seed (B zero, as a

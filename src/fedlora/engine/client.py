@@ -95,7 +95,7 @@ class LocalTrainer:
                                  use_rslora=self.use_rslora, seed=task.init_seed)
         try:
             if task.start is not None:
-                set_factors(peft_model, task.start)
+                set_factors(peft_model, task.start, leading=True)
             set_trainable(peft_model, task.trainable)
             with self.compute.applied(peft_model):
                 losses = self._optimize(peft_model, task, examples, on_step)
