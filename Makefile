@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-flower clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-flower bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ bench-quality: install
 bench-flower: install
 	$(PY) benchmarks/flower_churn.py
 	$(PY) benchmarks/readme_tables.py flower_churn
+
+bench-privacy: install
+	$(PY) benchmarks/privacy.py
+	$(PY) benchmarks/readme_tables.py privacy
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -34,7 +34,7 @@ def update(readme: str, name: str) -> str:
 def main() -> None:
     path = ROOT / "README.md"
     readme = path.read_text(encoding="utf-8")
-    for name in sys.argv[1:] or ("aggregation", "perf", "quality"):
+    for name in sys.argv[1:] or ("aggregation", "perf", "quality", "privacy"):
         readme = update(readme, name)
     path.write_text(readme, encoding="utf-8")
 

@@ -137,6 +137,28 @@ def _summary_section(rows: list[dict], summary: dict) -> list[str]:
         lines.append("")
 
     lines += _communication_lines(rows, summary)
+    lines += _privacy_lines(summary)
+    return lines
+
+
+#: summary.json's per-client (ε, δ) tables (fedlora.engine.privacy) and their headers
+PRIVACY_LEVELS = {"privacy": "sample-level (DP-SGD)", "client_privacy": "client-level (DP-FedAvg)"}
+
+
+def _privacy_lines(summary: dict) -> list[str]:
+    """Each client's spent (ε, δ) for each DP guarantee the run had; nothing without DP."""
+    levels = {key: summary[key] for key in PRIVACY_LEVELS if summary.get(key)}
+    if not levels:
+        return []
+    sigmas = summary.get("privacy_noise_multipliers", {})
+    lines = ["### Differential privacy", ""]
+    lines += [f"- {PRIVACY_LEVELS[key]}: noise multiplier {sigmas[key]:.4g}, "
+              f"δ = {next(iter(spent.values()))['delta']:g}" for key, spent in levels.items() if key in sigmas]
+    lines.append("")
+    clients = list(next(iter(levels.values())))
+    lines += _markdown_table(["client"] + [f"ε {PRIVACY_LEVELS[key]}" for key in levels],
+                             ([cid] + [f"{levels[key][cid]['epsilon']:.4g}" for key in levels] for cid in clients))
+    lines.append("")
     return lines
 
 

@@ -305,11 +305,16 @@ class Aggregator(ABC):
         every = frozenset(FACTOR_NAMES)
         if self.trainable(server_round) == self.uploads(server_round) == every and not self.kept_on_client:
             return None  # every client draws its own fresh LoRA
+        return self.drawn_start(client_id)
+
+    def drawn_start(self, client_id: str) -> dict[str, LoraFactors]:
+        """A fresh LoRA for ``client_id`` drawn here, from the run's seed: A as PEFT draws it
+        (Kaiming-uniform), B zero; the same for every client of one rank."""
         from fedlora.aggregation.factored import fit_ranks  # factored builds on this module
 
         empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), self.context.scales[client_id])
                  for module, (d, n) in self.context.shapes.items()}
-        return fit_ranks(empty, rank, self.seed)
+        return fit_ranks(empty, self.context.ranks[client_id], self.seed)
 
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -103,13 +104,19 @@ class LocalTrainer:
         finally:
             self.model = remove_lora(peft_model)
         update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
-        return ClientResult(update=update, train_loss=sum(losses) / len(losses), steps=len(losses),
+        # DP-SGD's losses are not privatised: they stay with the client (on_step) and none is sent
+        train_loss = math.nan if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
+        return ClientResult(update=update, train_loss=train_loss, steps=len(losses),
                             seconds=time.perf_counter() - started)
 
     def _optimize(self, model: nn.Module, task: ClientTask, examples: Sequence[TokenizedExample],
                   on_step: StepCallback | None) -> list[float]:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        if task.dp_noise_multiplier is not None:  # sample-level DP: Opacus' loop, loaded for DP runs only
+            from fedlora.engine.dp_sgd import private_steps
+            return private_steps(model, optimizer, task, examples, pad_token_id=self.pad_token_id,
+                                 batch_size=self.batch_size, grad_accum=self.grad_accum, on_step=on_step)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
         device = model_device(model)
         factors = live_factors(model)

@@ -98,6 +98,12 @@ class RunConfig:
     autocast: str | None = option(None, "bfloat16: client forward passes under torch.autocast (matmuls in "
                                         "bf16, weights and LoRA factors keep their dtypes)",
                                   choices="fedlora.engine.compute:AUTOCAST_DTYPES")
+    #: sample-level DP-SGD on every client (engine/privacy.py); empty: off
+    dp: dict[str, Any] = option(help="DP-SGD: {noise_multiplier | target_epsilon, max_grad_norm, delta[, seed]}",
+                                factory=dict)
+    #: client-level DP-FedAvg at the server (aggregation/dp.py); empty: off
+    client_dp: dict[str, Any] = option(help="DP-FedAvg (ffa, rolora, fedsa): {noise_multiplier | target_epsilon, "
+                                            "clip_norm, delta[, seed]}", factory=dict)
     # update validation
     max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
     max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)
@@ -244,6 +250,7 @@ def check_field_rules(config: RunConfig, fail: Callable[[str, str], None]) -> No
 def validate(config: RunConfig, source: str = "config") -> None:
     """Reject impossible values before any model or data is loaded."""
     from fedlora.aggregation import aggregator_class, available_aggregators  # torch: not at import
+    from fedlora.engine.privacy import check_privacy
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key!r} {message}")
@@ -278,6 +285,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
                                  "'data_on_nodes': set 'local_steps' instead")
     if not config.target_modules:
         fail("target_modules", "must name at least one module")
+    check_privacy(config, fail)
 
 
 def check_client_count(config: RunConfig, num_clients: int) -> None:

@@ -25,6 +25,7 @@ from fedlora.engine.config import RunConfig
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.ledger import Ledger, factor_params
 from fedlora.engine.metrics import append_metrics, rewrite_metrics
+from fedlora.engine.privacy import run_privacy
 from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.engine.update_log import UpdateLog
@@ -87,6 +88,10 @@ class Federation:
         self.log = log
         self.shapes = {m: tuple(base_weight(global_model.model, m).shape) for m in global_model.adapted_modules}
         self.aggregator = get_aggregator(config.method, **config.method_options)
+        #: differential privacy: σ calibrated from the planned schedule, each client's (ε, δ)
+        self.privacy = run_privacy(config, self.client_sizes, self.sample, self.local_steps)
+        if self.privacy is not None:
+            self.aggregator = self.privacy.wrap(self.aggregator, config.sampled_per_round(len(self.client_ids)))
         self.aggregator.setup(RunContext(
             ranks=dict(self.ranks), scales={cid: config.scale_for(rank) for cid, rank in self.ranks.items()},
             shapes=dict(self.shapes), seed=config.seed))
@@ -142,7 +147,10 @@ class Federation:
                 client_id=cid, server_round=server_round, rank=rank, alpha=self.config.alpha_for(rank),
                 trainable=trainable, init_seed=init_seed,
                 data_seed=derive_seed(self.config.seed, "data", server_round, cid),
-                local_steps=self.local_steps(cid), start=start, uploads=uploads, kept=kept)
+                local_steps=self.local_steps(cid), start=start, uploads=uploads, kept=kept,
+                **(self.privacy.task_options(cid, server_round) if self.privacy else {}))
+        if self.privacy is not None:
+            self.privacy.account(self._tasks.values())
         return list(self._tasks.values())
 
     def replica_through(self, client_id: str, last_round: int) -> None:
@@ -233,11 +241,12 @@ class Federation:
         else:
             self._apply(server_round, update)
         server_seconds += time.perf_counter() - started
-        examples = sum(c.num_examples for c in accepted)
+        reported = [c for c in accepted if not math.isnan(c.train_loss)]  # DP-SGD clients withhold theirs
+        examples = sum(c.num_examples for c in reported)
         row = {
             "round": server_round, "method": self.config.method,
             "clients": [c.client_id for c in accepted],
-            "train_loss": sum(c.train_loss * c.num_examples for c in accepted) / examples if accepted else None,
+            "train_loss": sum(c.train_loss * c.num_examples for c in reported) / examples if reported else None,
             **self.ledger.round_totals(server_round),
             "client_seconds": sum(c.seconds for c in accepted), "server_seconds": server_seconds,
             "rejected": rejected, "failures": [asdict(f) for f in failures], "skipped": skipped,
@@ -328,6 +337,8 @@ class Federation:
     def _finish_round(self, server_round: int, row: dict) -> dict:
         evaluated = time.perf_counter()
         row.update(self.evaluate(server_round))
+        if self.privacy is not None:
+            row.update(self.privacy.row())
         row["eval_seconds"] = time.perf_counter() - evaluated
         row["seconds"] = time.perf_counter() - (self._round_started if server_round else evaluated)
         self.rows.append(row)
@@ -341,7 +352,8 @@ class Federation:
                 "final": self.rows[-1] if self.rows else None,
                 "communication": self.ledger.summary(),
                 "best_eval_loss": min((r["eval_loss"] for r in self.rows if r.get("eval_loss") is not None),
-                                      default=None)}
+                                      default=None),
+                **(self.privacy.summary() if self.privacy is not None else {})}
 
     def save(self) -> None:
         tensors = {f"base/{name}": w for name, w in self.global_model.adapted_weights().items()}
@@ -351,7 +363,8 @@ class Federation:
         state = {"completed_round": self.completed_round, "rows": self.rows,
                  "ledger": self.ledger.state_dict(), "synced": self.synced,
                  "base_log_params": {str(r): p for r, p in self.base_log_params.items()},
-                 "method": method_meta, "context": asdict(self.aggregator.context)}
+                 "method": method_meta, "context": asdict(self.aggregator.context),
+                 "privacy": self.privacy.state_dict() if self.privacy is not None else None}
         save_checkpoint(self.run_dir, self.completed_round, state, tensors)
 
     def restore(self) -> int | None:
@@ -368,5 +381,7 @@ class Federation:
         self.synced = {cid: int(r) for cid, r in state["synced"].items()}
         self.base_log_params = {int(r): p for r, p in state["base_log_params"].items()}
         self.aggregator.load_state_dict((state["method"], with_prefix("method/", tensors)))
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy"))
         rewrite_metrics(self.run_dir, self.rows)
         return self.completed_round

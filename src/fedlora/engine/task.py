@@ -33,6 +33,12 @@ class ClientTask:
     uploads: frozenset[str] = frozenset(FACTOR_NAMES)
     #: factors the client keeps in its own store: it starts them from there, they never travel
     kept: frozenset[str] = frozenset()
+    #: sample-level DP-SGD (fedlora.engine.dp_sgd): noise multiplier σ and per-example clip
+    #: norm; None: plain training
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    #: seeds DP-SGD's batches and noise; None: the client draws a secret seed
+    dp_noise_seed: int | None = None
 
 
 @dataclass

@@ -218,6 +218,9 @@ _TASK_NAME_SETS = ("trainable", "uploads", "kept")
 #: ClientTask fields that travel as ConfigRecord scalars; their types round-trip unchanged
 _TASK_SCALARS = tuple(field.name for field in fields(ClientTask)
                       if field.name not in (*_TASK_NAME_SETS, "start"))
+#: task fields that default to None, absent from the record when unset
+_OPTIONAL_TASK_SCALARS = frozenset(field.name for field in fields(ClientTask)
+                                   if field.name in _TASK_SCALARS and field.default is None)
 
 
 def _config_key(field_name: str) -> str:
@@ -227,7 +230,9 @@ def _config_key(field_name: str) -> str:
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
     """A train instruction: the task, its start factors but those the client keeps itself, and
     the base updates to merge first."""
-    config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS})
+    # an optional field travels only when set (a ConfigRecord holds no None)
+    config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS
+                           if getattr(task, name) is not None})
     config.update({name: sorted(getattr(task, name)) for name in _TASK_NAME_SETS})
     content = RecordDict({TASK_KEY: config})
     if task.start is not None:
@@ -239,8 +244,10 @@ def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
 def decode_task(content: RecordDict) -> ClientTask:
     """The :class:`ClientTask` of a train instruction made by :func:`encode_task` (the factors
     the client keeps are zeros in its start, for it to fill from its store)."""
-    value = _reader(_record(content.config_records, TASK_KEY), f"record {TASK_KEY!r}")
-    return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS},
+    record = _record(content.config_records, TASK_KEY)
+    value = _reader(record, f"record {TASK_KEY!r}")
+    return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
+                         if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record},
                       **{name: frozenset(value(name)) for name in _TASK_NAME_SETS},
                       start=get_factors(content, START_KEY))
 
