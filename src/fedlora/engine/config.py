@@ -48,6 +48,8 @@ class RunConfig:
     partition_by: str = "category"
     min_partition_size: int = 10
     max_length: int = 256
+    #: share of each client's records held out of its training for val_loss (seeded; ≥ 1 record when > 0)
+    validation_fraction: float = 0.02
     # federation
     method: str = "flora"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -210,7 +212,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
                 "min_clients": config.min_clients, "min_partition_size": config.min_partition_size}
     optional_positive = {"clients": config.clients, "clients_per_round": config.clients_per_round,
                          "local_steps": config.local_steps, "local_epochs": config.local_epochs,
-                         "test_limit": config.test_limit, "mmlu_limit": config.mmlu_limit,
+                         "test_limit": config.test_limit,
                          "max_update_norm": config.max_update_norm, "max_examples": config.max_examples,
                          "alpha": config.alpha}
     for key, value in positive.items():
@@ -227,6 +229,10 @@ def validate(config: RunConfig, source: str = "config") -> None:
         fail("weight_decay", f"must be ≥ 0, got {config.weight_decay}")
     if config.mmlu_every < 0:
         fail("mmlu_every", f"must be ≥ 0, got {config.mmlu_every}")
+    if config.mmlu_limit is not None and config.mmlu_limit < 0:
+        fail("mmlu_limit", f"must be ≥ 0 (0: no MMLU), got {config.mmlu_limit}")
+    if not 0 <= config.validation_fraction < 1:
+        fail("validation_fraction", f"must be in [0, 1), got {config.validation_fraction}")
     if (config.local_steps is None) == (config.local_epochs is None):
         fail("local_steps", "and 'local_epochs': set exactly one")
     if config.partition not in ("iid", "dirichlet"):

@@ -1,4 +1,4 @@
-"""Per-round evaluation of the global model: held-out loss every round, MMLU when due."""
+"""Per-round evaluation of the global model: test and validation loss every round, MMLU when due."""
 
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ class Evaluator:
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None):
+                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
+                 validation_examples: Sequence[TokenizedExample] = ()):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
+        #: records held out of the clients' training (val_loss); what tuning may look at
+        self.validation_examples = validation_examples
         self.questions = questions
         self.final_round = final_round
         self.mmlu_every = mmlu_every
@@ -39,6 +42,9 @@ class Evaluator:
         if self.test_examples:
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
                                                    batch_size=self.batch_size))
+        if self.validation_examples:
+            metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
+                                                          batch_size=self.batch_size)["eval_loss"]
         if self.mmlu_due(server_round):
             total = len(self.questions)
             progress = (lambda done: self.mmlu_progress(done, total)) if self.mmlu_progress else None

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from fedlora.data import LazyTokenizedRecords, Record, centralize, load_clients, load_mmlu, load_records, \
-    tokenize_records
+    split_clients, tokenize_records
 from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_client_count, \
     check_ranks_fit
 from fedlora.engine.client import LocalTrainer
@@ -95,6 +95,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     clients = {} if config.data_on_nodes else load_client_records(config)
     num_clients = config.clients if config.data_on_nodes else len(clients)
     check_client_count(config, num_clients)
+    clients, validation_records = split_clients(clients, config.validation_fraction, config.seed)
     if config.method == "centralized":
         config = centralized_config(config, len(clients))
         clients = {"centralized": centralize(clients)}
@@ -108,9 +109,10 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
     if stats.truncated:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
+    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
                           mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
-                          mmlu_progress=mmlu_progress)
+                          mmlu_progress=mmlu_progress, validation_examples=validation_examples)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
                     else {cid: len(examples) for cid, examples in client_examples.items()})

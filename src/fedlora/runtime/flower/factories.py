@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedlora.data import LazyTokenizedRecords, load_records
+from fedlora.data import LazyTokenizedRecords, hold_out, load_records
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import build_config, load_saved_config
 from fedlora.engine.federation import Federation
@@ -28,10 +28,11 @@ def federation_factory(run_dir: Path) -> Federation:
 
 
 def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrainer, LazyTokenizedRecords]:
-    """A trainer on a pristine base model and this node's examples.
+    """A trainer on a pristine base model and this node's training examples.
 
     ``node.data`` is the node's own records file; empty, the node takes partition
-    ``node.partition_id`` of the run's data exactly as the server splits it.
+    ``node.partition_id`` of the run's data exactly as the server splits it. Either way the
+    node holds out the validation records the server would (seeded by the partition id).
     """
     config = resolve_data_paths(build_config(json.loads(settings.run_config), source="Flower run config"),
                                 log=lambda message: None)
@@ -43,6 +44,7 @@ def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrai
     else:
         clients = load_client_records(config)
         records = list(clients.values())[node.partition_id]
+    records, _ = hold_out(records, config.validation_fraction, config.seed, node.partition_id)
     model, tokenizer = load_run_model(config, gguf_cache=node.model_cache or None)
     trainer = LocalTrainer.from_config(model, pad_token_id(tokenizer), config)
     return trainer, LazyTokenizedRecords(tokenizer, records, config.max_length)
