@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fedlora import cli
 from fedlora.engine.config import ConfigError, build_config, save_config
+from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.setup import prepare_run
 from fedlora.report import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
@@ -40,8 +41,8 @@ def plan_of(doc: dict):
 
 
 def deterministic(comparison: dict) -> dict:
-    """A comparison without what names the folder or the time."""
-    return {key: value for key, value in comparison.items() if key not in ("sweep", "generated")}
+    """A comparison without what names the folder, the date or the measured times."""
+    return {key: value for key, value in comparison.items() if key not in ("sweep", "generated", "measured")}
 
 
 def rows_of(run_dir: Path) -> list[dict]:
@@ -57,14 +58,33 @@ def test_every_combination_is_an_ordinary_run_folder_and_the_shared_model_is_res
     for name in ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "checkpoints"):
         assert (run_dir / name).exists(), name
 
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    config = build_config({**RUN, "data": str(client_dir), "ranks": [2], "method": "fedit", "seed": 0,
-                           "out": str(alone)})
-    save_config(config, alone / "config.json")
-    run_inprocess(prepare_run(config, alone, log=lambda message: None))
+    alone = standalone(client_dir, tmp_path / "alone", ranks=[2], method="fedit", seed=0)
     assert rows_of(run_dir) == rows_of(alone)
     assert all(row["val_loss"] is not None for row in rows_of(run_dir))
+
+
+def standalone(client_dir: Path, out: Path, **values) -> Path:
+    out.mkdir()
+    config = build_config({**RUN, "data": str(client_dir), "out": str(out), **values})
+    save_config(config, out / "config.json")
+    run_inprocess(prepare_run(config, out, log=lambda message: None))
+    return out
+
+
+def test_each_distinct_model_is_evaluated_once_with_the_results_of_evaluating_it_again(client_dir, tmp_path,
+                                                                                      monkeypatch):
+    calls = []
+    evaluate = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, model, r: calls.append(r) or evaluate(self, model, r))
+    plan = plan_of(document(client_dir, methods=("local", "fedit"), seeds=(0,), ranks=(2,), clients_per_round=1))
+    run_sweep(plan, tmp_path / "sweep")
+    # local scores 3 client models a round: in round 0 the same untrained one, in each later round
+    # only the sampled client's is new. fedit's round 0 is that untrained model again, and its round 1
+    # (one client's adapter, averaged alone) is local's round-1 model, bit for bit
+    assert calls == [0, 1, 2, 2]
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    alone = standalone(client_dir, tmp_path / "alone", ranks=[2], method="local", seed=0, clients_per_round=1)
+    assert rows_of(tmp_path / "sweep" / "het" / "local" / "seed=0") == rows_of(alone)
 
 
 class Killed(Exception):
@@ -168,6 +188,13 @@ def test_the_final_mmlu_scores_only_the_chosen_runs(client_dir, tmp_path):
     # scored once: a second invocation finds every run and every score done
     again = run_sweep(plan_of(doc), out)
     assert again.ran == [] and again.scored == []
+    # scoring fewer seeds keeps the scores made; other questions are scored anew, for those seeds only
+    doc["final"] = {"mmlu": str(mmlu), "mmlu_questions": 3, "seeds": [1]}
+    fewer = run_sweep(plan_of(doc), out)
+    assert fewer.scored == [run for run in entry["runs"] if run.endswith("seed=1")]
+    # the comparison counts only scores made on the questions the file now names
+    assert build_comparison(out)["settings"]["het"]["methods"]["flora"]["mmlu"] | {"acc": 0, "ci95": 0} == {
+        "acc": 0, "ci95": 0, "questions": 3, "runs": 1}
 
 
 def test_the_eta_costs_each_pending_run_by_its_method():

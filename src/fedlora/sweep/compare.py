@@ -64,6 +64,8 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
     runs = [RecordedRun(**entry) for entry in plan["runs"]]
     reference = reference or plan["reference"]
     tune, grid = plan["tune"], plan["grid"]
+    final = plan["final"]
+    question_set = None if final is None else {key: final[key] for key in ("mmlu", "questions", "sample_seed")}
     outcomes = {run.folder: RunOutcome.read(sweep_dir / run.folder) for run in runs
                 if is_finished(sweep_dir / run.folder)}
     settings: dict[str, dict] = {}
@@ -75,18 +77,21 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
             continue
         choice = choose(group_runs, {run.folder: outcomes[run.folder].final_val_loss for run in group_runs},
                         tune, grid)
-        variant["methods"][group.method] = _method_entry(group.method, choice, outcomes)
+        variant["methods"][group.method] = _method_entry(group.method, choice, outcomes, question_set)
     for variant in settings.values():
         if reference in variant["methods"]:
             variant["reference"] = reference
             for method, entry in variant["methods"].items():
                 entry["vs_reference"] = None if method == reference else _versus(entry, variant["methods"][reference])
+    measured = {"runs": len(outcomes), "planned": len(runs),
+                "run_seconds": sum(o.summary.get("wall_seconds", 0.0) for o in outcomes.values()),
+                "final_mmlu_seconds": sum((o.final_mmlu or {}).get("seconds", 0.0) for o in outcomes.values())}
     return {"sweep": str(sweep_dir), "source": plan["source"], "grid": grid, "tune": tune,
-            "final": plan["final"], "confidence": CONFIDENCE, "reference": reference,
+            "final": final, "confidence": CONFIDENCE, "reference": reference, "measured": measured,
             "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "settings": settings}
 
 
-def _method_entry(method: str, choice: Choice, outcomes: dict[str, RunOutcome]) -> dict:
+def _method_entry(method: str, choice: Choice, outcomes: dict[str, RunOutcome], question_set: dict | None) -> dict:
     chosen = [outcomes[run.folder] for run in choice.runs]
     per_round = list(zip(*(outcome.test_losses() for outcome in chosen)))
     entry = {
@@ -96,7 +101,7 @@ def _method_entry(method: str, choice: Choice, outcomes: dict[str, RunOutcome]) 
         "test_loss": _interval([o.final_test_loss for o in chosen]),
         "best_test_loss": _interval([o.best_test_loss for o in chosen]),
         "val_loss": _interval([o.final_val_loss for o in chosen]),
-        "mmlu": _mmlu([o.mmlu() for o in chosen]),
+        "mmlu": _mmlu([o.mmlu(question_set) for o in chosen]),
         "upload_per_round_vs_full": _communication(method, chosen, "up_vs_full_finetuning"),
         "download_per_round_vs_full": _communication(method, chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
@@ -115,7 +120,9 @@ def _interval(values: list[float | None]) -> dict | None:
 
 
 def _mmlu(scores: list[tuple[float, int] | None]) -> dict | None:
-    if not scores or any(score is None for score in scores):
+    """Pooled over the chosen runs that were scored (``[final] seeds`` may leave some out)."""
+    scores = [score for score in scores if score is not None]
+    if not scores:
         return None
     correct, total = sum(c for c, _ in scores), sum(t for _, t in scores)
     accuracy, low, high = wilson_interval(correct, total)
@@ -207,6 +214,11 @@ def comparison_markdown(comparison: dict) -> str:
                          "is narrower than independent questions would give).")
     described.append("Communication: per client and round, as a fraction of full fine-tuning (every "
                      "participating client sending / receiving all model parameters).")
+    measured = comparison["measured"]
+    described.append(f"Measured: {measured['runs']} of {measured['planned']} runs finished, in "
+                     f"{measured['run_seconds'] / 3600:.2f} h (each from its data loading to its summary; a run "
+                     f"resumed after a kill counts only its last part), and "
+                     f"{measured['final_mmlu_seconds'] / 60:.1f} min of final MMLU.")
     lines += [" ".join(described), ""]
     for name, variant in comparison["settings"].items():
         lines += _setting_lines(name, variant, tune)

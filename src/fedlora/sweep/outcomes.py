@@ -51,9 +51,14 @@ class RunOutcome:
         losses = [loss for loss in self.test_losses()[1:] if loss is not None and not math.isnan(loss)]
         return min(losses, default=None)
 
-    def mmlu(self) -> tuple[float, int] | None:
-        """(correct answers, questions): the final MMLU when scored, else the last round's."""
-        scored = self.final_mmlu or next((row for row in reversed(self.rows) if row.get("mmlu_total")), None)
+    def mmlu(self, question_set: dict | None) -> tuple[float, int] | None:
+        """(correct answers, questions): the final MMLU scored on ``question_set`` (the sweep's
+        ``[final]``), or without one the last round's."""
+        if question_set is not None:
+            final = self.final_mmlu or {}
+            scored = final if all(final.get(key) == value for key, value in question_set.items()) else None
+        else:
+            scored = next((row for row in reversed(self.rows) if row.get("mmlu_total")), None)
         if not scored:
             return None
         # the local baseline's accuracy is the mean over the clients' models: its count need not be whole

@@ -18,6 +18,7 @@ A sweep file is TOML::
     [final]                      # scored once on each chosen run's final model, after tuning
     mmlu = "../shared/data/mmlu/mmlu_test_1444.json"
     mmlu_questions = 300         # a fixed seeded sample of the file; all of it when absent
+    seeds = [0]                  # only the chosen runs of these seeds; all when absent
 
 Without settings there is one, ``default``, whose methods are the grid's ``method`` axis or
 the run's ``method``. Every run is an ordinary run folder ``SETTING/METHOD/KEY=VALUE,…``.
@@ -61,7 +62,11 @@ class FinalMMLU:
 
     path: str
     questions: int | None  # a seeded sample of this many; None: the whole file
+    seeds: tuple[int, ...] | None = None  # the chosen runs of these seeds; None: of every seed
     sample_seed: int = 0
+
+    def scores(self, run: PlannedRun) -> bool:
+        return self.seeds is None or run.config.seed in self.seeds
 
     def select(self, questions: list) -> list:
         """The fixed sample (in file order; the file is sorted by subject, so its head is not one)."""
@@ -70,8 +75,12 @@ class FinalMMLU:
         chosen = sorted(random.Random(self.sample_seed).sample(range(len(questions)), self.questions))
         return [questions[index] for index in chosen]
 
-    def to_json(self) -> dict:
+    def question_set(self) -> dict:
+        """What fixes the questions: a score made with the same ones is not made again."""
         return {"mmlu": self.path, "questions": self.questions, "sample_seed": self.sample_seed}
+
+    def to_json(self) -> dict:
+        return {**self.question_set(), "seeds": self.seeds and list(self.seeds)}
 
 
 @dataclass(frozen=True)
@@ -221,12 +230,20 @@ def _unique(values: list, where: str, fail) -> tuple:
 def _final(table: dict, fail) -> FinalMMLU | None:
     if not table:
         return None
-    if set(table) - {"mmlu", "mmlu_questions"} or not isinstance(table.get("mmlu"), str):
-        raise fail("[final]", "takes 'mmlu' (a questions file) and optionally 'mmlu_questions'")
+    if set(table) - {"mmlu", "mmlu_questions", "seeds"} or not isinstance(table.get("mmlu"), str):
+        raise fail("[final]", "takes 'mmlu' (a questions file) and optionally 'mmlu_questions' and 'seeds'")
     questions = table.get("mmlu_questions")
-    if questions is not None and (not isinstance(questions, int) or isinstance(questions, bool) or questions < 1):
+    if questions is not None and not _positive_int(questions):
         raise fail("[final] 'mmlu_questions'", f"must be an integer ≥ 1, got {questions!r}")
+    seeds = table.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise fail("[final] 'seeds'", f"must be a non-empty list of seeds, got {seeds!r}")
     mmlu = Path(table["mmlu"])
     if not mmlu.is_file():
         raise fail("[final] 'mmlu'", f"names no file: {mmlu}")
-    return FinalMMLU(str(mmlu.resolve()), questions)
+    return FinalMMLU(str(mmlu.resolve()), questions, tuple(seeds) if seeds else None)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

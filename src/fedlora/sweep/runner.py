@@ -136,16 +136,18 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
         save_config(config, run_dir / CONFIG_FILE)  # before any work, so even round 0 can resume
     engine_observer = observer.run_started(run, resumed)
     loaded = models.get(config, observer.log)
+    started = time.perf_counter()
     setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded)
     federation = setup.federation
     federation.evaluate_model = evaluations.wrap(federation.evaluate_model, models.key,
                                                  federation.global_model.adapted_modules)
-    started = time.perf_counter()
     with restored_afterwards(federation.global_model):
         summary = run_inprocess(setup, engine_observer)
-    write_summary(run_dir, summary)
+    # this invocation's share of the run (all of it unless it resumed), for the sweep's measured time
+    seconds = time.perf_counter() - started
+    write_summary(run_dir, {**summary, "wall_seconds": seconds})
     write_report(run_dir)
-    observer.run_finished(run, RunOutcome.read(run_dir), time.perf_counter() - started, resumed)
+    observer.run_finished(run, RunOutcome.read(run_dir), seconds, resumed)
     return resumed
 
 
@@ -156,14 +158,16 @@ def _score_final(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models:
     final = plan.final
     val_losses = {run.folder: RunOutcome.read(out_dir / run.folder).final_val_loss for run in runs}
     scored = []
-    for run in choose(runs, val_losses, plan.tune, plan.grid).runs:
+    for run in filter(final.scores, choose(runs, val_losses, plan.tune, plan.grid).runs):
         run_dir = out_dir / run.folder
-        spec = {**final.to_json(), "round": run.config.rounds}
+        spec = {**final.question_set(), "round": run.config.rounds}
         previous = read_final_mmlu(run_dir)
         if previous is not None and all(previous.get(key) == value for key, value in spec.items()):
             continue
         observer.final_started(run, final)
+        started = time.perf_counter()
         metrics = _final_mmlu(with_out(run, out_dir), final, models, evaluations, observer)
+        metrics["seconds"] = time.perf_counter() - started
         atomic_write_text(run_dir / FINAL_MMLU_FILE, json.dumps({**spec, **metrics}, indent=2) + "\n")
         scored.append(run.folder)
     return scored
