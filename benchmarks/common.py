@@ -104,27 +104,19 @@ def write_result(name: str, text: str) -> Path:
 # --- federated runs ---------------------------------------------------------------------------
 
 
-def prepare(values: dict, run_dir: Path, loaded: tuple | None = None):
+def prepare(values: dict, run_dir: Path):
     """A fedlora RunSetup of the config ``values``; its log goes to stderr, indented."""
     from fedlora.engine.config import build_config
     from fedlora.engine.setup import prepare_run
 
     return prepare_run(build_config(values, source="benchmark"), run_dir,
-                       log=lambda message: print(f"  {message}", file=sys.stderr), loaded=loaded)
+                       log=lambda message: print(f"  {message}", file=sys.stderr))
 
 
-def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None) -> tuple[list[dict], dict]:
-    """One in-process run of the config ``values``; returns (metrics rows, summary).
-
-    With ``loaded`` = (model, tokenizer) the model is shared across runs: the base weights
-    merges change are restored afterwards, so the next run starts from the same model.
-    """
+def run_federation(values: dict, run_dir: Path) -> tuple[list[dict], dict]:
+    """One in-process run of the config ``values``; returns (metrics rows, summary)."""
     from fedlora.runtime.inprocess import run_inprocess
 
-    setup = prepare(values, run_dir, loaded)
-    pristine = setup.federation.global_model.adapted_weights()
-    try:
-        summary = run_inprocess(setup)
-    finally:
-        setup.federation.global_model.load_adapted_weights(pristine)
+    setup = prepare(values, run_dir)
+    summary = run_inprocess(setup)
     return setup.federation.rows, summary

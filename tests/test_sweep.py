@@ -11,13 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from fedlora import cli
-from fedlora.engine.config import ConfigError, build_config, save_config
+from fedlora.aggregation import aggregator_class, available_aggregators
+from fedlora.engine.config import BASELINES, ConfigError, build_config, save_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.setup import prepare_run
 from fedlora.report import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.runtime.observer import RunObserver
-from fedlora.sweep import SweepObserver, run_sweep
+from fedlora.sweep import SweepObserver, load_sweep, run_sweep
 from fedlora.sweep.compare import build_comparison
 from fedlora.sweep.plan import plan_sweep
 from fedlora.sweep.progress import remaining_seconds
@@ -284,3 +285,22 @@ reference = "fedit"
     refused = runner.invoke(cli.app, ["sweep", "sweep.toml", "--out", "out"], catch_exceptions=False)
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "'rounds' was 2" in " ".join(refused.output.split())
+
+
+@pytest.mark.parametrize("name", ["quality", "rolora_scaling"])
+def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    if not (root.parent / "shared" / "data" / "mmlu").is_dir():
+        pytest.skip("the shared data (MMLU for [final]) is not here")
+    monkeypatch.chdir(root)  # the files' paths are relative to the repository root, as `make` runs them
+    plan = load_sweep(root / "benchmarks" / f"{name}.toml")
+    assert len(plan.grid["seed"]) >= 3
+    assert all(run.config.mmlu_limit == 0 for run in plan.runs)  # no MMLU inside the runs
+    if name == "quality":
+        assert len(plan.grid["lr"]) >= 3 and plan.tune == ("lr",) and plan.final.questions >= 300
+        assert {run.config.test_limit for run in plan.runs} == {None}  # the whole test set
+        # every method and baseline; those that mix ranks in the heterogeneous setting too
+        methods = set(available_aggregators())
+        mixing = {name for name in methods if aggregator_class(name).heterogeneous_ranks}
+        assert set(plan.settings["homogeneous"]) == methods | set(BASELINES)
+        assert set(plan.settings["heterogeneous"]) == mixing | set(BASELINES)

@@ -127,7 +127,8 @@ def test_intervals_and_paired_differences_match_a_hand_computation(tmp_path):
 
     # per round: the band of round r is the interval over seeds of that round's losses
     mean, low, high = hand_interval([f + 0.1 for f in FLORA])
-    assert methods["flora"]["test_loss_per_round"][1] == {"mean": pytest.approx(mean), "ci95": pytest.approx([low, high])}
+    assert methods["flora"]["test_loss_per_round"][1] == {"mean": pytest.approx(mean),
+                                                          "ci95": pytest.approx([low, high])}
 
     paths = write_comparison(tmp_path / "sweep")
     markdown = paths[1].read_text()
@@ -174,4 +175,5 @@ def test_mean_intervals_and_the_wilson_interval_by_hand():
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert wilson_interval(90, 300) == pytest.approx((0.3, center - half, center + half), rel=1e-12)
-    assert wilson_interval(0, 10)[1] == pytest.approx(0.0, abs=1e-15) and wilson_interval(10, 10)[2] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.0, abs=1e-15)
+    assert wilson_interval(10, 10)[2] == pytest.approx(1.0)

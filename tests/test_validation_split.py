@@ -81,8 +81,8 @@ def test_the_split_is_the_same_after_a_resume(client_dir, tmp_path):
     run_inprocess(setup)
     _, setup = tiny(client_dir, tmp_path / "resumed", rounds=2)
     run_inprocess(setup)
-    values = [[(row["round"], row["val_loss"], row["eval_loss"], row["train_loss"]) for row in read_metrics(tmp_path / name)]
-              for name in ("whole", "resumed")]
+    values = [[(row["round"], row["val_loss"], row["eval_loss"], row["train_loss"])
+               for row in read_metrics(tmp_path / name)] for name in ("whole", "resumed")]
     assert values[0] == values[1]
 
 

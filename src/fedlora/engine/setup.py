@@ -89,7 +89,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     """Load data first (cheap, most likely to be wrong), then the model; build the federation.
 
     ``loaded`` is an already loaded (model, tokenizer) of ``config.model`` in its pristine
-    state, for callers running many federations on one model (benchmarks).
+    state, for callers running many federations on one model (a sweep).
     """
     config = resolve_data_paths(config, log)
     clients = {} if config.data_on_nodes else load_client_records(config)

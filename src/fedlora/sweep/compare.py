@@ -202,7 +202,8 @@ def comparison_markdown(comparison: dict) -> str:
                          "held out of the clients' training; the test set is not looked at): "
                          + "; ".join(f"{key} ∈ {{{', '.join(map(str, grid[key]))}}}" for key in tune) + ".")
     if seeds:
-        described.append(f"Seeds {', '.join(map(str, seeds))}: a seed fixes the validation split, client "
+        described.append(f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: a seed fixes the "
+                         "validation split, client "
                          "sampling, LoRA initialisation and batch order, so runs of one seed are paired.")
     described.append(f"Test loss: final round, mean over seeds with its 95 % t-interval; best: the lowest over "
                      f"the trained rounds. Δ: final test loss minus {reference}'s, paired by seed, mean with its "
@@ -235,12 +236,13 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
                   f"Δ vs {reference or 'reference'} [95 % CI] | significant |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for method, entry in methods.items():
-            chosen = point_name(entry["chosen"]) if entry["chosen"] else "—"
-            lines.append(f"| {method} | {chosen} | {entry['seeds']} | {_interval_text(entry['test_loss'])} | "
-                         f"{_interval_text(entry['best_test_loss'])} | {_interval_text(entry['val_loss'])} | {_accuracy(entry['mmlu'])} | "
-                         f"{_fraction(entry['upload_per_round_vs_full'])} | "
-                         f"{_fraction(entry['download_per_round_vs_full'])} | {_interval_text(entry['vs_reference'], '+.4f')} | "
-                         f"{_verdict(entry['vs_reference']) if reference else '—'} |")
+            cells = [method, point_name(entry["chosen"]) if entry["chosen"] else "—", str(entry["seeds"]),
+                     _interval_text(entry["test_loss"]), _interval_text(entry["best_test_loss"]),
+                     _interval_text(entry["val_loss"]), _accuracy(entry["mmlu"]),
+                     _fraction(entry["upload_per_round_vs_full"]), _fraction(entry["download_per_round_vs_full"]),
+                     _interval_text(entry["vs_reference"], "+.4f"),
+                     _verdict(entry["vs_reference"]) if reference else "—"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines += [f"- {statement}" for statement in _statements(methods, reference)]
         lines.append("")

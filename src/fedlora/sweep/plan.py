@@ -148,7 +148,8 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
                 raise fail(f"settings.{name}.methods", "must be a non-empty list of method names")
             clash = sorted(set(values) & (set(grid) | {"method", *RESERVED}))
             if clash:
-                raise fail(f"settings.{name}.{clash[0]}", "is also a grid axis or chosen otherwise; set it in one place")
+                raise fail(f"settings.{name}.{clash[0]}",
+                           "is also a grid axis or chosen otherwise; set it in one place")
             settings[name], setting_values[name] = _unique(methods, f"settings.{name}.methods", fail), values
     else:
         settings[DEFAULT_SETTING] = tuple(grid.pop("method", [base.method]))

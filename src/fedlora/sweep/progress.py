@@ -57,9 +57,12 @@ class _RoundsOfOneRun(RichObserver):
     def start_run(self, rounds: int) -> None:
         self.progress.reset(self.rounds, total=rounds, description="round 0", note="")
 
+    def round_started(self, server_round: int, tasks) -> None:
+        super().round_started(server_round, tasks)
+        self.progress.update(self.rounds, completed=server_round - 1)  # a resumed run starts past round 1
+
     def round_finished(self, row: dict) -> None:
-        if row["round"] > 0:
-            self.progress.advance(self.rounds)
+        self.progress.update(self.rounds, completed=row["round"])
         self.progress.update(self.clients, visible=False)
         self.progress.update(self.steps, visible=False)
         loss = row.get("eval_loss")
