@@ -33,7 +33,7 @@ def compose_quality() -> bool:
         sweep = SWEEPS / name
         if not (sweep / "comparison.md").is_file():
             continue
-        plot = f"quality-{name}.png"
+        plot = f"{name}.png"
         shutil.copyfile(sweep / "comparison.png", RESULTS / plot)
         body = (sweep / "comparison.md").read_text(encoding="utf-8").split("\n", 1)[1].strip()
         parts += [f"## {title}", "", f"`fedlora sweep benchmarks/{name}.toml --out benchmarks/runs/{name}` "
