@@ -52,12 +52,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_in_subprocess(script: str, args: Sequence[str]) -> dict:
-    """Run ``script`` with ``args`` in a fresh interpreter; its last stdout line is a JSON result.
+def measure_in_subprocess(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` with ``args`` in a fresh interpreter (``env`` added to the environment);
+    its last stdout line is a JSON result.
 
     A fresh process per measurement makes its peak RSS its own.
     """
-    completed = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    completed = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                               env={**os.environ, **(env or {})})
     if completed.returncode != 0:
         sys.stderr.write(completed.stderr)
         raise SystemExit(f"measurement {' '.join(args)} failed (exit {completed.returncode})")

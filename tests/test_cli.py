@@ -33,13 +33,13 @@ def no_model_loading(monkeypatch):
     """Config errors must surface before any model is loaded."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
-    monkeypatch.setattr("fedlora.engine.setup.load_model", refuse)
+    monkeypatch.setattr("fedlora.engine.inputs.load_model", refuse)
 
 
 def test_methods_lists_every_aggregator_and_baseline():
     result = invoke("methods")
     assert result.exit_code == 0
-    for name in available_aggregators() + ["centralized", "local"]:
+    for name in available_aggregators():
         assert name in result.output
     # each method's summary line whole: FLoRA's "B = [p_1 s_1 B_1 | …]" is not taken for markup
     output = " ".join(result.output.split())
@@ -183,3 +183,28 @@ def test_readme_documents_every_config_key():
     table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
     documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
     assert documented == set(RunConfig.__dataclass_fields__)
+
+
+def _corrupt_metrics(run: Path) -> Path:
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 0}\n{not json\n{"round": 2}\n')
+    return run
+
+
+@pytest.mark.parametrize("command, expected", [
+    (lambda tmp: ["report", _corrupt_metrics(tmp / "run")], ["metrics.jsonl", "line 2", "not valid JSON"]),
+    (lambda tmp: ["report", tmp], ["no subfolder holds a non-empty metrics.jsonl"]),
+    (lambda tmp: ["report", tmp / "absent"], ["absent", "no such folder"]),
+    (lambda tmp: ["eval", tmp], ["config.json", "no saved configuration"]),
+    (lambda tmp: ["export", tmp, "--merged", tmp / "out"], ["config.json", "no saved configuration"]),
+    (lambda tmp: ["export", tmp, "--adapter", tmp / "out"], ["--rank"]),
+    (lambda tmp: ["run", *TINY, "--method-options", "{compress:", "--out", tmp / "run"],
+     ["'method_options'", "JSON object"]),
+    (lambda tmp: ["run", *TINY, "--method-options", '{"compress": "lossy"}', "--out", tmp / "run"],
+     ["'method_options'", "compress"]),
+    (lambda tmp: ["run", "--resume", tmp], ["config.json", "no saved configuration"]),
+])
+def test_every_command_reports_a_bad_input_as_one_line(tmp_path, no_model_loading, command, expected):
+    message = one_line_error(invoke(*command(tmp_path)))
+    for part in expected:
+        assert part in message.replace(f"{tmp_path}/", ""), (part, message)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import comparable
+from support import comparable, write_clients
 
 RUN = ["run", "--model", "tiny-llama", "--rounds", "3", "--local-steps", "2", "--batch-size", "2",
        "--max-length", "32", "--ranks", "4,2,1", "--clients-per-round", "2", "--lr", "0.01"]
@@ -70,12 +70,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[Path, list[dict]]:
-    from conftest import make_records
-
-    folder = tmp_path_factory.mktemp("clients")
-    for client, count in ((0, 8), (1, 12), (2, 20)):
-        (folder / f"local_training_{client}.json").write_text(json.dumps(make_records(client, count)))
-    (folder / "global_test.json").write_text(json.dumps(make_records(9, 6)))
+    folder = write_clients(tmp_path_factory.mktemp("clients"))
     out = tmp_path_factory.mktemp("full") / "run"
     done = fedlora(RUN + ["--data", folder, "--out", out])
     assert done.returncode == 0, done.stderr

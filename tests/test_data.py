@@ -10,8 +10,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from fedlora.data import (
     IGNORE_INDEX,
@@ -30,6 +28,8 @@ from fedlora.data import (
     tokenize_records,
 )
 
+from support import byte_tokenizer, write
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"  # ../shared/data from the repo; never copied into it
 DOLLY = DATA / "dolly-10clients"
@@ -41,35 +41,9 @@ DOLLY_CLIENT_SIZES = {"0": 826, "1": 967, "2": 3840, "4": 2280, "5": 4204, "6": 
                       "7": 3573, "8": 2115, "9": 774}
 
 
-def write(path: Path, content: object) -> Path:
-    """Write JSON (or raw text/bytes as given) to ``path`` and return it."""
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, str):
-        path.write_text(content, encoding="utf-8")
-    else:
-        path.write_text(json.dumps(content), encoding="utf-8")
-    return path
-
-
 def dolly(instruction="Say hi", context="", response="hi", category="open_qa") -> dict:
     return {"instruction": instruction, "context": context, "response": response,
             "category": category}
-
-
-def byte_tokenizer(*, bos: bool = True) -> PreTrainedTokenizerFast:
-    """Every UTF-8 byte one token, plus <pad>=0, <s>=1, </s>=2: nothing to download."""
-    specials = ["<pad>", "<s>", "</s>"]
-    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(tokens)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    if bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                               special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
 
 
 def plain_ids(tokenizer, text: str) -> list[int]:

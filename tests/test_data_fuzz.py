@@ -20,7 +20,8 @@ from fedlora.data import (
     tokenize_record,
 )
 from fedlora.data.mmlu import LETTERS
-from test_data import byte_tokenizer, write
+
+from support import byte_tokenizer, write
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

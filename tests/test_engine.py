@@ -4,42 +4,18 @@ from __future__ import annotations
 
 import json
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
 from fedlora.aggregation import available_aggregators
-from fedlora.engine.config import RunConfig, build_config, save_config
 from fedlora.engine.restore import export_merged, restore_global_model
 from fedlora.engine.setup import prepare_run
 from fedlora.lora.merge import base_weight
 from fedlora.models import load_model
-from fedlora.report import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
 
-EVAL_KEYS = ("round", "eval_loss", "perplexity", "train_loss", "bytes_up", "bytes_down", "clients",
-             "mmlu_acc")
-
-
-def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
-    values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 2, "local_steps": 2,
-              "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2}
-    values.update(overrides)
-    return build_config(values)
-
-
-def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
-    config = tiny_config(client_dir, out, **overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.json")
-    run_inprocess(prepare_run(config, out, log=lambda message: None))
-    return read_metrics(out)
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    """The deterministic part of metric rows (wall-clock times excluded)."""
-    return [{key: row.get(key) for key in EVAL_KEYS} for row in rows]
+from support import DOLLY, comparable, require_shared_data, run_tiny, tiny_config
 
 
 def test_flora_round_merges_exactly_the_weighted_sum_of_client_updates(client_dir, tmp_path):
@@ -76,9 +52,10 @@ def test_partial_participation_samples_the_configured_number_of_clients(client_d
     assert all(row["bytes_up"] > 0 for row in rows[1:])
 
 
-@pytest.mark.parametrize("method", available_aggregators() + ["centralized", "local"])
+@pytest.mark.parametrize("method", available_aggregators())
 def test_every_method_runs_two_rounds(client_dir, tmp_path, method):
-    ranks = [4, 2, 1] if method in ("flora", "zeropad", "flexlora", "local", "centralized") else [2]
+    ranks = [4, 2, 1] if method in ("flora", "zeropad", "flexlora", "florist", "hetlora", "raflora", "local",
+                                    "centralized") else [2]
     rows = run_tiny(client_dir, tmp_path / method, method=method, ranks=ranks)
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert all(row["eval_loss"] == row["eval_loss"] for row in rows)  # not NaN
@@ -158,8 +135,6 @@ def test_checkpoint_copies_only_tensors_that_share_storage(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_runs_one_round_of_two_steps_and_exports_a_plain_model(tmp_path):
-    from conftest import DOLLY, require_shared_data
-
     require_shared_data()
     rows = run_tiny(DOLLY, tmp_path / "smol", model="smollm2-135m", rounds=1, clients=2, local_steps=2,
                     ranks=[8, 4], max_length=64, test_limit=8, mmlu_limit=4, lr=3e-4)

@@ -35,7 +35,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny-llama", seed=0)
+    return load_model("tiny-llama", seed=0, dtype="float32")  # on the default device (CUDA where present)
 
 
 def questions() -> list[MMLUQuestion]:
@@ -63,7 +63,7 @@ def hand_computed_loss(model, tokenizer, records) -> tuple[float, int]:
     total, count = 0.0, 0
     with torch.no_grad():
         for example in examples:
-            logits = model(torch.tensor([example.input_ids])).logits[0].double()
+            logits = model(torch.tensor([example.input_ids], device=model.device)).logits[0].double()
             log_probs = logits.log_softmax(dim=-1)
             for position in range(1, len(example.labels)):
                 label = example.labels[position]
@@ -133,7 +133,8 @@ def test_mmlu_scores_the_next_token_after_the_prompt(tiny):
     form = answer_tokens(tokenizer, mmlu_prompt(question))
     ids = tokenizer(form.context(mmlu_prompt(question)))["input_ids"]
     with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0, -1].log_softmax(dim=-1)[list(form.letter_ids)]
+        expected = model(torch.tensor([ids], device=model.device)).logits[0, -1].log_softmax(dim=-1)
+    expected = expected[list(form.letter_ids)].cpu()
     scored = answer_log_likelihoods(model, tokenizer, [question])[0]
     torch.testing.assert_close(scored, expected, atol=1e-5, rtol=0)
 

@@ -27,7 +27,8 @@ from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
-from test_flower_codec import over_the_wire
+
+from support import comparable, over_the_wire, run_tiny, tiny_config
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
 PARAMS_FILE = "fake.json"
@@ -90,7 +91,7 @@ class FakeFederation:
         self.weights = initial_weights()
         self.base_log: dict[int, GlobalUpdate] = {}
         self.rows: list[dict] = []
-        self.synced: dict[str, int] = {}  # what the strategy reported of each replica
+        self.synced = dict.fromkeys(self.client_ids, 0)  # what the strategy reported of each replica
 
     def start(self) -> int:
         return 0
@@ -105,6 +106,13 @@ class FakeFederation:
 
     def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
         return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
+
+    def catchup(self, client_id: str, through: int) -> list[tuple[int, GlobalUpdate]]:
+        return [(r, u) for r, u in self.base_updates_since(self.synced[client_id]) if r <= through]
+
+    def catchup_params(self, client_id: str, through: int) -> int:
+        return sum(f.A.numel() + f.B.numel() for _, u in self.catchup(client_id, through)
+                   for f in (*u.factors.values(), *u.residual.values()))
 
     def replica_through(self, client_id: str, last_round: int) -> None:
         self.synced[client_id] = last_round
@@ -355,9 +363,8 @@ def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_ident
 def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(client_dir, tmp_path, server_identity):
     from fedlora.engine.config import save_config
     from fedlora.engine.restore import restore_global_model
-    from fedlora.report import read_metrics
-    from fedlora.runtime.flower import factories, runner
-    from test_engine import comparable, run_tiny, tiny_config
+    from fedlora.engine.metrics import read_metrics
+    from fedlora.runtime.flower import client_factory, runner, server_factory
 
     settings = {"rounds": 2, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "min_clients": 1}
     expected = run_tiny(client_dir, tmp_path / "inprocess", **settings)
@@ -369,12 +376,12 @@ def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(c
                          data_on_nodes=True, clients=3, test_data=str(client_dir / "global_test.json"), **settings)
     save_config(config, run_dir / "config.json")
     assert runner.node_settings(config) == []  # the launcher reads no records either
-    app_settings = AppSettings(run_dir=str(run_dir), federation_factory=f"{factories.__name__}:federation_factory",
-                               client_factory=f"{factories.__name__}:client_factory", round_timeout=60.0,
+    app_settings = AppSettings(run_dir=str(run_dir), federation_factory=f"{server_factory.__name__}:federation_factory",
+                               client_factory=f"{client_factory.__name__}:client_factory", round_timeout=60.0,
                                run_config=json.dumps(config.to_dict()))
     nodes = {1000 + i: {"partition-id": i, "data": str(client_dir / f"local_training_{i}.json"),
                         "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
-    strategy = FedLoraStrategy(factories.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
+    strategy = FedLoraStrategy(server_factory.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
     report = strategy.run(InMemoryGrid(nodes, app_settings.to_run_config()))
 
     assert comparable(read_metrics(run_dir)) == comparable(expected)
@@ -385,4 +392,4 @@ def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(c
 
     # a SuperNode started without its records fails, saying what to do
     with pytest.raises(ValueError, match=r"partition 1: .*--node-config 'data="):
-        factories.client_factory(app_settings, NodeSettings(1))
+        client_factory.client_factory(app_settings, NodeSettings(1))

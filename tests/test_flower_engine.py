@@ -15,10 +15,11 @@ from fedlora.engine.config import save_config
 from fedlora.engine.restore import restore_global_model
 from fedlora.eval.loss import pad_token_id
 from fedlora.models import load_model
-from fedlora.report import read_metrics
+from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.flower import runner
 from fedlora.runtime.flower.client_app import ReplicaLog
-from test_engine import comparable, run_tiny, tiny_config
+
+from support import comparable, run_tiny, tiny_config
 
 pytestmark = pytest.mark.slow
 SETTINGS = {"rounds": 2, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "min_clients": 1}

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_records
 from fedlora.aggregation import ClientUpdate
 from fedlora.engine.config import build_config
 from fedlora.engine.setup import prepare_run
+
+from support import make_records
 
 
 @pytest.fixture

@@ -7,15 +7,8 @@ import json
 import pytest
 from rich.console import Console
 
-from fedlora.report import (
-    append_metrics,
-    compare_runs,
-    console_table,
-    read_metrics,
-    rewrite_metrics,
-    write_report,
-    write_summary,
-)
+from fedlora.engine.metrics import append_metrics, read_metrics, rewrite_metrics, write_summary
+from fedlora.report import compare_runs, console_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

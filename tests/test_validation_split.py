@@ -11,7 +11,7 @@ import pytest
 from fedlora.data import DataError, Record, load_records, split_clients, tokenize_records
 from fedlora.engine.config import ConfigError, build_config, save_config
 from fedlora.engine.setup import prepare_run
-from fedlora.report import read_metrics
+from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
 
 
@@ -42,9 +42,10 @@ def test_a_client_too_small_to_give_a_record_is_named():
         split_clients({"big": records(10), "lonely": records(1)}, 0.05, seed=0)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
-def test_validation_fraction_outside_zero_to_one_is_a_config_error(value):
-    with pytest.raises(ConfigError, match="'validation_fraction' must be in \\[0, 1\\)"):
+@pytest.mark.parametrize("value, message", [(-0.1, "must be ≥ 0"), (float("nan"), "must be ≥ 0"),
+                                            (1.0, "must be below 1")])
+def test_validation_fraction_outside_zero_to_one_is_a_config_error(value, message):
+    with pytest.raises(ConfigError, match=f"'validation_fraction' {message}"):
         build_config({"validation_fraction": value})
 
 
@@ -96,7 +97,7 @@ def test_the_centralized_baseline_is_validated_on_the_same_records(client_dir, t
 
 def test_a_flower_supernode_holds_out_the_records_the_server_does(client_dir, tmp_path):
     from fedlora.runtime.flower.codec import AppSettings, NodeSettings
-    from fedlora.runtime.flower.factories import client_factory
+    from fedlora.runtime.flower.client_factory import client_factory
 
     config, setup = tiny(client_dir, tmp_path / "run")
     settings = AppSettings(run_dir=str(tmp_path / "run"), federation_factory="", client_factory="",

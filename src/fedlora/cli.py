@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
+import types
+import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from fedlora.aggregation import AggregationError, available_aggregators
-from fedlora.data import DataError
-from fedlora.engine.config import BASELINES, ConfigError, RunConfig, load_config, load_saved_config, save_config, \
-    with_absolute_paths
-from fedlora.models import ModelError
+from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, load_config, load_saved_config, \
+    save_config, with_absolute_paths
+from fedlora.errors import FedloraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated LoRA fine-tuning of LLMs with exact aggregation.")
@@ -37,8 +39,7 @@ console = make_console()
 # PEFT calls a transformers property that transformers 5 deprecates; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 #: mistakes a user can make: printed as one line, never a traceback
-USER_ERRORS = (ConfigError, DataError, ModelError, AggregationError, FileNotFoundError)
-CONFIG_FILE = "config.json"
+USER_ERRORS = (FedloraError, FileNotFoundError)
 
 Opt = typer.Option
 
@@ -48,7 +49,7 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _overrides(**flags) -> dict:
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
     """The flags the user actually gave (typer passes None for the others)."""
     return {key: value for key, value in flags.items() if value is not None}
 
@@ -63,50 +64,27 @@ def _prepare_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-@app.command()
-def run(
-    config_file: Annotated[Optional[Path], typer.Argument(help="TOML file; flags override its keys")] = None,
-    model: Annotated[Optional[str], Opt(help="smollm2-135m, tiny-llama, a HF id or a local dir")] = None,
-    gguf_file: Annotated[Optional[str], Opt(help="GGUF file inside --model's directory")] = None,
-    data: Annotated[Optional[str], Opt(help="dir of local_training_*.json, a .json/.jsonl file or a HF id")] = None,
-    test_data: Annotated[Optional[str], Opt(help="held-out records for eval loss")] = None,
-    mmlu: Annotated[Optional[str], Opt(help="MMLU file in FLoRA's format")] = None,
-    method: Annotated[Optional[str], Opt(help="aggregation method or baseline (see `fedlora methods`)")] = None,
-    clients: Annotated[Optional[int], Opt(help="number of clients (first N files, or N splits)")] = None,
-    fraction: Annotated[Optional[float], Opt(help="fraction of clients sampled per round")] = None,
-    clients_per_round: Annotated[Optional[int], Opt(help="clients sampled per round (overrides fraction)")] = None,
-    rounds: Annotated[Optional[int], Opt(help="federated rounds")] = None,
-    ranks: Annotated[Optional[str], Opt(help="LoRA rank for all clients, or one per client: 64,32,16")] = None,
-    alpha: Annotated[Optional[float], Opt(help="LoRA alpha for all clients (default 2×rank)")] = None,
-    local_steps: Annotated[Optional[int], Opt(help="optimizer steps per client per round")] = None,
-    local_epochs: Annotated[Optional[float], Opt(help="epochs per client per round, instead of steps")] = None,
-    batch_size: Annotated[Optional[int], Opt()] = None,
-    grad_accum: Annotated[Optional[int], Opt()] = None,
-    max_length: Annotated[Optional[int], Opt(help="tokens per example; longer ones are truncated")] = None,
-    lr: Annotated[Optional[float], Opt()] = None,
-    seed: Annotated[Optional[int], Opt()] = None,
-    test_limit: Annotated[Optional[int], Opt(help="evaluate loss on the first N test records")] = None,
-    mmlu_limit: Annotated[Optional[int], Opt(help="score the first N MMLU questions")] = None,
-    mmlu_every: Annotated[Optional[int], Opt(help="MMLU every K rounds (default: final round only)")] = None,
-    max_update_norm: Annotated[Optional[float], Opt(help="reject updates with larger ‖ΔW‖_F")] = None,
-    min_clients: Annotated[Optional[int], Opt(help="skip a round with fewer usable updates")] = None,
-    runtime: Annotated[Optional[str], Opt(help="inprocess (default) or flower")] = None,
-    superlink: Annotated[Optional[str], Opt(help="HOST:PORT of an existing Flower SuperLink")] = None,
-    root_certificates: Annotated[Optional[str], Opt(help="CA certificate of --superlink (TLS)")] = None,
-    data_on_nodes: Annotated[Optional[bool], Opt(help="with --superlink: the SuperNodes hold the clients' "
-                                                      "records, the server reads none")] = None,
-    out: Annotated[Optional[str], Opt(help="run folder")] = None,
-    resume: Annotated[Optional[Path], Opt(help="continue the run in this folder")] = None,
-) -> None:
+def _option_type(annotation: Any) -> type:
+    """The command-line type of a RunConfig field: lists are comma-separated and dicts JSON
+    strings (the config loader parses both), the rest as declared."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):  # X | None
+        annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    kind = typing.get_origin(annotation) or annotation
+    return str if kind in (list, dict) else kind
+
+
+def run_options() -> list[inspect.Parameter]:
+    """One ``--flag`` per RunConfig field, with the field's help text; None where not given."""
+    hints = typing.get_type_hints(RunConfig)
+    return [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[Optional[_option_type(hints[spec.name])],
+                                                   typer.Option(help=spec.metadata.get("help", ""))])
+            for spec in dataclasses.fields(RunConfig)]
+
+
+def run(config_file: Optional[Path] = None, resume: Optional[Path] = None, **flags: Any) -> None:
     """Federated LoRA fine-tuning; writes metrics.jsonl, summary.json, report.md, curves.png."""
-    flags = _overrides(model=model, gguf_file=gguf_file, data=data, test_data=test_data, mmlu=mmlu,
-                       method=method, clients=clients, fraction=fraction, clients_per_round=clients_per_round,
-                       rounds=rounds, ranks=ranks, alpha=alpha, local_steps=local_steps, local_epochs=local_epochs,
-                       batch_size=batch_size,
-                       grad_accum=grad_accum, max_length=max_length, lr=lr, seed=seed, test_limit=test_limit,
-                       mmlu_limit=mmlu_limit, mmlu_every=mmlu_every, max_update_norm=max_update_norm,
-                       min_clients=min_clients, runtime=runtime, superlink=superlink,
-                       root_certificates=root_certificates, data_on_nodes=data_on_nodes, out=out)
+    flags = _given(flags)
     try:
         if resume is not None:
             config, run_dir = _resume_config(resume, config_file, flags)
@@ -116,6 +94,17 @@ def run(
         _execute(config, run_dir)
     except USER_ERRORS as error:
         _fail(error)
+
+
+run.__signature__ = inspect.Signature([
+    inspect.Parameter("config_file", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                      annotation=Annotated[Optional[Path], typer.Argument(help="TOML file; flags override its keys")]),
+    *run_options(),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Optional[Path], typer.Option(help="continue the run in this folder")]),
+])
+run.__annotations__ = {param.name: param.annotation for param in run.__signature__.parameters.values()}
+app.command()(run)
 
 
 def _resume_config(run_dir: Path, config_file: Path | None, flags: dict) -> tuple[RunConfig, Path]:
@@ -129,7 +118,8 @@ def _resume_config(run_dir: Path, config_file: Path | None, flags: dict) -> tupl
 
 
 def _execute(config: RunConfig, run_dir: Path) -> None:
-    from fedlora.report import write_report, write_summary
+    from fedlora.engine.metrics import write_summary
+    from fedlora.report import write_report
     from fedlora.runtime.observer import RichObserver
 
     with RichObserver(config.rounds, console) as observer:
@@ -161,7 +151,8 @@ def _run_inprocess(config: RunConfig, run_dir: Path, observer) -> dict:
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
-    from fedlora.report import console_table, format_bytes, read_metrics
+    from fedlora.engine.metrics import read_metrics
+    from fedlora.report import console_table, format_bytes
 
     console.print(console_table(read_metrics(run_dir), title=f"{summary['method']}: all rounds"))
     comm = summary["communication"]
@@ -175,25 +166,24 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 @app.command()
 def methods() -> None:
     """List the aggregation methods and baselines."""
-    from fedlora.aggregation import aggregator_class
+    from fedlora.aggregation.registry import method_summaries
 
-    for name in available_aggregators():
-        doc = (aggregator_class(name).__doc__ or "").strip().splitlines()[0]
-        console.print(Text.assemble((f"{name:<12}", "bold"), f" {doc}"))
-    for name in BASELINES:
-        console.print(Text.assemble((f"{name:<12}", "bold"), " baseline: "
-                                    + ("one client holding all data, same total steps" if name == "centralized"
-                                       else "every client trains alone, no aggregation")))
+    for name, summary in method_summaries().items():
+        console.print(Text.assemble((f"{name:<12}", "bold"), f" {summary}"))
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder, or a folder of run folders")]) -> None:
     """Write report.md and curves.png for a run, or compare every run under a folder."""
-    from fedlora.report import METRICS_FILE, compare_runs, write_report
+    from fedlora.engine.metrics import METRICS_FILE
+    from fedlora.report import compare_runs, write_report
 
-    if not run_dir.is_dir():
-        _fail(FileNotFoundError(f"{run_dir}: no such folder"))
-    written = write_report(run_dir) if (run_dir / METRICS_FILE).exists() else compare_runs(run_dir)
+    try:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: no such folder")
+        written = write_report(run_dir) if (run_dir / METRICS_FILE).exists() else compare_runs(run_dir)
+    except USER_ERRORS as error:
+        _fail(error)
     for path in written:
         console.print(f"wrote {path}")
 
@@ -211,7 +201,7 @@ def evaluate(
 
     try:
         restored = restore_global_model(run_dir)
-        overrides = _overrides(test_data=test_data, mmlu=mmlu, mmlu_limit=mmlu_limit, test_limit=test_limit)
+        overrides = _given(dict(test_data=test_data, mmlu=mmlu, mmlu_limit=mmlu_limit, test_limit=test_limit))
         metrics = evaluate_restored(restored, overrides)
     except USER_ERRORS as error:
         _fail(error)

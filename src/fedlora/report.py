@@ -27,10 +27,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from fedlora.files import append_text, atomic_write_text
+from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_metrics, read_summary
+from fedlora.files import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
 COMPARISON_FILE = "comparison.md"
@@ -73,69 +72,6 @@ ROUND_COLUMNS: dict[str, Callable[[Any], str]] = {
 def _cell(row: dict, key: str, fmt: Callable[[Any], str]) -> str:
     value = row.get(key)
     return MISSING if value is None else fmt(value)
-
-
-# --- metrics.jsonl and summary.json --------------------------------------------------------
-
-
-def _metrics_line(row: dict) -> str:
-    return json.dumps(row, separators=(",", ":")) + "\n"
-
-
-def append_metrics(out_dir: str | Path, row: dict) -> None:
-    """Append ``row`` as one JSON line to ``out_dir/metrics.jsonl``, durably (flush + fsync)."""
-    append_text(Path(out_dir) / METRICS_FILE, _metrics_line(row))
-
-
-def rewrite_metrics(out_dir: str | Path, rows: list[dict]) -> None:
-    """Replace ``metrics.jsonl`` by ``rows`` atomically.
-
-    A resumed run calls this to drop rows written after its checkpoint, which it will redo.
-    """
-    atomic_write_text(Path(out_dir) / METRICS_FILE, "".join(_metrics_line(row) for row in rows))
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    """All rows of ``out_dir/metrics.jsonl`` in order; ``[]`` when the file does not exist.
-
-    A last line without its newline is the trace of a run killed mid-write and is skipped;
-    any other unparsable line raises ``ValueError`` naming the file and line.
-    """
-    path = Path(out_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            interrupted_write = number == len(lines) and not text.endswith("\n")
-            if interrupted_write:
-                continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from err
-    return rows
-
-
-def write_summary(out_dir: str | Path, summary: dict) -> Path:
-    """Write ``out_dir/summary.json`` atomically (temporary file, fsync, ``os.replace``)."""
-    path = Path(out_dir) / SUMMARY_FILE
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
-    return path
-
-
-def read_summary(out_dir: str | Path) -> dict:
-    """``out_dir/summary.json``, or ``{}`` when the run has not finished."""
-    path = Path(out_dir) / SUMMARY_FILE
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# --- tables --------------------------------------------------------------------------------
 
 
 def _markdown_table(headers: list[str], body: Iterable[list[str]]) -> list[str]:
@@ -286,7 +222,7 @@ def write_report(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     rows = read_metrics(out_dir)
     if not rows:
-        raise ValueError(f"{out_dir / METRICS_FILE}: no metrics to report")
+        raise MetricsError(f"{out_dir / METRICS_FILE}: no metrics to report")
     summary = read_summary(out_dir)
 
     lines = [f"# Run report: {out_dir.name}", "", "## Rounds", ""]
@@ -309,13 +245,13 @@ def compare_runs(parent_dir: str | Path) -> list[Path]:
     """
     parent_dir = Path(parent_dir)
     if not parent_dir.is_dir():
-        raise ValueError(f"{parent_dir}: not a directory")
+        raise MetricsError(f"{parent_dir}: not a directory")
     runs = {folder.name: read_metrics(folder)
             for folder in sorted(parent_dir.iterdir())
             if (folder / METRICS_FILE).is_file()}
     runs = {name: rows for name, rows in runs.items() if rows}
     if not runs:
-        raise ValueError(f"{parent_dir}: no subfolder holds a non-empty {METRICS_FILE}")
+        raise MetricsError(f"{parent_dir}: no subfolder holds a non-empty {METRICS_FILE}")
 
     body = []
     for name, rows in runs.items():

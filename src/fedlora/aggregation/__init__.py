@@ -1,20 +1,23 @@
-"""Exact federated LoRA aggregation as pure tensor math (no models, files or network)."""
+"""Exact federated LoRA aggregation as pure tensor math (no models, files or network).
 
-from fedlora.aggregation.base import (
-    Accumulator,
-    AggregationError,
-    Aggregator,
-    ClientUpdate,
-    GlobalUpdate,
-    LoraFactors,
-    check_factors,
-    check_updates,
-    example_weights,
-)
-from fedlora.aggregation.registry import aggregator_class, available_aggregators, get_aggregator
+Names are imported on first use, so listing the registered methods (``fedlora methods``,
+``fedlora --help``) does not import torch.
+"""
 
-__all__ = [
-    "Accumulator", "AggregationError", "Aggregator", "ClientUpdate", "GlobalUpdate", "LoraFactors",
-    "aggregator_class", "available_aggregators", "check_factors", "check_updates",
-    "example_weights", "get_aggregator",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    **dict.fromkeys(("Accumulator", "AggregationError", "Aggregator", "ClientUpdate", "GlobalUpdate",
+                     "LoraFactors", "MethodState", "RunContext", "check_factors", "check_updates",
+                     "example_weights", "factors_to_tensors", "tensors_to_factors"), "fedlora.aggregation.base"),
+    **dict.fromkeys(("aggregator_class", "available_aggregators", "get_aggregator", "method_summaries"),
+                    "fedlora.aggregation.registry"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

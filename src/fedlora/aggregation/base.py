@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from fedlora.errors import FedloraError
+
 FACTOR_NAMES = ("A", "B")
 
 
-class AggregationError(ValueError):
+class AggregationError(FedloraError):
     """An update that cannot be aggregated; names the client, the module and the rule broken."""
 
     def __init__(self, message: str, *, client_id: str | None = None, module: str | None = None,
@@ -50,8 +52,9 @@ class LoraFactors:
         """(d, n): the shape of the dense update."""
         return self.B.shape[0], self.A.shape[1]
 
-    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
-        A, B = (self.A, self.B) if dtype is None else (self.A.to(dtype), self.B.to(dtype))
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The dense d×n update, computed in ``dtype`` on ``device`` (default: the factors' own)."""
+        A, B = self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
         return self.scale * (B @ A)
 
     def numel(self) -> int:
@@ -85,11 +88,12 @@ class GlobalUpdate:
     client_factors: dict[str, dict[str, LoraFactors]] = field(default_factory=dict)
     info: dict[str, float | int | str] = field(default_factory=dict)
 
-    def delta(self, module: str, dtype: torch.dtype | None = None) -> Tensor:
+    def delta(self, module: str, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Tensor:
         """The dense d×n update of the global model for ``module``."""
-        total = self.factors[module].delta(dtype)
+        total = self.factors[module].delta(dtype, device)
         if module in self.residual:
-            total = total + self.residual[module].delta(dtype)
+            total = total + self.residual[module].delta(dtype, device)
         return total
 
     @property
@@ -184,31 +188,102 @@ def check_factors(factors: LoraFactors, *, client_id: str | None = None, module:
                                rule="finite")
 
 
-class Aggregator(ABC):
-    """One federated LoRA aggregation method (one module per method, registered by name).
+def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str, Tensor]:
+    """Factors as named tensors (``<prefix><module>.A``/``.B``/``.scale``), as checkpoints store them."""
+    tensors = {}
+    for module, f in factors.items():
+        tensors[f"{prefix}{module}.A"] = f.A.contiguous()
+        tensors[f"{prefix}{module}.B"] = f.B.contiguous()
+        tensors[f"{prefix}{module}.scale"] = torch.tensor(f.scale, dtype=torch.float64)
+    return tensors
 
-    Modelled on Flower's strategies: :meth:`trainable` is the per-round configuration sent to
-    clients, :meth:`aggregate` turns their updates into the global update, and
-    :meth:`client_start` says which factors a client starts its next round from.
+
+def tensors_to_factors(prefix: str, tensors: dict[str, Tensor]) -> dict[str, LoraFactors]:
+    """The factors :func:`factors_to_tensors` stored under ``prefix``."""
+    modules = sorted({key[len(prefix):-len(".scale")] for key in tensors
+                      if key.startswith(prefix) and key.endswith(".scale")})
+    return {m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"],
+                           float(tensors[f"{prefix}{m}.scale"])) for m in modules}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method is told of the run before its first round (plain data the engine fills in)."""
+
+    #: every client's rank, in client order
+    ranks: dict[str, int]
+    #: every client's LoRA scale α/r (α/√r with rsLoRA)
+    scales: dict[str, float]
+    #: module → (d, n), the shape of its dense update
+    shapes: dict[str, tuple[int, int]]
+    #: the run's seed; every draw a method makes derives from it
+    seed: int = 0
+
+
+#: (JSON-able metadata, tensors): a method's state as a checkpoint stores it
+MethodState = tuple[dict, dict[str, Tensor]]
+
+
+class Aggregator(ABC):
+    """One federated LoRA method (one module per method, registered by name).
+
+    Modelled on Flower's strategies. The engine calls, per run: :meth:`setup`; per round:
+    :meth:`trainable` and :meth:`start_adapter` for every sampled client, the updates that
+    pass its validation gate go into :meth:`accumulator` (→ :meth:`combine`), the result is
+    merged into the global model as it says and handed to :meth:`commit`; then
+    :meth:`evaluation_adapters` says what to evaluate, and :meth:`state_dict` is checkpointed.
+    :meth:`aggregate` is the same combination for callers without an engine: it checks the
+    updates first.
+
+    The default state is the last global update without what was merged into the base weights:
+    clients continue from its adapter (or their own entry in ``client_factors``), or start fresh
+    after a merge. A method keeping other state overrides :meth:`commit`, :meth:`state_dict` and
+    :meth:`load_state_dict`.
     """
 
     name: ClassVar[str]
     #: True where clients of different ranks can be aggregated.
     heterogeneous_ranks: ClassVar[bool] = True
+    #: True for a method that trains one client holding every client's records (centralized)
+    pools_data: ClassVar[bool] = False
+    #: the runtimes the method can run on
+    runtimes: ClassVar[tuple[str, ...]] = ("inprocess", "flower")
 
+    context: RunContext | None = None
+    global_update: GlobalUpdate | None = None
+
+    # -- the run ---------------------------------------------------------------------------
+    def setup(self, context: RunContext) -> None:
+        """Called once before the first round (and before a checkpoint's state is loaded)."""
+        self.context = context
+        self.global_update = None
+
+    @property
+    def seed(self) -> int:
+        return self.context.seed if self.context is not None else 0
+
+    # -- configure a round -----------------------------------------------------------------
     def trainable(self, server_round: int) -> frozenset[str]:
         """Factors clients train in ``server_round`` (1-based); the others stay frozen."""
         return frozenset(FACTOR_NAMES)
 
-    @abstractmethod
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        """Combine client updates; ``weights`` default to the clients' example shares."""
+    def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
+        """The factors ``client_id`` starts this round's LoRA from; None for a fresh LoRA.
 
-    def accumulator(self, slots: Sequence[Slot]) -> Accumulator:
-        """A collector for one round's updates as they arrive, from the clients (and ranks per
-        module) of ``slots`` (see :class:`Accumulator`)."""
-        return Accumulator(self, slots)
+        Before any global update, a factor frozen from the first round on (FFA-LoRA, RoLoRA)
+        must be the same on every client, so it is drawn here, from the run's seed, and the
+        engine can check that each client sent it back intact.
+        """
+        rank = self.context.ranks[client_id]
+        if self.global_update is not None:
+            return self.client_start(self.global_update, client_id, rank)
+        if self.trainable(server_round) == frozenset(FACTOR_NAMES):
+            return None  # every client draws its own fresh LoRA
+        from fedlora.aggregation.factored import fit_ranks  # factored builds on this module
+
+        empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), self.context.scales[client_id])
+                 for module, (d, n) in self.context.shapes.items()}
+        return fit_ranks(empty, rank, self.seed)
 
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
@@ -216,6 +291,58 @@ class Aggregator(ABC):
         if global_update.merge:
             return None
         return global_update.client_factors.get(client_id, global_update.factors)
+
+    # -- aggregate -------------------------------------------------------------------------
+    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                  server_round: int | None = None) -> GlobalUpdate:
+        """Check the updates' structure, then :meth:`combine` them; ``weights`` default to the
+        clients' example shares."""
+        check_updates(updates)
+        return self.combine(updates, weights, server_round=server_round)
+
+    @abstractmethod
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
+        """The method's rule, on updates that passed a validation gate (the engine's, or
+        :meth:`aggregate`'s check)."""
+
+    def accumulator(self, slots: Sequence[Slot]) -> Accumulator:
+        """A collector for one round's updates as they arrive, from the clients (and ranks per
+        module) of ``slots`` (see :class:`Accumulator`)."""
+        return Accumulator(self, slots)
+
+    # -- after a round ---------------------------------------------------------------------
+    def commit(self, server_round: int, update: GlobalUpdate) -> None:
+        """Take the round's global update as the state the next round starts from. What was
+        merged lives on in the base weights, so it is not kept (nor checkpointed) here."""
+        self.global_update = replace(update, factors={} if update.merge else update.factors, residual={})
+
+    def evaluation_adapters(self) -> dict[str | None, dict[str, LoraFactors] | None]:
+        """What to evaluate: ``{None: adapter}`` for one global model (the base weights with
+        ``adapter`` merged, None for the base alone), or one entry per client for methods whose
+        clients keep models of their own (the engine reports each and their mean)."""
+        update = self.global_update
+        return {None: update.factors if update is not None and not update.merge and update.factors else None}
+
+    def state_dict(self) -> MethodState:
+        update = self.global_update
+        if update is None:
+            return {"global": None}, {}
+        tensors = factors_to_tensors("global/", update.factors)
+        for client_id, factors in update.client_factors.items():
+            tensors.update(factors_to_tensors(f"client/{client_id}/", factors))
+        meta = {"merge": update.merge, "info": update.info, "client_factors": sorted(update.client_factors)}
+        return {"global": meta}, tensors
+
+    def load_state_dict(self, state: MethodState) -> None:
+        meta, tensors = state
+        if meta["global"] is None:
+            self.global_update = None
+            return
+        meta = meta["global"]
+        self.global_update = GlobalUpdate(
+            factors=tensors_to_factors("global/", tensors), merge=meta["merge"], info=meta["info"],
+            client_factors={cid: tensors_to_factors(f"client/{cid}/", tensors) for cid in meta["client_factors"]})
 
 
 #: a client expected this round and its rank per module
@@ -226,8 +353,9 @@ class Accumulator:
     """One round's updates, added one at a time as clients deliver them.
 
     ``slots`` are the clients expected, in the order their updates are aggregated whatever
-    the order they arrive in, with their ranks per module. This default keeps the updates and
-    calls :meth:`Aggregator.aggregate` at the end. A method that can keep less overrides
+    the order they arrive in, with their ranks per module. Updates are added once they passed
+    the engine's validation gate, and are not checked again. This default keeps the updates
+    and calls :meth:`Aggregator.combine` at the end. A method that can keep less overrides
     :meth:`Aggregator.accumulator`: FLoRA's copies each update into its slot of the stack, so
     a server that lets go of each upload once added never holds every upload and the stack at
     once. Either way :meth:`result` equals ``aggregate`` over the updates added and not
@@ -259,5 +387,5 @@ class Accumulator:
         return slot
 
     def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
-        return self.aggregator.aggregate([self.filled[slot] for slot in sorted(self.filled)], weights,
-                                         server_round=server_round)
+        return self.aggregator.combine([self.filled[slot] for slot in sorted(self.filled)], weights,
+                                       server_round=server_round)

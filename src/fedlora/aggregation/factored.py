@@ -144,7 +144,8 @@ def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
 
     Padding A with zero rows as well as B with zero columns would leave those components with
     zero gradients for good. The draw is seeded by ``seed`` and the ranks, so a resumed run
-    redraws it; callers pass a per-module seed so modules do not share their fresh rows.
+    redraws it; callers pass a per-module seed so modules do not share their fresh rows. It is
+    made on the CPU and then moved to the factors' device, so it is the same on every device.
     """
     if rank <= factors.rank:
         return leading(factors, rank)
@@ -152,14 +153,14 @@ def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{rank}/{factors.rank}".encode()))
     bound = 1 / math.sqrt(width)  # kaiming_uniform_(a=√5) on an r×n weight
     fresh_A = (torch.rand(extra, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-    return LoraFactors(A=torch.cat([factors.A, fresh_A.to(factors.A.dtype)]),
+    return LoraFactors(A=torch.cat([factors.A, fresh_A.to(device=factors.A.device, dtype=factors.A.dtype)]),
                        B=torch.cat([factors.B, factors.B.new_zeros(factors.B.shape[0], extra)], dim=1),
                        scale=factors.scale)
 
 
-def fit_ranks(factors: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
-    """:func:`fit_rank` for every module, each seeded by its name."""
-    return {module: fit_rank(f, rank, zlib.crc32(module.encode())) for module, f in factors.items()}
+def fit_ranks(factors: dict[str, LoraFactors], rank: int, seed: int = 0) -> dict[str, LoraFactors]:
+    """:func:`fit_rank` for every module, each seeded by ``seed`` and its name."""
+    return {module: fit_rank(f, rank, zlib.crc32(f"{seed}/{module}".encode())) for module, f in factors.items()}
 
 
 def max_rank(factors: dict[str, LoraFactors]) -> int:
@@ -167,9 +168,14 @@ def max_rank(factors: dict[str, LoraFactors]) -> int:
     return max(module_factors.rank for module_factors in factors.values())
 
 
-def frobenius_norm(factors: LoraFactors) -> float:
-    """``‖scale·B·A‖_F = |scale|·sqrt(trace((BᵀB)(AAᵀ)))``, from two r×r Gram matrices."""
-    A, B = factors.A.to(torch.float64), factors.B.to(torch.float64)
+def squared_product_norm(A: Tensor, B: Tensor) -> Tensor:
+    """``‖B·A‖_F² = trace((BᵀB)(AAᵀ))`` from two r×r Gram matrices: a tensor in the factors'
+    dtype, differentiable in both."""
     # Both Gram matrices are symmetric, so the trace of their product is their elementwise dot.
-    squared = ((B.T @ B) * (A @ A.T)).sum().clamp(min=0).item()
+    return ((B.T @ B) * (A @ A.T)).sum().clamp(min=0)
+
+
+def frobenius_norm(factors: LoraFactors) -> float:
+    """``‖scale·B·A‖_F``, factored (in float64)."""
+    squared = squared_product_norm(factors.A.to(torch.float64), factors.B.to(torch.float64)).item()
     return abs(factors.scale) * math.sqrt(squared)

@@ -24,9 +24,9 @@ class FedExLoRA(FedIT):
     def __init__(self, compact_residual: bool = False):
         self.compact_residual = compact_residual
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        average = super().aggregate(updates, weights, server_round=server_round)  # checks the updates
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
+        average = super().combine(updates, weights, server_round=server_round)
         weights = normalized(example_weights(updates, weights))
         residual = {module: concat([*(update.factors[module] for update in updates), factors],
                                    [*weights, -1.0])

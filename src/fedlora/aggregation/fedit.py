@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      check_updates, example_weights)
+                                      example_weights)
 from fedlora.aggregation.factored import average_factors, normalized
 
 
@@ -33,9 +33,8 @@ class FedIT(Aggregator):
     name = "fedit"
     heterogeneous_ranks = False
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
         weights = normalized(example_weights(updates, weights))
         factors = {module: self.average_module(updates, weights, module) for module in updates[0].factors}
         return GlobalUpdate(factors=factors, merge=False)

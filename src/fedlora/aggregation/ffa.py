@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      check_updates, example_weights)
+                                      example_weights)
 from fedlora.aggregation.factored import normalized, padded_sum
 from fedlora.aggregation.fedit import require_homogeneous
 
@@ -46,9 +46,8 @@ class FFALoRA(Aggregator):
     def trainable(self, server_round: int) -> frozenset[str]:
         return frozenset({"B"})
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
         weights = normalized(example_weights(updates, weights))
         factors = {module: average_trained(updates, weights, module, "B", self.name)
                    for module in updates[0].factors}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      check_updates, example_weights)
+                                      example_weights)
 from fedlora.aggregation.factored import factored_svd, fit_ranks, max_rank, stack, truncate
 
 
@@ -21,15 +21,14 @@ class FlexLoRA(Aggregator):
 
     name = "flexlora"
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
-        _require_unique_clients(updates)
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
+        require_unique_clients(updates)
         weights = example_weights(updates, weights)
         global_factors: dict[str, LoraFactors] = {}
         client_factors: dict[str, dict[str, LoraFactors]] = {update.client_id: {} for update in updates}
         worst = 0.0
-        for module, stacked in stack(updates, weights).items():
+        for module, stacked in self.global_sum(updates, weights).items():
             svd = factored_svd(stacked.B, stacked.A)
             global_factors[module], _ = truncate(svd)
             for update in updates:
@@ -38,6 +37,10 @@ class FlexLoRA(Aggregator):
         return GlobalUpdate(factors=global_factors, merge=False, client_factors=client_factors,
                             info={"broadcast_rank": max_rank(global_factors), "truncation_error": worst})
 
+    def global_sum(self, updates: list[ClientUpdate], weights: list[float]) -> dict[str, LoraFactors]:
+        """The global update before its SVD, per module: FlexLoRA's is the exact Σ p_k ΔW_k."""
+        return stack(updates, weights)
+
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """The client's own truncation, or for a client that did not report, the global's leading
@@ -45,10 +48,10 @@ class FlexLoRA(Aggregator):
         extended by fresh components where the client's rank exceeds the global's."""
         if client_id in global_update.client_factors:
             return global_update.client_factors[client_id]
-        return fit_ranks(global_update.factors, rank)
+        return fit_ranks(global_update.factors, rank, self.seed)
 
 
-def _require_unique_clients(updates: list[ClientUpdate]) -> None:
+def require_unique_clients(updates: list[ClientUpdate]) -> None:
     """Per-client results are keyed by client id, so two updates may not share one."""
     seen: set[str] = set()
     for update in updates:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedlora.aggregation.base import Aggregator
+if TYPE_CHECKING:
+    from fedlora.aggregation.base import Aggregator
 
 AGGREGATORS: dict[str, str] = {
     "flora": "fedlora.aggregation.flora:FLoRA",
@@ -14,11 +19,33 @@ AGGREGATORS: dict[str, str] = {
     "rolora": "fedlora.aggregation.rolora:RoLoRA",
     "flexlora": "fedlora.aggregation.flexlora:FlexLoRA",
     "fedex": "fedlora.aggregation.fedex:FedExLoRA",
+    "fedsa": "fedlora.aggregation.fedsa:FedSALoRA",
+    "lorafair": "fedlora.aggregation.lorafair:LoRAFAIR",
+    "florist": "fedlora.aggregation.florist:FLoRIST",
+    "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
+    "raflora": "fedlora.aggregation.raflora:RaFLoRA",
+    "centralized": "fedlora.aggregation.centralized:Centralized",
+    "local": "fedlora.aggregation.local:LocalOnly",
 }
+
+#: the method a run uses unless it names one
+DEFAULT_METHOD = "flora"
 
 
 def available_aggregators() -> list[str]:
     return list(AGGREGATORS)
+
+
+def method_summaries() -> dict[str, str]:
+    """Each method's one-line summary (the first line of its class docstring), read from the
+    source without importing it, so listing methods costs no torch import."""
+    summaries = {}
+    for name, target in AGGREGATORS.items():
+        module_name, class_name = target.split(":")
+        tree = ast.parse(Path(find_spec(module_name).origin).read_text(encoding="utf-8"))
+        cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
+        summaries[name] = (ast.get_docstring(cls) or "").strip().splitlines()[0]
+    return summaries
 
 
 def aggregator_class(name: str) -> type[Aggregator]:

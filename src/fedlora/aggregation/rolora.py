@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, check_updates,
+from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate,
                                       example_weights)
 from fedlora.aggregation.factored import normalized
 from fedlora.aggregation.ffa import average_trained
@@ -31,9 +31,8 @@ class RoLoRA(Aggregator):
     def trainable(self, server_round: int) -> frozenset[str]:
         return frozenset({self._phase(server_round)})
 
-    def aggregate(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
-                  server_round: int | None = None) -> GlobalUpdate:
-        check_updates(updates)
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
         trained = self._phase(server_round)
         weights = normalized(example_weights(updates, weights))
         factors = {module: average_trained(updates, weights, module, trained, self.name)

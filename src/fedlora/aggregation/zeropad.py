@@ -1,4 +1,4 @@
-"""Zero-padding (HetLoRA-style): average factors of different ranks by padding to the largest."""
+"""Zero-padding: average factors of different ranks by padding to the largest (HetLoRA without its norm weights)."""
 
 from __future__ import annotations
 
@@ -29,4 +29,4 @@ class ZeroPad(FedIT):
     def client_start(self, global_update: GlobalUpdate, client_id: str,
                      rank: int) -> dict[str, LoraFactors] | None:
         """The global factors fitted to the client's rank (scale stays the global 1.0)."""
-        return fit_ranks(global_update.factors, rank)
+        return fit_ranks(global_update.factors, rank, self.seed)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from fedlora.data.records import DataError, Record, load_records, load_records_with_report
 
@@ -88,6 +87,8 @@ def _check_split(source: str, size: int, num_clients: int, partition: str, alpha
 
 
 def _iid_rows(size: int, num_clients: int, seed: int) -> list[list[int]]:
+    from flwr_datasets.partitioner import IidPartitioner  # imports matplotlib: only where splitting
+
     # IidPartitioner cuts contiguous shards, so the rows are shuffled first
     shuffled = np.random.default_rng(seed).permutation(size).tolist()
     return _partition_rows(IidPartitioner(num_partitions=num_clients), {"row": shuffled})
@@ -102,6 +103,8 @@ def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha:
     if unlabelled:
         raise DataError(source, f"{unlabelled} of {len(records)} records have no {by!r}, "
                                 "which partition='dirichlet' needs (use partition='iid')")
+    from flwr_datasets.partitioner import DirichletPartitioner  # imports matplotlib: only where splitting
+
     partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label",
                                        alpha=alpha, min_partition_size=min_size, seed=seed)
     try:
@@ -116,7 +119,7 @@ def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha:
                                 f"({error})") from error
 
 
-def _partition_rows(partitioner: Partitioner, columns: dict[str, list]) -> list[list[int]]:
+def _partition_rows(partitioner, columns: dict[str, list]) -> list[list[int]]:
     """The ``row`` column of every partition the partitioner cuts from ``columns``."""
     partitioner.dataset = datasets.Dataset.from_dict(columns)
     return [partitioner.load_partition(client)["row"]

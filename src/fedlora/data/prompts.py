@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.data.records import Record
+from fedlora.models import ModelError
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -135,7 +136,7 @@ class _Encoder:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token to end responses with")
+            raise ModelError(f"tokenizer {type(tokenizer).__name__} has no EOS token to end responses with")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prefix = _special_prefix(tokenizer)

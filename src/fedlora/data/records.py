@@ -16,6 +16,8 @@ from pathlib import Path
 
 import datasets
 
+from fedlora.errors import FedloraError
+
 log = logging.getLogger(__name__)
 
 #: file suffixes load_records reads: a JSON list of objects, or one object per line
@@ -29,7 +31,7 @@ _FIELD_ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(FedloraError):
     """Data that cannot be used; the message names the file, record and field at fault."""
 
     def __init__(self, source: str, message: str, *, where: str | None = None,

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlora.aggregation import LoraFactors
 from fedlora.files import atomic_write_text, fsync_path
 
 STATE_FILE = "state.json"
@@ -26,22 +25,6 @@ TENSORS_FILE = "tensors.safetensors"
 def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors stored under ``prefix``, keyed without it."""
     return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-
-
-def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for module, f in factors.items():
-        tensors[f"{prefix}{module}.A"] = f.A.contiguous()
-        tensors[f"{prefix}{module}.B"] = f.B.contiguous()
-        tensors[f"{prefix}{module}.scale"] = torch.tensor(f.scale, dtype=torch.float64)
-    return tensors
-
-
-def tensors_to_factors(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
-    modules = sorted({key[len(prefix):-len(".scale")] for key in tensors
-                      if key.startswith(prefix) and key.endswith(".scale")})
-    return {m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"],
-                           float(tensors[f"{prefix}{m}.scale"])) for m in modules}
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,8 +58,9 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict
     return final
 
 
-def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """The newest complete checkpoint, or None if the run has none yet."""
+def load_latest_checkpoint(run_dir: Path,
+                           device: torch.device | str = "cpu") -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The newest complete checkpoint, its tensors on ``device``, or None if the run has none yet."""
     root = Path(run_dir) / "checkpoints"
     try:
         name = (root / "LATEST").read_text(encoding="utf-8").strip()
@@ -84,4 +68,4 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]
         return None
     folder = root / name
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    return state, load_file(folder / TENSORS_FILE)
+    return state, load_file(folder / TENSORS_FILE, device=str(device))

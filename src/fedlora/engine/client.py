@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate
-from fedlora.data import TokenizedExample, collate
+from fedlora.data import DataError, TokenizedExample, collate
 from fedlora.engine.checkpoint import with_prefix
+from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.eval.loss import model_device
+from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
 from fedlora.lora.merge import base_weight
 
@@ -38,7 +39,7 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
                  batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions()):
         self.model = model
         self.pad_token_id = pad_token_id
         self.target_modules = list(target_modules)
@@ -47,6 +48,7 @@ class LocalTrainer:
         self.lr = lr
         self.weight_decay = weight_decay
         self.use_rslora = use_rslora
+        self.compute = compute
         self.carry: dict[str, torch.Tensor] = {}
         self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
 
@@ -54,7 +56,7 @@ class LocalTrainer:
     def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
         return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
                    grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                   use_rslora=config.use_rslora)
+                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config))
 
     def apply_base_update(self, update: GlobalUpdate) -> None:
         """Merge a logged global update into this replica's base weights (a Flower client
@@ -81,7 +83,7 @@ class LocalTrainer:
     def train(self, task: ClientTask, examples: Sequence[TokenizedExample],
               on_step: StepCallback | None = None) -> ClientResult:
         if not examples:
-            raise ValueError(f"client {task.client_id!r} has no training examples")
+            raise DataError(f"client {task.client_id!r} has no training examples")
         started = time.perf_counter()
         peft_model = attach_lora(self.model, task.rank, task.alpha, self.target_modules,
                                  use_rslora=self.use_rslora, seed=task.init_seed)
@@ -89,7 +91,8 @@ class LocalTrainer:
             if task.start is not None:
                 set_factors(peft_model, task.start)
             set_trainable(peft_model, task.trainable)
-            losses = self._optimize(peft_model, task, examples, on_step)
+            with self.compute.applied(peft_model):
+                losses = self._optimize(peft_model, task, examples, on_step)
             factors = get_factors(peft_model)
         finally:
             self.model = remove_lora(peft_model)

@@ -10,22 +10,40 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from fedlora.aggregation import aggregator_class, available_aggregators
-
-#: Methods the engine runs that are not aggregation rules of their own.
-BASELINES = ("centralized", "local")
+from fedlora.aggregation.registry import DEFAULT_METHOD
+from fedlora.errors import FedloraError
 
 DEFAULT_DATA = "../shared/data/dolly-10clients"
 #: Used when the shared data folder is absent (a user's own machine): split by Dirichlet.
 HUB_FALLBACK_DATA = "databricks/databricks-dolly-15k"
+RUNTIMES = ("inprocess", "flower")
+#: a run folder's configuration, written before any work so that even round 0 can resume
+CONFIG_FILE = "config.json"
 
 
-class ConfigError(ValueError):
+class ConfigError(FedloraError):
     """A configuration value that cannot be run; names the source and the key."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+           choices: tuple | str | None = None, minimum: float | None = None, positive: bool = False) -> Any:
+    """A RunConfig field with what validation and the CLI derive from it.
+
+    ``help`` is the CLI's help text; ``choices`` the allowed values, given as a tuple or as a
+    ``"module:NAME"`` reference to the tuple its implementation defines (resolved when a value
+    is validated, so declaring it imports nothing heavy); ``minimum``: values ≥ it;
+    ``positive``: finite values > 0. None passes every rule where the field allows None.
+    """
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "positive": positive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -33,62 +51,74 @@ class RunConfig:
     """Everything a run needs. Keys of the TOML file are these field names."""
 
     # model
-    model: str = "smollm2-135m"
-    gguf_file: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
+    model: str = option("smollm2-135m", "smollm2-135m, tiny-llama, a HF id or a local dir")
+    gguf_file: str | None = option(None, "GGUF file inside --model's directory")
+    device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
+    dtype: str | None = option(None, "base weights' dtype (default: float32 on cpu, bfloat16 on cuda)",
+                               choices="fedlora.models:DTYPES")
+    trust_remote_code: bool = option(False, "let transformers run the model repository's code")
     # data
-    data: str = DEFAULT_DATA
-    test_data: str | None = None
-    mmlu: str | None = None
-    clients: int | None = None
-    partition: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    partition_by: str = "category"
-    min_partition_size: int = 10
-    max_length: int = 256
-    #: share of each client's records held out of its training for val_loss (seeded; ≥ 1 record when > 0)
-    validation_fraction: float = 0.02
+    data: str = option(DEFAULT_DATA, "dir of local_training_*.json, a .json/.jsonl file or a HF id")
+    test_data: str | None = option(None, "held-out records for eval loss")
+    mmlu: str | None = option(None, "MMLU file in FLoRA's format")
+    clients: int | None = option(None, "number of clients (first N files, or N splits)", positive=True)
+    partition: str = option("dirichlet", "how one dataset is split into clients",
+                            choices="fedlora.data.partition:PARTITIONS")
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration of the split (smaller: more skewed)",
+                                    positive=True)
+    partition_by: str = option("category", "record field the Dirichlet split skews")
+    min_partition_size: int = option(10, "fewest records a Dirichlet client may get", minimum=1)
+    max_length: int = option(256, "tokens per example; longer ones are truncated", minimum=1)
+    validation_fraction: float = option(0.02, "share of each client's records held out of its training for "
+                                              "val_loss (seeded, at least one record; 0: none)", minimum=0)
     # federation
-    method: str = "flora"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 3
-    fraction: float = 1.0
-    clients_per_round: int | None = None
-    min_clients: int = 1
+    method: str = option(DEFAULT_METHOD, "aggregation method or baseline (see `fedlora methods`)")
+    method_options: dict[str, Any] = option(help="the method's options, as JSON on the command line",
+                                            factory=dict)
+    rounds: int = option(3, "federated rounds", minimum=1)
+    fraction: float = option(1.0, "fraction of clients sampled per round, in (0, 1]", positive=True)
+    clients_per_round: int | None = option(None, "clients sampled per round (overrides fraction)", positive=True)
+    min_clients: int = option(1, "skip a round with fewer usable updates", minimum=1)
     # LoRA
-    ranks: list[int] = field(default_factory=lambda: [16])
-    alpha: float | None = None
-    alpha_ratio: float = 2.0
-    use_rslora: bool = False
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    ranks: list[int] = option(help="LoRA rank for all clients, or one per client: 64,32,16",
+                              factory=lambda: [16])
+    alpha: float | None = option(None, "LoRA alpha for all clients (default alpha_ratio × rank)", positive=True)
+    alpha_ratio: float = option(2.0, "alpha = alpha_ratio × rank where alpha is not set", positive=True)
+    use_rslora: bool = option(False, "rank-stabilised scale alpha/√r instead of alpha/r")
+    target_modules: list[str] = option(help="adapted linear layers: q_proj,v_proj",
+                                       factory=lambda: ["q_proj", "v_proj"])
     # client training
-    local_steps: int | None = 10
-    local_epochs: float | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    seed: int = 0
+    local_steps: int | None = option(10, "optimizer steps per client per round", positive=True)
+    local_epochs: float | None = option(None, "epochs per client per round, instead of steps", positive=True)
+    batch_size: int = option(4, "examples per optimizer step (per accumulation step)", minimum=1)
+    grad_accum: int = option(1, "gradient accumulation steps per optimizer step", minimum=1)
+    lr: float = option(3e-4, "AdamW learning rate", positive=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    seed: int = option(0, "seeds sampling, initialisation and batch order")
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                                 "pass: less memory, about a third more compute")
+    autocast: str | None = option(None, "bfloat16: client forward passes under torch.autocast (matmuls in "
+                                        "bf16, weights and LoRA factors keep their dtypes)",
+                                  choices="fedlora.engine.compute:AUTOCAST_DTYPES")
     # update validation
-    max_update_norm: float | None = None
-    max_examples: int | None = None
+    max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
+    max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)
     # evaluation
-    eval_batch_size: int = 8
-    test_limit: int | None = None
-    mmlu_limit: int | None = None
-    mmlu_every: int = 0
+    eval_batch_size: int = option(8, "examples per evaluation batch", minimum=1)
+    test_limit: int | None = option(None, "evaluate loss on the first N test records", positive=True)
+    mmlu_limit: int | None = option(None, "score the first N MMLU questions (0: no MMLU)", minimum=0)
+    mmlu_every: int = option(0, "MMLU every K rounds (default: final round only)", minimum=0)
     # runtime and outputs
-    runtime: str = "inprocess"
-    superlink: str | None = None
-    root_certificates: str | None = None
+    runtime: str = option("inprocess", "inprocess (default) or flower", choices=RUNTIMES)
+    superlink: str | None = option(None, "HOST:PORT of an existing Flower SuperLink")
+    root_certificates: str | None = option(None, "CA certificate of --superlink (TLS)")
     #: the clients' records stay on the SuperNodes (each started with its own ``data=``): the
     #: server reads none, knows the clients by partition id ("0" … "clients-1") and their sizes
     #: only from their updates
-    data_on_nodes: bool = False
-    client_timeout: float = 600.0
-    out: str = "runs/latest"
+    data_on_nodes: bool = option(False, "with --superlink: the SuperNodes hold the clients' records, "
+                                        "the server reads none")
+    client_timeout: float = option(600.0, "seconds a round waits for a client's reply", positive=True)
+    out: str = option("runs/latest", "run folder")
 
     def rank_of(self, index: int) -> int:
         """Rank of the client at ``index`` in client order: one rank for all, or one each."""
@@ -143,6 +173,11 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
                 value = [int(part) for part in value]
             except ValueError:
                 raise ConfigError(f"{source}: 'ranks' must be integers like 64,32,16, got {value}") from None
+    if expected is dict and isinstance(value, str):  # JSON from the command line
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{source}: {key!r} must be a JSON object, got {value!r} ({error.msg})") from None
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key!r} must be {getattr(expected, '__name__', expected)}, "
                           f"got {type(value).__name__} {value!r}")
@@ -186,61 +221,58 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return build_config(overrides or {}, source="command line", base=config)
 
 
+def allowed_values(choices: tuple | str) -> tuple:
+    """A field's ``choices``: the tuple, or the tuple a ``"module:NAME"`` reference names."""
+    if isinstance(choices, str):
+        module, name = choices.split(":")
+        return tuple(getattr(import_module(module), name))
+    return choices
+
+
+def check_field_rules(config: RunConfig, fail: Callable[[str, str], None]) -> None:
+    """The rules each field declares in its :func:`option` metadata."""
+    for spec in dataclasses.fields(config):
+        value, rules = getattr(config, spec.name), spec.metadata
+        if value is None or isinstance(value, (bool, list, dict)):
+            continue
+        if rules.get("choices") is not None and value not in (allowed := allowed_values(rules["choices"])):
+            fail(spec.name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if rules.get("positive") and not (value > 0 and math.isfinite(value)):
+            fail(spec.name, f"must be a positive number, got {value}")
+        if rules.get("minimum") is not None and not value >= rules["minimum"]:
+            fail(spec.name, f"must be ≥ {rules['minimum']}, got {value}")
+
+
 def validate(config: RunConfig, source: str = "config") -> None:
     """Reject impossible values before any model or data is loaded."""
+    from fedlora.aggregation import aggregator_class, available_aggregators  # torch: not at import
+
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key!r} {message}")
 
-    known = available_aggregators() + list(BASELINES)
-    if config.method not in known:
-        fail("method", f"is {config.method!r}; choose one of {', '.join(known)}")
-    if config.method not in BASELINES:
-        try:
-            aggregator_class(config.method)(**config.method_options)
-        except (TypeError, ValueError) as error:
-            fail("method_options", f"do not fit method {config.method!r}: {error}")
+    check_field_rules(config, fail)
+    if config.method not in available_aggregators():
+        fail("method", f"is {config.method!r}; choose one of {', '.join(available_aggregators())}")
+    method = aggregator_class(config.method)
+    try:
+        method(**config.method_options)
+    except (TypeError, ValueError) as error:
+        fail("method_options", f"do not fit method {config.method!r}: {error}")
     if not config.ranks or any(rank < 1 for rank in config.ranks):
         fail("ranks", f"must be integers ≥ 1, got {config.ranks}")
-    if not (0 < config.fraction <= 1) or math.isnan(config.fraction):
+    if config.fraction > 1:
         fail("fraction", f"must be in (0, 1], got {config.fraction}")
-    if config.method not in BASELINES and len(set(config.ranks)) > 1 \
-            and not aggregator_class(config.method).heterogeneous_ranks:
+    if len(set(config.ranks)) > 1 and not method.heterogeneous_ranks:
+        heterogeneous = [name for name in available_aggregators() if aggregator_class(name).heterogeneous_ranks]
         fail("ranks", f"are mixed ({config.ranks}) but {config.method!r} needs one rank for all "
-                      "clients; use method 'flora' or 'zeropad' for heterogeneous ranks")
-    positive = {"rounds": config.rounds, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "max_length": config.max_length, "eval_batch_size": config.eval_batch_size,
-                "min_clients": config.min_clients, "min_partition_size": config.min_partition_size}
-    optional_positive = {"clients": config.clients, "clients_per_round": config.clients_per_round,
-                         "local_steps": config.local_steps, "local_epochs": config.local_epochs,
-                         "test_limit": config.test_limit,
-                         "max_update_norm": config.max_update_norm, "max_examples": config.max_examples,
-                         "alpha": config.alpha}
-    for key, value in positive.items():
-        if value < 1:
-            fail(key, f"must be ≥ 1, got {value}")
-    for key, value in optional_positive.items():
-        if value is not None and not value > 0:
-            fail(key, f"must be > 0, got {value}")
-    for key in ("lr", "alpha_ratio", "dirichlet_alpha", "client_timeout"):
-        value = getattr(config, key)
-        if not value > 0 or not math.isfinite(value):
-            fail(key, f"must be a positive number, got {value}")
-    if config.weight_decay < 0:
-        fail("weight_decay", f"must be ≥ 0, got {config.weight_decay}")
-    if config.mmlu_every < 0:
-        fail("mmlu_every", f"must be ≥ 0, got {config.mmlu_every}")
-    if config.mmlu_limit is not None and config.mmlu_limit < 0:
-        fail("mmlu_limit", f"must be ≥ 0 (0: no MMLU), got {config.mmlu_limit}")
-    if not 0 <= config.validation_fraction < 1:
-        fail("validation_fraction", f"must be in [0, 1), got {config.validation_fraction}")
+                      f"clients; methods for heterogeneous ranks: {', '.join(heterogeneous)}")
+    if not config.validation_fraction < 1:
+        fail("validation_fraction", f"must be below 1 (a client must keep records to train on), "
+                                    f"got {config.validation_fraction}")
     if (config.local_steps is None) == (config.local_epochs is None):
         fail("local_steps", "and 'local_epochs': set exactly one")
-    if config.partition not in ("iid", "dirichlet"):
-        fail("partition", f"must be 'iid' or 'dirichlet', got {config.partition!r}")
-    if config.runtime not in ("inprocess", "flower"):
-        fail("runtime", f"must be 'inprocess' or 'flower', got {config.runtime!r}")
-    if config.runtime == "flower" and config.method == "centralized":
-        fail("method", "'centralized' is one client holding all data: run it with runtime 'inprocess'")
+    if config.runtime not in method.runtimes:
+        fail("method", f"{config.method!r} runs only with runtime {' or '.join(map(repr, method.runtimes))}")
     if config.data_on_nodes:
         if config.runtime != "flower" or config.superlink is None:
             fail("data_on_nodes", "needs runtime 'flower' and a 'superlink' whose SuperNodes hold the data")
@@ -249,8 +281,6 @@ def validate(config: RunConfig, source: str = "config") -> None:
         if config.local_epochs is not None:
             fail("local_epochs", "need each client's size, which the server does not read with "
                                  "'data_on_nodes': set 'local_steps' instead")
-    if config.dtype not in (None, "float32", "bfloat16", "float16"):
-        fail("dtype", f"must be float32, bfloat16 or float16, got {config.dtype!r}")
     if not config.target_modules:
         fail("target_modules", "must name at least one module")
 

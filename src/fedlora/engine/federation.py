@@ -11,28 +11,23 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fedlora.aggregation import Accumulator, AggregationError, Aggregator, GlobalUpdate, LoraFactors, \
-    get_aggregator
-from fedlora.aggregation.base import FACTOR_NAMES
-from fedlora.aggregation.factored import fit_ranks
+from fedlora.aggregation import Accumulator, AggregationError, GlobalUpdate, RunContext, get_aggregator
 from fedlora.aggregation.validation import validate_update
-from fedlora.engine.baselines import LocalOnly
-from fedlora.engine.checkpoint import factors_to_tensors, load_latest_checkpoint, save_checkpoint, \
-    tensors_to_factors, with_prefix
+from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint, with_prefix
 from fedlora.engine.config import RunConfig
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.ledger import Ledger, factor_params
+from fedlora.engine.metrics import append_metrics, rewrite_metrics
 from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.engine.update_log import UpdateLog
 from fedlora.lora import base_weight
-from fedlora.report import append_metrics, rewrite_metrics
 
 #: the run folder's log of base merges, kept for runtimes with replicas (Flower)
 BASE_LOG_DIR = "base-log"
@@ -59,14 +54,6 @@ class ClientFailure:
     reason: str
 
 
-def make_aggregator(config: RunConfig) -> Aggregator:
-    if config.method == "local":
-        return LocalOnly()
-    if config.method == "centralized":
-        return get_aggregator("flora")
-    return get_aggregator(config.method, **config.method_options)
-
-
 class Federation:
     """Round state of one run: sampling, the global model, the ledger and the metrics rows."""
 
@@ -77,16 +64,17 @@ class Federation:
         self.client_sizes = dict(client_sizes)
         self.client_ids = list(client_sizes)
         self.ranks = {cid: config.rank_of(i) for i, cid in enumerate(self.client_ids)}
-        self.aggregator = make_aggregator(config)
         self.global_model = global_model
         self.evaluate_model = evaluate
         self.run_dir = Path(run_dir)
         self.log = log
         self.shapes = {m: tuple(base_weight(global_model.model, m).shape) for m in global_model.adapted_modules}
-        self.global_update: GlobalUpdate | None = None
-        #: per-client adapters carried across rounds (the local-only baseline)
-        self.client_adapters: dict[str, dict[str, LoraFactors]] = {}
-        #: last round whose base merge each client's replica has applied
+        self.aggregator = get_aggregator(config.method, **config.method_options)
+        self.aggregator.setup(RunContext(
+            ranks=dict(self.ranks), scales={cid: config.scale_for(rank) for cid, rank in self.ranks.items()},
+            shapes=dict(self.shapes), seed=config.seed))
+        #: last round whose base merge each client's replica has applied: the one record of
+        #: replica progress (a runtime with real replicas reports it, see :meth:`replica_through`)
         self.synced = {cid: 0 for cid in self.client_ids}
         #: base merges by round: parameter counts always; the factors, when replicas need them,
         #: on disk (a restarted replica may need every round; memory and checkpoints need none)
@@ -115,20 +103,6 @@ class Federation:
         per_step = self.config.batch_size * self.config.grad_accum
         return max(1, math.ceil(self.config.local_epochs * self.client_sizes[client_id] / per_step))
 
-    def start_factors(self, client_id: str, trainable: frozenset[str]) -> dict[str, LoraFactors] | None:
-        if isinstance(self.aggregator, LocalOnly):
-            return self.client_adapters.get(client_id)
-        if self.global_update is not None:
-            return self.aggregator.client_start(self.global_update, client_id, self.ranks[client_id])
-        if trainable == frozenset(FACTOR_NAMES):
-            return None  # every client draws its own fresh LoRA
-        # A factor frozen from the first round on (FFA-LoRA, RoLoRA) must be the same for every
-        # client, so the server draws it and can then check that each client sent it back intact.
-        rank = self.ranks[client_id]
-        empty = {module: LoraFactors(torch.zeros(0, n), torch.zeros(d, 0), self.config.scale_for(rank))
-                 for module, (d, n) in self.shapes.items()}
-        return fit_ranks(empty, rank)
-
     def configure_train(self, server_round: int) -> list[ClientTask]:
         self._round_started = time.perf_counter()
         trainable = self.aggregator.trainable(server_round)
@@ -137,21 +111,31 @@ class Federation:
             cid: ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid],
                             alpha=self.config.alpha_for(self.ranks[cid]), trainable=trainable,
                             init_seed=init_seed, data_seed=derive_seed(self.config.seed, "data", server_round, cid),
-                            local_steps=self.local_steps(cid), start=self.start_factors(cid, trainable))
+                            local_steps=self.local_steps(cid),
+                            start=self.aggregator.start_adapter(cid, server_round))
             for cid in self.sample(server_round)}
         return list(self._tasks.values())
 
     def replica_through(self, client_id: str, last_round: int) -> None:
-        """A runtime with real replicas (Flower) reports how far ``client_id``'s has merged before
-        sending it the merges since, so the ledger charges what is actually sent: after a
-        ``--resume`` or a SuperNode restart a replica can be further behind than this server thinks."""
+        """A runtime with real replicas (Flower) reports how far ``client_id``'s has merged, as the
+        replica itself said: after a ``--resume`` or a SuperNode restart a replica can be further
+        behind than this server thinks, and the catch-up and the ledger follow what it said."""
         self.synced[client_id] = last_round
 
-    def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
-        """Base merges a replica that has applied everything through ``last_round`` still needs."""
+    def base_updates_since(self, last_round: int, through: int | None = None) -> list[tuple[int, GlobalUpdate]]:
+        """Base merges after ``last_round`` (through round ``through``, when given), oldest first."""
         if self.base_log is None:
             raise RuntimeError("this Federation keeps no base log (keep_base_log=False)")
-        return [(r, self.base_log.load(r)) for r in sorted(self.base_log_params) if r > last_round]
+        return [(r, self.base_log.load(r)) for r in sorted(self.base_log_params)
+                if last_round < r <= (through if through is not None else r)]
+
+    def catchup(self, client_id: str, through: int) -> list[tuple[int, GlobalUpdate]]:
+        """The base merges ``client_id``'s replica lacks to be merged through round ``through``."""
+        return self.base_updates_since(self.synced[client_id], through)
+
+    def catchup_params(self, client_id: str, through: int) -> int:
+        """Parameters in :meth:`catchup`: what a client downloads besides its start adapter."""
+        return sum(p for r, p in self.base_log_params.items() if self.synced[client_id] < r <= through)
 
     # -- aggregate ------------------------------------------------------------------------
     def _check(self, result: ClientResult, task: ClientTask | None) -> None:
@@ -170,8 +154,10 @@ class Federation:
                 raise AggregationError(f"rank {factors.rank} differs from the assigned {task.rank}",
                                        client_id=update.client_id, module=module, rule="shape")
             for name in "AB":  # a frozen factor must come back exactly as it was sent
-                if name not in task.trainable and task.start is not None and not torch.equal(
-                        getattr(factors, name), getattr(task.start[module], name)):
+                if name in task.trainable or task.start is None:
+                    continue
+                returned = getattr(factors, name)
+                if not torch.equal(returned, getattr(task.start[module], name).to(returned.device)):
                     raise AggregationError(f"frozen factor {name} was changed", client_id=update.client_id,
                                            module=module, rule="frozen")
 
@@ -228,7 +214,7 @@ class Federation:
             **self.ledger.round_totals(server_round),
             "client_seconds": sum(c.seconds for c in accepted), "server_seconds": server_seconds,
             "rejected": rejected, "failures": [asdict(f) for f in failures], "skipped": skipped,
-            **(dict(self.global_update.info) if self.global_update and not skipped else {}),
+            **(dict(update.info) if not skipped else {}),
         }
         return self._finish_round(server_round, row)
 
@@ -253,9 +239,8 @@ class Federation:
         it had missed plus its start adapter, and uploaded its trained factors. A client that
         never replied is not known to have received anything and stays where it was."""
         cid = task.client_id
-        missed = sum(p for r, p in self.base_log_params.items() if self.synced[cid] < r < server_round)
         self.ledger.record(server_round, cid, factor_params(reply.update.factors, task.trainable),
-                           missed + factor_params(task.start))
+                           self.catchup_params(cid, server_round - 1) + factor_params(task.start))
         self.synced[cid] = server_round - 1
 
     def _apply(self, server_round: int, update: GlobalUpdate) -> None:
@@ -267,29 +252,19 @@ class Federation:
             self.base_log_params[server_round] = params
             if self.base_log is not None:
                 self.base_log.write(server_round, base_part)
-        if isinstance(self.aggregator, LocalOnly):
-            self.client_adapters.update(update.client_factors)
-        # What was merged lives on in the base weights (and in the base log replicas catch up
-        # from); holding and checkpointing it too would keep another copy of every client's
-        # block. The local baseline's adapters are kept in client_adapters alone.
-        self.global_update = None if isinstance(self.aggregator, LocalOnly) else replace(
-            update, factors={} if update.merge else update.factors, residual={})
+        self.aggregator.commit(server_round, update)
 
     # -- evaluate, record, checkpoint -----------------------------------------------------
     def evaluate(self, server_round: int) -> dict:
-        if isinstance(self.aggregator, LocalOnly):
-            return self._evaluate_local_models(server_round)
-        adapter = None
-        if self.global_update is not None and not self.global_update.merge:
-            adapter = self.global_update.factors
-        with self.global_model.with_adapter(adapter) as model:
-            return self.evaluate_model(model, server_round)
-
-    def _evaluate_local_models(self, server_round: int) -> dict:
-        """Local-only training has no global model: report each client's own, and their mean."""
+        """The method's global model, or, for a method whose clients keep models of their own,
+        each client's and their mean."""
+        adapters = self.aggregator.evaluation_adapters()
+        if list(adapters) == [None]:
+            with self.global_model.with_adapter(adapters[None]) as model:
+                return self.evaluate_model(model, server_round)
         per_client = {}
-        for cid in self.client_ids:
-            with self.global_model.with_adapter(self.client_adapters.get(cid)) as model:
+        for cid, adapter in adapters.items():
+            with self.global_model.with_adapter(adapter) as model:
                 per_client[cid] = self.evaluate_model(model, server_round)
         numeric = [key for key, value in next(iter(per_client.values())).items()
                    if isinstance(value, (int, float))]
@@ -330,43 +305,27 @@ class Federation:
     def save(self) -> None:
         tensors = {f"base/{name}": w for name, w in self.global_model.adapted_weights().items()}
         tensors.update({f"carry/{name}": c for name, c in self.global_model.carry.items()})
+        method_meta, method_tensors = self.aggregator.state_dict()
+        tensors.update({f"method/{key}": tensor for key, tensor in method_tensors.items()})
         state = {"completed_round": self.completed_round, "rows": self.rows,
                  "ledger": self.ledger.state_dict(), "synced": self.synced,
-                 "base_log_params": {str(r): p for r, p in self.base_log_params.items()}, "global": None}
-        update = self.global_update
-        if update is not None:
-            state["global"] = {"merge": update.merge, "info": update.info,
-                               "client_factors": sorted(update.client_factors)}
-            tensors.update(factors_to_tensors("global/", update.factors))
-            tensors.update(factors_to_tensors("residual/", update.residual))
-            for cid, factors in update.client_factors.items():
-                tensors.update(factors_to_tensors(f"client/{cid}/", factors))
-        for cid, factors in self.client_adapters.items():
-            tensors.update(factors_to_tensors(f"local/{cid}/", factors))
-        state["local_clients"] = sorted(self.client_adapters)
+                 "base_log_params": {str(r): p for r, p in self.base_log_params.items()},
+                 "method": method_meta, "context": asdict(self.aggregator.context)}
         save_checkpoint(self.run_dir, self.completed_round, state, tensors)
 
     def restore(self) -> int | None:
         """Load the newest checkpoint of ``run_dir``; None when there is none."""
-        loaded = load_latest_checkpoint(self.run_dir)
+        loaded = load_latest_checkpoint(self.run_dir, device=self.global_model.device)
         if loaded is None:
             return None
         state, tensors = loaded
-        self.global_model.load_adapted_weights(
-            with_prefix("base/", tensors))
+        self.global_model.load_adapted_weights(with_prefix("base/", tensors))
         self.global_model.carry = with_prefix("carry/", tensors)
         self.completed_round = state["completed_round"]
         self.rows = state["rows"]
         self.ledger = Ledger.from_state_dict(state["ledger"])
         self.synced = {cid: int(r) for cid, r in state["synced"].items()}
         self.base_log_params = {int(r): p for r, p in state["base_log_params"].items()}
-        if state["global"] is not None:
-            self.global_update = GlobalUpdate(
-                factors=tensors_to_factors("global/", tensors), merge=state["global"]["merge"],
-                residual=tensors_to_factors("residual/", tensors),
-                client_factors={cid: tensors_to_factors(f"client/{cid}/", tensors)
-                                for cid in state["global"]["client_factors"]},
-                info=state["global"]["info"])
-        self.client_adapters = {cid: tensors_to_factors(f"local/{cid}/", tensors) for cid in state["local_clients"]}
+        self.aggregator.load_state_dict((state["method"], with_prefix("method/", tensors)))
         rewrite_metrics(self.run_dir, self.rows)
         return self.completed_round

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from fedlora.aggregation import LoraFactors
+from fedlora.aggregation import LoraFactors, RunContext, get_aggregator
 from fedlora.data import load_mmlu, load_records, tokenize_records
-from fedlora.engine.checkpoint import load_latest_checkpoint, tensors_to_factors, with_prefix
-from fedlora.engine.config import ConfigError, RunConfig, build_config, load_saved_config
+from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
+from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_saved_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.setup import check_model_fits, load_run_model
-from fedlora.eval.loss import pad_token_id
+from fedlora.engine.inputs import check_model_fits, load_run_model
 from fedlora.lora import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight
+from fedlora.models import pad_token_id
 
 
 @dataclass
@@ -24,7 +24,8 @@ class RestoredRun:
     config: RunConfig
     global_model: GlobalModel
     tokenizer: object
-    #: the persistent global adapter (FedIT and kin); None where updates were merged
+    #: the global adapter the method evaluates on the base weights (FedIT and kin); None where
+    #: updates were merged, or where the method keeps no global model (local training)
     adapter: dict[str, LoraFactors] | None
     completed_round: int
 
@@ -35,7 +36,7 @@ class RestoredRun:
 
 
 def restore_global_model(run_dir: Path) -> RestoredRun:
-    config = load_saved_config(Path(run_dir) / "config.json")
+    config = load_saved_config(Path(run_dir) / CONFIG_FILE)
     loaded = load_latest_checkpoint(run_dir)
     if loaded is None:
         raise ConfigError(f"{run_dir}: no checkpoint yet; the run has not finished round 0")
@@ -44,8 +45,10 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     model, tokenizer = load_run_model(config)
     global_model = GlobalModel(model, modules)
     global_model.load_adapted_weights(with_prefix("base/", tensors))
-    merged = state["global"] is None or state["global"]["merge"]
-    adapter = None if merged else tensors_to_factors("global/", tensors)
+    method = get_aggregator(config.method, **config.method_options)
+    method.setup(RunContext(**state["context"]))
+    method.load_state_dict((state["method"], with_prefix("method/", tensors)))
+    adapter = method.evaluation_adapters().get(None)
     return RestoredRun(config, global_model, tokenizer, adapter, state["completed_round"])
 
 

@@ -11,49 +11,20 @@ from pathlib import Path
 
 from torch import nn
 
-from fedlora.data import LazyTokenizedRecords, Record, centralize, load_clients, load_mmlu, load_records, \
-    split_clients, tokenize_records
-from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_client_count, \
-    check_ranks_fit
+from fedlora.aggregation import aggregator_class
+from fedlora.data import LazyTokenizedRecords, centralize, load_mmlu, load_records, split_clients, tokenize_records
+from fedlora.engine.config import RunConfig, check_client_count
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.federation import Federation
 from fedlora.engine.global_model import GlobalModel
-from fedlora.eval.loss import pad_token_id
-from fedlora.models import load_model, model_shapes
-
-Log = Callable[[str], None]
+from fedlora.engine.inputs import Log, check_model_fits, load_client_records, load_run_model, resolve_data_paths
+from fedlora.models import pad_token_id
 
 
-def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
-    """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset."""
-    if config.data_on_nodes:
-        return config  # the server reads no client data, so there is nothing to default from it
-    data = config.data
-    if data == DEFAULT_DATA and not Path(data).exists():
-        log(f"{DEFAULT_DATA} not found: using {HUB_FALLBACK_DATA} split by {config.partition} over "
-            f"{config.partition_by} into {config.clients or 10} clients")
-        data = HUB_FALLBACK_DATA
-    test_data, mmlu = config.test_data, config.mmlu
-    if test_data is None and Path(data, "global_test.json").is_file():
-        test_data = str(Path(data, "global_test.json"))
-    shared_mmlu = Path(data).parent / "mmlu" / "mmlu_test_1444.json"
-    if mmlu is None and Path(data).is_dir() and shared_mmlu.is_file():
-        mmlu = str(shared_mmlu)
-    return config.replace(data=data, test_data=test_data, mmlu=mmlu)
-
-
-def load_client_records(config: RunConfig) -> dict[str, list[Record]]:
-    clients = load_clients(config.data, num_clients=config.clients or 10, partition=config.partition,
-                           alpha=config.dirichlet_alpha, min_size=config.min_partition_size,
-                           seed=config.seed, by=config.partition_by)
-    if config.clients is not None and Path(config.data).is_dir():
-        clients = dict(list(clients.items())[:config.clients])  # the first N given clients
-    return clients
-
-
-def centralized_config(config: RunConfig, num_clients: int) -> RunConfig:
-    """One client holding all data, trained for the steps all sampled clients train per round."""
+def pooled_config(config: RunConfig, num_clients: int) -> RunConfig:
+    """One client holding all data (a method that ``pools_data``), sampled every round and
+    trained for the steps all sampled clients train per round, at the largest rank."""
     per_round = config.sampled_per_round(num_clients)
     steps = config.local_steps * per_round if config.local_steps is not None else None
     return config.replace(ranks=[max(config.ranks)], fraction=1.0, clients_per_round=None,
@@ -70,19 +41,6 @@ class RunSetup:
     federation: Federation
 
 
-def check_model_fits(config: RunConfig) -> list[str]:
-    """The adapted module names, after checking the ranks fit them (reads no weights)."""
-    shapes = model_shapes(config.model, config.target_modules, gguf_file=config.gguf_file,
-                          trust_remote_code=config.trust_remote_code)
-    check_ranks_fit(config, shapes)
-    return list(shapes)
-
-
-def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = None):
-    return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
-                      seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache)
-
-
 def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base_log: bool = False,
                 mmlu_progress: Callable[[int, int], None] | None = None,
                 loaded: tuple[nn.Module, object] | None = None) -> RunSetup:
@@ -96,9 +54,9 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     num_clients = config.clients if config.data_on_nodes else len(clients)
     check_client_count(config, num_clients)
     clients, validation_records = split_clients(clients, config.validation_fraction, config.seed)
-    if config.method == "centralized":
-        config = centralized_config(config, len(clients))
-        clients = {"centralized": centralize(clients)}
+    if aggregator_class(config.method).pools_data:
+        config = pooled_config(config, len(clients))
+        clients = {config.method: centralize(clients)}
     test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
     questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
     modules = check_model_fits(config)

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedlora.aggregation import GlobalUpdate
-from fedlora.engine.checkpoint import factors_to_tensors, tensors_to_factors, unshared
+from fedlora.aggregation import factors_to_tensors, tensors_to_factors
+from fedlora.engine.checkpoint import unshared
 from fedlora.files import fsync_path
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_records
 from fedlora.data.records import Record
+from fedlora.models import model_device, pad_token_id
 
 
 @contextmanager
@@ -32,23 +33,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (where its inputs must go)."""
-    return next(model.parameters()).device
-
-
-def pad_token_id(tokenizer) -> int:
-    """The pad id to batch with: the tokenizer's pad token, else eos, else 0.
-
-    Which id fills padding never changes a result: padded positions are masked out of
-    attention and carry no labels.
-    """
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
 
 
 def evaluate_loss(model: nn.Module, tokenizer, records: Sequence[Record], *, max_length: int = 512,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fedlora.data.mmlu import LETTERS, MMLUQuestion, mmlu_prompt
-from fedlora.eval.loss import eval_mode, model_device, pad_token_id
+from fedlora.eval.loss import eval_mode
+from fedlora.models import ModelError, model_device, pad_token_id
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def answer_tokens(tokenizer, prompt: str) -> AnswerTokens:
             letter_ids.append(ids[-1])
         else:
             return AnswerTokens(prompt_suffix, tuple(letter_ids))
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} has no single-token form of the "
+    raise ModelError(f"tokenizer {type(tokenizer).__name__} has no single-token form of the "
                      f"answer letters {', '.join(LETTERS)} after the MMLU prompt")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedlora.engine.config import BASELINES, ConfigError
+from fedlora.engine.config import ConfigError
 from fedlora.files import atomic_write_text
 from fedlora.sweep.outcomes import RunOutcome, is_finished
 from fedlora.sweep.plan import SEED, point_name
@@ -77,7 +77,7 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
             continue
         choice = choose(group_runs, {run.folder: outcomes[run.folder].final_val_loss for run in group_runs},
                         tune, grid)
-        variant["methods"][group.method] = _method_entry(group.method, choice, outcomes, question_set)
+        variant["methods"][group.method] = _method_entry(choice, outcomes, question_set)
     for variant in settings.values():
         if reference in variant["methods"]:
             variant["reference"] = reference
@@ -91,7 +91,7 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
             "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "settings": settings}
 
 
-def _method_entry(method: str, choice: Choice, outcomes: dict[str, RunOutcome], question_set: dict | None) -> dict:
+def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set: dict | None) -> dict:
     chosen = [outcomes[run.folder] for run in choice.runs]
     per_round = list(zip(*(outcome.test_losses() for outcome in chosen)))
     entry = {
@@ -102,8 +102,8 @@ def _method_entry(method: str, choice: Choice, outcomes: dict[str, RunOutcome], 
         "best_test_loss": _interval([o.best_test_loss for o in chosen]),
         "val_loss": _interval([o.final_val_loss for o in chosen]),
         "mmlu": _mmlu([o.mmlu(question_set) for o in chosen]),
-        "upload_per_round_vs_full": _communication(method, chosen, "up_vs_full_finetuning"),
-        "download_per_round_vs_full": _communication(method, chosen, "down_vs_full_finetuning"),
+        "upload_per_round_vs_full": _communication(chosen, "up_vs_full_finetuning"),
+        "download_per_round_vs_full": _communication(chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
         "runs": [run.folder for run in choice.runs],
         "test_loss_per_round": [_interval(list(losses)) for losses in per_round],
@@ -129,10 +129,8 @@ def _mmlu(scores: list[tuple[float, int] | None]) -> dict | None:
     return {"acc": accuracy, "ci95": [low, high], "questions": total // len(scores), "runs": len(scores)}
 
 
-def _communication(method: str, chosen: list[RunOutcome], key: str) -> float | None:
-    """Mean over the seeds; None for the baselines, which are not federated exchanges."""
-    if method in BASELINES:
-        return None
+def _communication(chosen: list[RunOutcome], key: str) -> float | None:
+    """The ledger's ratio, mean over the seeds."""
     values = [o.communication().get(key) for o in chosen]
     return None if any(v is None for v in values) else sum(values) / len(values)
 
@@ -170,7 +168,7 @@ def _interval_text(interval: dict | None, spec: str = ".4f") -> str:
 
 
 def _fraction(value: float | None) -> str:
-    return "— (baseline)" if value is None else f"{100 * value:.3g} %"
+    return "—" if value is None else f"{100 * value:.3g} %"
 
 
 def _accuracy(mmlu: dict | None) -> str:
@@ -213,8 +211,9 @@ def comparison_markdown(comparison: dict) -> str:
                          f"{comparison['final']['questions'] or 'all'} questions each; the interval is Wilson's "
                          "over the questions of all seeds' runs pooled (the same questions every seed, so it "
                          "is narrower than independent questions would give).")
-    described.append("Communication: per client and round, as a fraction of full fine-tuning (every "
-                     "participating client sending / receiving all model parameters).")
+    described.append("Communication: the ledger's, per client and round, as a fraction of full fine-tuning "
+                     "(every participating client sending / receiving all model parameters); for the "
+                     "baselines, which exchange nothing, it counts what their clients' updates would be.")
     measured = comparison["measured"]
     described.append(f"Measured: {measured['runs']} of {measured['planned']} runs finished, in "
                      f"{measured['run_seconds'] / 3600:.2f} h (each from its data loading to its summary; a run "

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.report import read_metrics, read_summary
+from fedlora.engine.metrics import read_metrics, read_summary
 
 #: MMLU scored on a chosen run after tuning (``[final]`` of the sweep file)
 FINAL_MMLU_FILE = "final-mmlu.json"

@@ -22,16 +22,17 @@ import torch
 from torch import nn
 
 from fedlora.data import load_mmlu, split_clients
-from fedlora.engine.config import ConfigError, RunConfig, check_client_count, load_saved_config, save_config
+from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, check_client_count, load_saved_config, \
+    save_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.setup import check_model_fits, load_client_records, load_run_model, prepare_run, \
-    resolve_data_paths
-from fedlora.eval.loss import pad_token_id
+from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
+from fedlora.engine.metrics import write_summary
+from fedlora.engine.setup import prepare_run
 from fedlora.files import atomic_write_text
 from fedlora.lora.merge import base_weight
-from fedlora.models import weights_depend_on_seed
-from fedlora.report import write_report, write_summary
+from fedlora.models import pad_token_id, weights_depend_on_seed
+from fedlora.report import write_report
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.sweep.outcomes import FINAL_MMLU_FILE, RunOutcome, is_finished, read_final_mmlu
 from fedlora.sweep.plan import FinalMMLU, PlannedRun, SweepPlan
@@ -39,7 +40,6 @@ from fedlora.sweep.progress import SweepObserver
 from fedlora.sweep.tuning import choose, groups
 
 PLAN_FILE = "sweep.json"
-CONFIG_FILE = "config.json"
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
-from fedlora.engine.ledger import BYTES_PER_PARAM, factor_params
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.errors import FedloraError
 
 #: (round, what that round merged into the base weights), oldest first
 BaseUpdates = Sequence[tuple[int, GlobalUpdate]]
@@ -46,7 +46,7 @@ _BASE_UPDATE_PREFIX = "base-update."
 _SCALE_SUFFIX = ".scale"
 
 
-class CodecError(ValueError):
+class CodecError(FedloraError):
     """A record that does not hold what this codec wrote; names the record and key."""
 
 
@@ -117,11 +117,6 @@ def get_factors(content: RecordDict, key: str) -> dict[str, LoraFactors] | None:
     return factors_from_records(content.array_records[key], scales)
 
 
-def factor_bytes(factors: Mapping[str, LoraFactors]) -> int:
-    """Payload size of ``factors`` as fp32, the unit the ledger counts in both runtimes."""
-    return factor_params(factors) * BYTES_PER_PARAM
-
-
 def wire_bytes(content: RecordDict) -> int:
     """Bytes Flower transmits for the arrays in ``content`` (data plus array headers)."""
     return sum(record.count_bytes() for record in content.array_records.values())
@@ -170,10 +165,6 @@ class Catchup:
         if rounds != sorted(set(rounds)) or any(not self.since < r <= self.through for r in rounds):
             raise CodecError(f"base updates of rounds {rounds} are not strictly increasing "
                              f"within ({self.since}, {self.through}]")
-
-    def payload_bytes(self) -> int:
-        return sum(factor_bytes(update.factors) + factor_bytes(update.residual)
-                   for _, update in self.updates)
 
 
 def put_catchup(content: RecordDict, catchup: Catchup) -> None:

@@ -19,7 +19,6 @@ from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.deployment import LocalDeployment, connect
 from fedlora.runtime.observer import RunObserver
 
-FACTORIES = "fedlora.runtime.flower.factories"
 
 
 def node_settings(config: RunConfig) -> list[NodeSettings]:
@@ -40,8 +39,10 @@ def node_settings(config: RunConfig) -> list[NodeSettings]:
 
 
 def app_settings(config: RunConfig, run_dir: Path) -> AppSettings:
-    return AppSettings(run_dir=str(run_dir.resolve()), federation_factory=f"{FACTORIES}:federation_factory",
-                       client_factory=f"{FACTORIES}:client_factory", round_timeout=config.client_timeout,
+    return AppSettings(run_dir=str(run_dir.resolve()),
+                       federation_factory="fedlora.runtime.flower.server_factory:federation_factory",
+                       client_factory="fedlora.runtime.flower.client_factory:client_factory",
+                       round_timeout=config.client_timeout,
                        run_config=json.dumps(config.to_dict()))
 
 

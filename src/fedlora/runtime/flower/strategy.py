@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.engine.federation import ClientFailure, Federation
+from fedlora.engine.ledger import BYTES_PER_PARAM
 from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
     decode_node_state, decode_result, encode_task, put_catchup, wire_bytes
 
@@ -57,8 +58,6 @@ class FedLoraStrategy(Strategy):
         self.connect_timeout = connect_timeout
         #: SuperNode id → the client whose partition it holds
         self.nodes: dict[int, str] = {}
-        #: the round each client's replica has confirmed it is merged through
-        self.replica_round = {cid: 0 for cid in self.client_ids}
         #: per round: bytes Flower carried each way and the catch-up payload (fp32) within them
         self.transfers: dict[int, dict[str, int]] = {}
         #: the same for the final sync (replies carry no arrays), a Flower-only step the run's
@@ -90,7 +89,7 @@ class FedLoraStrategy(Strategy):
         failed syncs, node map."""
         return {"transfers": {str(r): t for r, t in self.transfers.items()},
                 "sync_transfer": dict(self.sync_transfer),
-                "replica_round": dict(self.replica_round),
+                "replica_round": dict(self.federation.synced),
                 "sync_failures": [asdict(f) for f in self.sync_failures],
                 "nodes": {cid: node for node, cid in self.nodes.items()}}
 
@@ -137,14 +136,14 @@ class FedLoraStrategy(Strategy):
         # a restarted SuperNode comes back under a new id: it replaces the old one
         self.nodes = {n: c for n, c in self.nodes.items() if c != client}
         self.nodes[node] = client
-        self.replica_round[client] = replica_round
+        self.federation.replica_through(client, replica_round)
 
     def _node_of(self, client_id: str) -> int | None:
         return next((node for node, cid in self.nodes.items() if cid == client_id), None)
 
     def _catchup(self, client_id: str, through: int) -> Catchup:
-        since = self.replica_round[client_id]
-        return Catchup(since=since, through=through, updates=tuple(self.federation.base_updates_since(since)))
+        return Catchup(since=self.federation.synced[client_id], through=through,
+                       updates=tuple(self.federation.catchup(client_id, through)))
 
     # -- Strategy ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -164,19 +163,18 @@ class FedLoraStrategy(Strategy):
                                                   "no SuperNode holds this client's partition"))
                 continue
             catchup = self._catchup(task.client_id, server_round - 1)
-            self.federation.replica_through(task.client_id, catchup.since)
             content = encode_task(task, catchup)
+            self._count_sent(transfer, content, task.client_id, catchup.through)
             message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                               group_id=str(server_round), ttl=self.round_timeout)
             self._open[message.object_id] = task.client_id
-            _count_sent(transfer, content, catchup)
             messages.append(message)
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode replies in task order, record failures, and let the Federation aggregate."""
-        results, failures = {}, list(self._unsent)
+        results, failures, replica_rounds = {}, list(self._unsent), {}
         for client, reply in self._match(replies):
             try:
                 result, replica_round = decode_result(_content(reply))
@@ -186,7 +184,7 @@ class FedLoraStrategy(Strategy):
                 failures.append(ClientFailure(client, server_round, str(error)))
                 continue
             self.transfers[server_round]["bytes_up"] += wire_bytes(reply.content)
-            self.replica_round[client] = replica_round
+            replica_rounds[client] = replica_round
             results[client] = result
         failures += [ClientFailure(client, server_round, f"no reply within {self.round_timeout:g} s")
                      for client in self._open.values()]
@@ -196,6 +194,8 @@ class FedLoraStrategy(Strategy):
         ordered = (results.pop(cid) for cid in self._order if cid in results)
         failures.sort(key=lambda failure: self._order.index(failure.client_id))
         row = self.federation.aggregate_train(server_round, ordered, failures)
+        for client, replica_round in replica_rounds.items():  # after the ledger charged the catch-up
+            self.federation.replica_through(client, replica_round)
         return None, MetricRecord({k: v for k, v in row.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
@@ -219,6 +219,12 @@ class FedLoraStrategy(Strategy):
         log(INFO, "\t└──> round timeout %g s, connect timeout %g s", self.round_timeout,
             self.connect_timeout)
 
+    def _count_sent(self, transfer: dict[str, int], content: RecordDict, client_id: str, through: int) -> None:
+        """Add a message to the server's traffic: the bytes Flower carries, and the catch-up
+        within them as the Federation's ledger counts it (before the replica reports it merged)."""
+        transfer["bytes_down"] += wire_bytes(content)
+        transfer["catchup_bytes"] += BYTES_PER_PARAM * self.federation.catchup_params(client_id, through)
+
     # -- final sync ----------------------------------------------------------------------
     def synchronize_replicas(self, grid: Grid, last_round: int) -> None:
         """Send every identified node the base updates it lacks so that, at the end, every
@@ -231,23 +237,18 @@ class FedLoraStrategy(Strategy):
             put_catchup(content, catchup)
             message = Message(content, dst_node_id=node, message_type=SYNC, ttl=self.round_timeout)
             self._open[message.object_id] = client
-            _count_sent(self.sync_transfer, content, catchup)
+            self._count_sent(self.sync_transfer, content, client, catchup.through)
             messages.append(message)
         for client, reply in self._match(exchange(grid, messages, self.round_timeout)):
             try:
-                _, self.replica_round[client] = decode_node_state(_content(reply))
+                _, replica_round = decode_node_state(_content(reply))
+                self.federation.replica_through(client, replica_round)
             except CodecError as error:
                 self.sync_failures.append(ClientFailure(client, last_round, f"sync failed: {error}"))
         self.sync_failures += [ClientFailure(client, last_round,
                                              f"sync: no reply within {self.round_timeout:g} s")
                                for client in self._open.values()]
         self._open = {}
-
-
-def _count_sent(transfer: dict[str, int], content: RecordDict, catchup: Catchup) -> None:
-    """Add a message to the server's traffic: the bytes Flower carries, the catch-up within them."""
-    transfer["bytes_down"] += wire_bytes(content)
-    transfer["catchup_bytes"] += catchup.payload_bytes()
 
 
 def _content(reply: Message) -> RecordDict:

@@ -1,30 +1,20 @@
-"""The real engine behind the Flower apps: what the ServerApp and ClientApp build from a run folder.
+"""What a ClientApp builds for one message: a trainer on a pristine base model and its examples.
 
-The ServerApp reads the run's saved ``config.json``; a SuperNode, maybe on another machine,
-gets the same configuration inside the Flower run config. So a SuperNode trains exactly as
-the in-process runtime would, and the ServerApp's Federation is the in-process one.
+A SuperNode, maybe on another machine, gets the run's configuration inside the Flower run
+config, so it trains exactly as the in-process runtime would. This module imports only what a
+client needs: no Federation, no evaluation, no plotting.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fedlora.data import LazyTokenizedRecords, hold_out, load_records
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.config import build_config, load_saved_config
-from fedlora.engine.federation import Federation
-from fedlora.engine.setup import load_client_records, load_run_model, prepare_run, resolve_data_paths
-from fedlora.eval.loss import pad_token_id
+from fedlora.engine.config import ConfigError, build_config
+from fedlora.engine.inputs import load_client_records, load_run_model, resolve_data_paths
+from fedlora.models import pad_token_id
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
-
-CONFIG_FILE = "config.json"
-
-
-def federation_factory(run_dir: Path) -> Federation:
-    """The server's Federation; it keeps the log of base merges that replicas catch up from."""
-    return prepare_run(load_saved_config(Path(run_dir) / CONFIG_FILE), Path(run_dir),
-                       keep_base_log=True).federation
 
 
 def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrainer, LazyTokenizedRecords]:
@@ -39,8 +29,8 @@ def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrai
     if node.data:
         records = load_records(node.data)
     elif config.data_on_nodes:
-        raise ValueError(f"partition {node.partition_id}: this run keeps the clients' records on the "
-                         "SuperNodes; start this one with --node-config 'data=\"<its records file>\"'")
+        raise ConfigError(f"partition {node.partition_id}: this run keeps the clients' records on the "
+                          "SuperNodes; start this one with --node-config 'data=\"<its records file>\"'")
     else:
         clients = load_client_records(config)
         records = list(clients.values())[node.partition_id]

@@ -1,0 +1,98 @@
+"""HetLoRA: zero-padded averaging weighted by the clients' update norms, and local rank self-pruning."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.factored import frobenius_norm, normalized, squared_product_norm
+from fedlora.aggregation.zeropad import ZeroPad
+
+
+def kept_rank(rank: int, gamma: float) -> int:
+    """The rank self-pruning keeps of ``rank``: ⌊γ·r⌋, at least 1."""
+    return max(1, math.floor(gamma * rank))
+
+
+def tail_norm(factors: LoraFactors, gamma: float) -> Tensor:
+    """``‖s·B[:, k:]·A[k:]‖_F`` over the components self-pruning would drop (k = :func:`kept_rank`).
+
+    HetLoRA's local regulariser: a tensor differentiable in A and B, factored (two Gram
+    matrices of the tail), with a zero gradient where the tail is zero (a fresh B).
+    """
+    keep = kept_rank(factors.rank, gamma)
+    squared = squared_product_norm(factors.A[keep:], factors.B[:, keep:])
+    positive = squared > 0
+    # sqrt's slope is infinite at 0: take it of positive values only, so a zero tail gives a zero gradient
+    return abs(factors.scale) * torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
+
+
+def self_pruned_rank(factors: dict[str, LoraFactors], gamma: float,
+                     previous_tail: float | None) -> tuple[int, float]:
+    """A client's rank for its next round, and its tail norm (summed over modules) now.
+
+    After local training the client prunes to ⌊γ·r⌋ when its tail norm has fallen below
+    ``previous_tail``, the value it had after the client's previous round (None: no previous
+    round, so no pruning). A pruned client trains and sends the smaller rank from then on.
+    """
+    ranks = {module_factors.rank for module_factors in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"self-pruning needs one rank for every module, got ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    tail = sum(tail_norm(module_factors, gamma).item() for module_factors in factors.values())
+    pruned = previous_tail is not None and tail < previous_tail
+    return (kept_rank(rank, gamma) if pruned else rank), tail
+
+
+class HetLoRA(ZeroPad):
+    """HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432): zero-padded average weighted by ‖ΔW_k‖_F.
+
+    Sparsity-weighted aggregation: each client's factors are zero-padded to the largest rank
+    (its scale folded into B, as ``zeropad`` does) and averaged with weights
+    ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F, per module (computed factored). These replace the
+    example shares; weights passed explicitly multiply the norms; all-zero updates fall back to
+    uniform weights. Distribution by truncation: a client of rank r starts from the first r
+    components of the global adapter (:meth:`client_start`, inherited). The average carries
+    FedIT's cross terms: it is not Σ p_k ΔW_k.
+
+    Local rank self-pruning is client-side and needs the engine (not yet there): the client
+    adds ``penalty`` · Σ_modules :func:`tail_norm` to its loss (:meth:`regularizer`), and after
+    training takes its next rank from :meth:`next_rank` (the engine keeps each client's rank
+    and last tail norm as client state and accepts the pruned rank). No official code is
+    public; ``gamma = 0.99`` follows public reimplementations, ``penalty = 0.01`` is ours.
+    """
+
+    name = "hetlora"
+    heterogeneous_ranks = True
+    #: clients may lower their own rank between rounds (see :meth:`next_rank`)
+    prunes_ranks: ClassVar[bool] = True
+
+    def __init__(self, gamma: float = 0.99, penalty: float = 0.01):
+        if not 0 < gamma < 1:
+            raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
+        if not (math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"penalty must be a finite non-negative number, got {penalty!r}")
+        self.gamma = gamma
+        self.penalty = penalty
+
+    def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
+                server_round: int | None = None) -> GlobalUpdate:
+        given = [1.0] * len(updates) if weights is None else example_weights(updates, weights)
+        factors = {}
+        for module in updates[0].factors:
+            norms = [weight * frobenius_norm(update.factors[module]) for weight, update in zip(given, updates)]
+            shares = normalized(norms) if sum(norms) > 0 else normalized(given)
+            factors[module] = self.average_module(updates, shares, module)
+        return GlobalUpdate(factors=factors, merge=False)
+
+    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor:
+        """The term a client adds to its training loss: penalty · Σ_modules tail norm."""
+        return self.penalty * sum(tail_norm(module_factors, self.gamma) for module_factors in factors.values())
+
+    def next_rank(self, factors: dict[str, LoraFactors], previous_tail: float | None) -> tuple[int, float]:
+        """:func:`self_pruned_rank` with this method's ``gamma``."""
+        return self_pruned_rank(factors, self.gamma, previous_tail)

@@ -1,0 +1,52 @@
+"""From a RunConfig to the data and the model: what the server and every client load alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedlora.data import Record, load_clients
+from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_ranks_fit
+from fedlora.models import load_model, model_shapes
+
+Log = Callable[[str], None]
+
+
+def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
+    """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset."""
+    if config.data_on_nodes:
+        return config  # the server reads no client data, so there is nothing to default from it
+    data = config.data
+    if data == DEFAULT_DATA and not Path(data).exists():
+        log(f"{DEFAULT_DATA} not found: using {HUB_FALLBACK_DATA} split by {config.partition} over "
+            f"{config.partition_by} into {config.clients or 10} clients")
+        data = HUB_FALLBACK_DATA
+    test_data, mmlu = config.test_data, config.mmlu
+    if test_data is None and Path(data, "global_test.json").is_file():
+        test_data = str(Path(data, "global_test.json"))
+    shared_mmlu = Path(data).parent / "mmlu" / "mmlu_test_1444.json"
+    if mmlu is None and Path(data).is_dir() and shared_mmlu.is_file():
+        mmlu = str(shared_mmlu)
+    return config.replace(data=data, test_data=test_data, mmlu=mmlu)
+
+
+def load_client_records(config: RunConfig) -> dict[str, list[Record]]:
+    clients = load_clients(config.data, num_clients=config.clients or 10, partition=config.partition,
+                           alpha=config.dirichlet_alpha, min_size=config.min_partition_size,
+                           seed=config.seed, by=config.partition_by)
+    if config.clients is not None and Path(config.data).is_dir():
+        clients = dict(list(clients.items())[:config.clients])  # the first N given clients
+    return clients
+
+
+def check_model_fits(config: RunConfig) -> list[str]:
+    """The adapted module names, after checking the ranks fit them (reads no weights)."""
+    shapes = model_shapes(config.model, config.target_modules, gguf_file=config.gguf_file,
+                          trust_remote_code=config.trust_remote_code)
+    check_ranks_fit(config, shapes)
+    return list(shapes)
+
+
+def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = None):
+    return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
+                      seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache)

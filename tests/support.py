@@ -1,0 +1,103 @@
+"""Helpers the test modules share (no tests here): client data on disk, tiny runs, a byte
+tokenizer, Flower's serialisation. Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from fedlora.engine.config import RunConfig, build_config, save_config
+from fedlora.engine.metrics import read_metrics
+from fedlora.engine.setup import prepare_run
+from fedlora.runtime.inprocess import run_inprocess
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DOLLY = SHARED_DATA / "dolly-10clients"
+MMLU = SHARED_DATA / "mmlu" / "mmlu_test_1444.json"
+
+CATEGORIES = ("open_qa", "summarization", "brainstorming", "alpaca")
+
+
+def make_records(client: int, count: int) -> list[dict]:
+    return [{"instruction": f"Question {i} from client {client}: name a colour.",
+             "context": "" if i % 3 else f"Context {i}",
+             "response": f"Answer {i}: {'red green blue'.split()[(i + client) % 3]}.",
+             "category": CATEGORIES[(i + client) % len(CATEGORIES)]} for i in range(count)]
+
+
+def write_clients(folder: Path, sizes=(8, 12, 20), test_records: int = 6) -> Path:
+    """Clients of the given sizes plus a test file, Dolly format, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for client, count in enumerate(sizes):
+        (folder / f"local_training_{client}.json").write_text(json.dumps(make_records(client, count)))
+    (folder / "global_test.json").write_text(json.dumps(make_records(9, test_records)))
+    return folder
+
+
+def require_shared_data() -> None:
+    if not DOLLY.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+
+
+EVAL_KEYS = ("round", "eval_loss", "perplexity", "train_loss", "bytes_up", "bytes_down", "clients",
+             "mmlu_acc")
+
+
+def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
+    # float32 on every device: the tests built on it check float32 exactness (bfloat16: test_bf16_run.py)
+    values = {"model": "tiny-llama", "dtype": "float32", "data": str(client_dir), "rounds": 2, "local_steps": 2,
+              "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2}
+    values.update(overrides)
+    return build_config(values)
+
+
+def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
+    config = tiny_config(client_dir, out, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    run_inprocess(prepare_run(config, out, log=lambda message: None))
+    return read_metrics(out)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """The deterministic part of metric rows (wall-clock times excluded)."""
+    return [{key: row.get(key) for key in EVAL_KEYS} for row in rows]
+
+
+def write(path: Path, content: object) -> Path:
+    """Write JSON (or raw text/bytes as given) to ``path`` and return it."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_text(json.dumps(content), encoding="utf-8")
+    return path
+
+
+def byte_tokenizer(*, bos: bool = True) -> PreTrainedTokenizerFast:
+    """Every UTF-8 byte one token, plus <pad>=0, <s>=1, </s>=2: nothing to download."""
+    specials = ["<pad>", "<s>", "</s>"]
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                               special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def over_the_wire(content):
+    """``content`` serialised to bytes and rebuilt, as Flower does between processes."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(content).items()}
+    return inflate_object_from_contents(content.object_id, objects)

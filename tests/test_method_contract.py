@@ -1,0 +1,171 @@
+"""The aggregation contract: a method written outside src/ runs end to end through its hooks,
+the engine and CLI name no method, frozen factors follow the run's seed, and the ClientApp
+imports only what a client needs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.aggregation import GlobalUpdate, LoraFactors, MethodState, available_aggregators, get_aggregator, \
+    factors_to_tensors, tensors_to_factors
+from fedlora.aggregation.fedit import FedIT
+from fedlora.aggregation.registry import AGGREGATORS, method_summaries
+from fedlora.engine.config import build_config, save_config
+from fedlora.engine.metrics import read_metrics
+from fedlora.engine.setup import prepare_run
+from fedlora.runtime.inprocess import run_inprocess
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fedlora"
+DETERMINISTIC = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "clients")
+
+
+class ServerMomentum(FedIT):
+    """FedIT with server momentum: the global adapter moves by v ← β·v + (average − adapter).
+
+    Written here, outside src/, through the contract's hooks only: its velocity is state kept
+    across rounds, so a resumed run equals the uninterrupted one only if it is checkpointed.
+    """
+
+    name = "momentum"
+
+    def __init__(self, beta: float = 0.9):
+        self.beta = beta
+
+    def setup(self, context) -> None:
+        super().setup(context)
+        self.velocity: dict[str, LoraFactors] = {}
+
+    def combine(self, updates, weights=None, *, server_round=None) -> GlobalUpdate:
+        average = super().combine(updates, weights, server_round=server_round)
+        previous = self.global_update.factors if self.global_update is not None else average.factors
+        moved, self.pending = {}, {}
+        for module, mean in average.factors.items():
+            last = previous[module]
+            v = self.velocity.get(module, LoraFactors(torch.zeros_like(mean.A), torch.zeros_like(mean.B), mean.scale))
+            v = LoraFactors(self.beta * v.A + (mean.A - last.A), self.beta * v.B + (mean.B - last.B), mean.scale)
+            self.pending[module] = v
+            moved[module] = LoraFactors(last.A + v.A, last.B + v.B, mean.scale)
+        return replace(average, factors=moved)
+
+    def commit(self, server_round, update) -> None:
+        super().commit(server_round, update)
+        self.velocity = self.pending  # state moves only once the round is applied
+
+    def state_dict(self) -> MethodState:
+        meta, tensors = super().state_dict()
+        return meta, {**tensors, **factors_to_tensors("velocity/", self.velocity)}
+
+    def load_state_dict(self, state: MethodState) -> None:
+        super().load_state_dict(state)
+        self.velocity = tensors_to_factors("velocity/", state[1])
+
+
+@pytest.fixture
+def momentum_registered(monkeypatch):
+    monkeypatch.setitem(AGGREGATORS, "momentum", f"{__name__}:ServerMomentum")
+
+
+def config_for(client_dir: Path, out: Path, **overrides):
+    values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 3, "local_steps": 2, "batch_size": 2,
+              "max_length": 48, "ranks": [2], "out": str(out), "lr": 1e-2, "clients_per_round": 2}
+    return build_config({**values, **overrides})
+
+
+def run(config, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    run_inprocess(prepare_run(config, out, log=lambda message: None))
+    return [{key: row.get(key) for key in DETERMINISTIC} for row in read_metrics(out)]
+
+
+def test_a_method_defined_outside_src_runs_end_to_end_and_resumes_exactly(client_dir, tmp_path,
+                                                                           momentum_registered):
+    assert "momentum" in available_aggregators() and "server momentum" in method_summaries()["momentum"]
+    uninterrupted = run(config_for(client_dir, tmp_path / "full", method="momentum"), tmp_path / "full")
+    # two rounds, then the same run resumed to three: the velocity comes back from the checkpoint
+    first_two = config_for(client_dir, tmp_path / "resumed", method="momentum", rounds=2)
+    run(first_two, tmp_path / "resumed")
+    resumed = run(first_two.replace(rounds=3), tmp_path / "resumed")
+    assert resumed == uninterrupted and len(uninterrupted) == 4
+    # the hooks did something: without momentum the same run ends elsewhere
+    fedit = run(config_for(client_dir, tmp_path / "fedit", method="fedit"), tmp_path / "fedit")
+    assert fedit[1] == uninterrupted[1]  # round 1: no velocity yet
+    assert fedit[3]["eval_loss"] != uninterrupted[3]["eval_loss"]
+
+
+def test_the_frozen_factor_shared_in_round_one_follows_the_run_seed(client_dir, tmp_path):
+    def round_one_start(seed: int, out: str) -> dict[str, torch.Tensor]:
+        config = config_for(client_dir, tmp_path / out, method="ffa", seed=seed)
+        federation = prepare_run(config, tmp_path / out, log=lambda message: None).federation
+        federation.start()
+        tasks = federation.configure_train(1)
+        starts = [{module: f.A for module, f in task.start.items()} for task in tasks]
+        assert all(all(torch.equal(s[m], starts[0][m]) for m in s) for s in starts)  # one A for all
+        return starts[0]
+
+    seed0, again, seed1 = round_one_start(0, "a"), round_one_start(0, "b"), round_one_start(1, "c")
+    assert all(torch.equal(seed0[m], again[m]) for m in seed0)
+    assert all(not torch.equal(seed0[m], seed1[m]) for m in seed0)
+
+
+def test_a_resumed_ffa_run_keeps_the_shared_frozen_factor(client_dir, tmp_path):
+    uninterrupted = run(config_for(client_dir, tmp_path / "full", method="ffa", seed=3), tmp_path / "full")
+    first = config_for(client_dir, tmp_path / "resumed", method="ffa", seed=3, rounds=1)
+    run(first, tmp_path / "resumed")
+    assert run(first.replace(rounds=3), tmp_path / "resumed") == uninterrupted
+
+
+def _names_in_code(path: Path) -> set[str]:
+    """String literals, identifiers, attributes and imported names of a module (not its prose)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.update({node.name.split(".")[-1], node.name})
+    return names
+
+
+def test_the_engine_and_the_cli_name_no_method():
+    methods = set(AGGREGATORS) | {target.split(":")[1] for target in AGGREGATORS.values()}
+    for path in [*sorted((SRC / "engine").glob("*.py")), SRC / "cli.py"]:
+        assert not methods & _names_in_code(path), path
+
+
+def test_the_client_app_imports_neither_the_federation_nor_plotting():
+    code = ("import sys, json; import fedlora.runtime.flower.client_app, fedlora.runtime.flower.client_factory; "
+            "print(json.dumps(sorted(sys.modules)))")
+    modules = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                            text=True).stdout))
+    assert "fedlora.runtime.flower.client_app" in modules
+    assert not {"matplotlib", "fedlora.engine.federation", "fedlora.engine.setup", "fedlora.report",
+                "fedlora.eval"} & modules
+
+
+def test_listing_methods_and_building_the_cli_import_no_torch():
+    code = ("import sys; import fedlora.cli; from fedlora.aggregation.registry import method_summaries; "
+            "method_summaries(); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", available_aggregators())
+def test_every_method_resumed_from_its_checkpoint_equals_the_uninterrupted_run(client_dir, tmp_path, method):
+    ranks = [2] if not get_aggregator(method).heterogeneous_ranks else [2, 1, 1]
+    overrides = {"method": method, "ranks": ranks, "rounds": 2}
+    uninterrupted = run(config_for(client_dir, tmp_path / "full", **overrides), tmp_path / "full")
+    first = config_for(client_dir, tmp_path / "resumed", **{**overrides, "rounds": 1})
+    run(first, tmp_path / "resumed")
+    assert run(first.replace(rounds=2), tmp_path / "resumed") == uninterrupted
