@@ -117,6 +117,7 @@ def load_sweep(path: str | Path) -> SweepPlan:
 
 
 def plan_sweep(document: dict, source: str) -> SweepPlan:
+    """The plan of a parsed sweep file; ``source`` names the file in every error."""
     def fail(where: str, message: str) -> ConfigError:
         return ConfigError(f"{source}: {where} {message}")
 
@@ -125,7 +126,6 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
         raise fail(repr(sorted(unknown)[0]), f"is not a sweep section; use {', '.join(SECTIONS)}")
     shared = _table(document, "run", fail)
     grid = {key: _axis(key, values, fail) for key, values in _table(document, "grid", fail).items()}
-    settings_table = _table(document, "settings", fail)
     for key in RESERVED:
         if key in shared or key in grid:
             raise fail(repr(key), "is chosen by the sweep (its --out folder); remove it")
@@ -133,51 +133,16 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
         raise fail("'base'", "must be the path of a run configuration file")
     base = load_config(document["base"]) if "base" in document else RunConfig()
     base = build_config(shared, source=f"{source}: [run]", base=base)
-
-    settings: dict[str, tuple[str, ...]] = {}
-    setting_values: dict[str, dict] = {}
-    if settings_table:
-        if "method" in grid:
-            raise fail("[grid] 'method'", "cannot be an axis when settings list their methods")
-        for name, table in settings_table.items():
-            if not isinstance(table, dict) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-                raise fail(f"settings.{name}", "must be a table named with letters, digits, '.', '_' or '-'")
-            values = dict(table)
-            methods = values.pop("methods", None)
-            if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
-                raise fail(f"settings.{name}.methods", "must be a non-empty list of method names")
-            clash = sorted(set(values) & (set(grid) | {"method", *RESERVED}))
-            if clash:
-                raise fail(f"settings.{name}.{clash[0]}",
-                           "is also a grid axis or chosen otherwise; set it in one place")
-            settings[name], setting_values[name] = _unique(methods, f"settings.{name}.methods", fail), values
-    else:
-        settings[DEFAULT_SETTING] = tuple(grid.pop("method", [base.method]))
-        setting_values[DEFAULT_SETTING] = {}
-
-    tune_table = _table(document, "tune", fail)
-    tune = tune_table.get("keys", [])
-    if set(tune_table) - {"keys"} or not isinstance(tune, list) or not all(isinstance(k, str) for k in tune):
-        raise fail("[tune]", "takes 'keys', a list of grid axes")
-    tune = _unique(tune, "[tune] keys", fail)
-    for key in tune:
-        if key not in grid or key in (SEED, "method"):
-            raise fail(f"[tune] {key!r}", "must be a grid axis other than seed and method")
-    compare = _table(document, "compare", fail)
-    reference = compare.get("reference", DEFAULT_REFERENCE)
-    if set(compare) - {"reference"}:
-        raise fail("[compare]", "takes only 'reference'")
-    if not isinstance(reference, str) or ("reference" in compare
-                                          and not any(reference in methods for methods in settings.values())):
-        raise fail("[compare] 'reference'", f"must be a method of some setting, got {reference!r}")
+    settings, setting_values = _settings(_table(document, "settings", fail), grid, base, fail)
+    tune = _tune(_table(document, "tune", fail), grid, fail)
+    reference = _reference(_table(document, "compare", fail), settings, fail)
     final = _final(_table(document, "final", fail), fail)
 
     runs = []
-    axes = list(grid)
     for setting, methods in settings.items():
         for method in methods:
-            for values in itertools.product(*(grid[key] for key in axes)):
-                point = dict(zip(axes, values))
+            for values in itertools.product(*grid.values()):
+                point = dict(zip(grid, values))
                 folder = "/".join((setting, method, point_name(point)))
                 config = build_config({**setting_values[setting], "method": method, **point},
                                       source=f"{source}: {folder}", base=base)
@@ -190,6 +155,50 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
     if len(set(folders)) != len(folders):
         raise fail("[grid]", "has values that name the same run folder; make them distinct")
     return SweepPlan(source, grid, tune, settings, reference, final, runs)
+
+
+def _settings(table: dict, grid: dict[str, list], base: RunConfig,
+              fail) -> tuple[dict[str, tuple[str, ...]], dict[str, dict]]:
+    """(setting → its methods, setting → its RunConfig keys); without settings, ``default``
+    with the grid's ``method`` axis (taken out of the grid) or the run's method."""
+    if not table:
+        return {DEFAULT_SETTING: tuple(grid.pop("method", [base.method]))}, {DEFAULT_SETTING: {}}
+    if "method" in grid:
+        raise fail("[grid] 'method'", "cannot be an axis when settings list their methods")
+    methods_of, values_of = {}, {}
+    for name, setting in table.items():
+        if not isinstance(setting, dict) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise fail(f"settings.{name}", "must be a table named with letters, digits, '.', '_' or '-'")
+        values = dict(setting)
+        methods = values.pop("methods", None)
+        if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+            raise fail(f"settings.{name}.methods", "must be a non-empty list of method names")
+        clash = sorted(set(values) & (set(grid) | {"method", *RESERVED}))
+        if clash:
+            raise fail(f"settings.{name}.{clash[0]}", "is also a grid axis or chosen otherwise; set it in one place")
+        methods_of[name], values_of[name] = _unique(methods, f"settings.{name}.methods", fail), values
+    return methods_of, values_of
+
+
+def _tune(table: dict, grid: dict[str, list], fail) -> tuple[str, ...]:
+    keys = table.get("keys", [])
+    if set(table) - {"keys"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise fail("[tune]", "takes 'keys', a list of grid axes")
+    for key in keys:
+        if key not in grid or key in (SEED, "method"):
+            raise fail(f"[tune] {key!r}", "must be a grid axis other than seed and method")
+    return _unique(keys, "[tune] keys", fail)
+
+
+def _reference(table: dict, settings: dict[str, tuple[str, ...]], fail) -> str:
+    """The method compared with (default flora, which a sweep need not hold)."""
+    if set(table) - {"reference"}:
+        raise fail("[compare]", "takes only 'reference'")
+    reference = table.get("reference", DEFAULT_REFERENCE)
+    if not isinstance(reference, str) or ("reference" in table
+                                          and not any(reference in methods for methods in settings.values())):
+        raise fail("[compare] 'reference'", f"must be a method of some setting, got {reference!r}")
+    return reference
 
 
 def point_name(point: dict[str, Any]) -> str:
