@@ -37,3 +37,13 @@ def smollm2_cache(tmp_path_factory) -> Path:
 def device(request) -> str:
     """Every device a test runs on: the CPU always, a CUDA GPU where there is one."""
     return request.param
+
+
+@pytest.fixture
+def server_identity():
+    """Messages need the identity of the task creating them; the ServerApp process has one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

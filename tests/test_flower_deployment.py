@@ -15,20 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.federation import ClientFailure
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
 
-from support import comparable, over_the_wire, run_tiny, tiny_config
+from support import InMemoryGrid, comparable, run_tiny, tiny_config
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
 PARAMS_FILE = "fake.json"
@@ -193,70 +189,7 @@ def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.
         assert torch.equal(actual[module], expected[module]), module
 
 
-# --- in memory: the strategy and ClientApp over a Grid that serialises every message --------
-
-class InMemoryGrid(Grid):
-    """Delivers each message to the ClientApp of its node, through Flower's serialisation;
-    nodes in ``dead`` never answer, as a crashed SuperNode."""
-
-    def __init__(self, nodes: dict[int, dict], run_config: dict):
-        self.nodes = nodes
-        self.run_config = run_config
-        self.dead: set[int] = set()
-        self.sent: list[Message] = []
-        self.replies: dict[str, Message] = {}
-
-    def set_run(self, run) -> None: ...
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            ids.append(message.object_id)
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            if node in self.dead:
-                continue
-            received = over_the_wire_message(message)
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
-                              run_config=self.run_config)
-            try:
-                reply = client_app.app(received, context)
-            except Exception as error:  # the SuperNode turns a ClientApp exception into an error reply
-                reply = Message(Error(code=0, reason=str(error)), reply_to=received)
-            self.replies[message.object_id] = over_the_wire_message(reply)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError("the strategy pushes and pulls itself")
-
-
-def over_the_wire_message(message: Message) -> Message:
-    copy = over_the_wire(message)
-    copy.metadata.__dict__["_message_id"] = message.object_id
-    return copy
-
-
-@pytest.fixture
-def server_identity():
-    """Messages need the identity of the task creating them; the ServerApp process has one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
+# --- in memory: the strategy and ClientApp over a Grid that serialises every message (support.InMemoryGrid)
 
 def in_memory_run(tmp_path: Path, params: dict, dead: set[int] = frozenset()):
     settings = setup_run(tmp_path, params, round_timeout=1.0)

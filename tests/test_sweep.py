@@ -173,13 +173,16 @@ def test_the_final_mmlu_scores_only_the_chosen_runs(client_dir, tmp_path):
     mmlu = tmp_path / "mmlu.json"
     mmlu.write_text(json.dumps([{"input": f"Qusetion: What is {i} + 1? Options: A. {i}, B. {i + 1}, C. 0, D. 7",
                                  "output": f"The answer is: B. {i + 1}", "class": "arithmetic"} for i in range(6)]))
-    doc = document(client_dir, lrs=(1e-3, 3e-2))
+    # FedSA-LoRA's clients keep their B: the final MMLU completes each client's model from its store
+    doc = document(client_dir, methods=("flora", "fedsa"), ranks=(2,), lrs=(1e-3, 3e-2))
     doc["final"] = {"mmlu": str(mmlu), "mmlu_questions": 4}
     out = tmp_path / "sweep"
     result = run_sweep(plan_of(doc), out)
     comparison = build_comparison(out)
     entry = comparison["settings"]["het"]["methods"]["flora"]
-    assert sorted(result.scored) == sorted(entry["runs"]) and len(result.scored) == 2
+    fedsa = comparison["settings"]["het"]["methods"]["fedsa"]
+    assert sorted(result.scored) == sorted(entry["runs"] + fedsa["runs"]) and len(result.scored) == 4
+    assert fedsa["mmlu"]["questions"] == 4
     for run in result.scored:
         scored = json.loads((out / run / "final-mmlu.json").read_text())
         assert scored["mmlu_total"] == 4 and scored["questions"] == 4 and scored["round"] == 2
@@ -192,7 +195,7 @@ def test_the_final_mmlu_scores_only_the_chosen_runs(client_dir, tmp_path):
     # scoring fewer seeds keeps the scores made; other questions are scored anew, for those seeds only
     doc["final"] = {"mmlu": str(mmlu), "mmlu_questions": 3, "seeds": [1]}
     fewer = run_sweep(plan_of(doc), out)
-    assert fewer.scored == [run for run in entry["runs"] if run.endswith("seed=1")]
+    assert fewer.scored == [run for run in entry["runs"] + fedsa["runs"] if run.endswith("seed=1")]
     # the comparison counts only scores made on the questions the file now names
     assert build_comparison(out)["settings"]["het"]["methods"]["flora"]["mmlu"] | {"acc": 0, "ci95": 0} == {
         "acc": 0, "ci95": 0, "questions": 3, "runs": 1}

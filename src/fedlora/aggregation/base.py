@@ -228,7 +228,9 @@ class Aggregator(ABC):
     """One federated LoRA method (one module per method, registered by name).
 
     Modelled on Flower's strategies. The engine calls, per run: :meth:`setup`; per round:
-    :meth:`trainable` and :meth:`start_adapter` for every sampled client, the updates that
+    :meth:`trainable`, :meth:`uploads`, :meth:`client_rank` and :meth:`start_adapter` for every
+    sampled client (whose training adds :meth:`regularizer` to its loss and keeps the factors
+    :attr:`kept_on_client` in its own store), the updates that
     pass its validation gate go into :meth:`accumulator` (→ :meth:`combine`), the result is
     merged into the global model as it says and handed to :meth:`commit`; then
     :meth:`evaluation_adapters` says what to evaluate, and :meth:`state_dict` is checkpointed.
@@ -248,6 +250,9 @@ class Aggregator(ABC):
     pools_data: ClassVar[bool] = False
     #: the runtimes the method can run on
     runtimes: ClassVar[tuple[str, ...]] = ("inprocess", "flower")
+    #: factors each client keeps across rounds in its own store and never sends either way
+    #: (FedSA-LoRA's B): the runtime holding the clients keeps them (see engine/client_state.py)
+    kept_on_client: ClassVar[frozenset[str]] = frozenset()
 
     context: RunContext | None = None
     global_update: GlobalUpdate | None = None
@@ -267,17 +272,34 @@ class Aggregator(ABC):
         """Factors clients train in ``server_round`` (1-based); the others stay frozen."""
         return frozenset(FACTOR_NAMES)
 
+    def uploads(self, server_round: int) -> frozenset[str]:
+        """Factors clients send back in ``server_round``; the server takes the others from the
+        start adapter it sent (a frozen factor), or never knows them (:attr:`kept_on_client`)."""
+        return self.trainable(server_round)
+
+    def client_rank(self, client_id: str, server_round: int) -> int:
+        """The rank ``client_id`` trains (and must send) in ``server_round``: its configured one
+        unless the method changes it (HetLoRA's self-pruning)."""
+        return self.context.ranks[client_id]
+
+    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor | None:
+        """A term clients add to their training loss, differentiable in the live ``factors``
+        of their LoRA; None: none (the default)."""
+        return None
+
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
         """The factors ``client_id`` starts this round's LoRA from; None for a fresh LoRA.
 
-        Before any global update, a factor frozen from the first round on (FFA-LoRA, RoLoRA)
-        must be the same on every client, so it is drawn here, from the run's seed, and the
-        engine can check that each client sent it back intact.
+        Before any global update, a factor the server does not get back (frozen from the first
+        round on, as in FFA-LoRA and RoLoRA, or not uploaded) must be one the server knows, the
+        same on every client, so the start is drawn here, from the run's seed (B zero, as a
+        fresh LoRA's); so is the start of a method whose clients keep a factor of their own.
         """
-        rank = self.context.ranks[client_id]
+        rank = self.client_rank(client_id, server_round)
         if self.global_update is not None:
             return self.client_start(self.global_update, client_id, rank)
-        if self.trainable(server_round) == frozenset(FACTOR_NAMES):
+        every = frozenset(FACTOR_NAMES)
+        if self.trainable(server_round) == self.uploads(server_round) == every and not self.kept_on_client:
             return None  # every client draws its own fresh LoRA
         from fedlora.aggregation.factored import fit_ranks  # factored builds on this module
 

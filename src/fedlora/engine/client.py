@@ -8,16 +8,18 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate
+from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, get_aggregator
 from fedlora.data import DataError, TokenizedExample, collate
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.models import model_device
-from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
+from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
+    set_trainable
 from fedlora.lora.merge import base_weight
 
 StepCallback = Callable[[int, float], None]
+Regularizer = Callable[[dict[str, LoraFactors]], torch.Tensor | None]
 
 
 def batch_stream(examples: Sequence[TokenizedExample], batch_size: int, seed: int) -> Iterator[list]:
@@ -39,7 +41,8 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
                  batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
-                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions()):
+                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions(),
+                 regularizer: Regularizer | None = None):
         self.model = model
         self.pad_token_id = pad_token_id
         self.target_modules = list(target_modules)
@@ -49,6 +52,8 @@ class LocalTrainer:
         self.weight_decay = weight_decay
         self.use_rslora = use_rslora
         self.compute = compute
+        #: the method's term added to the training loss (Aggregator.regularizer)
+        self.regularizer = regularizer
         self.carry: dict[str, torch.Tensor] = {}
         self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
 
@@ -56,7 +61,8 @@ class LocalTrainer:
     def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
         return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
                    grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config))
+                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config),
+                   regularizer=get_aggregator(config.method, **config.method_options).regularizer)
 
     def apply_base_update(self, update: GlobalUpdate) -> None:
         """Merge a logged global update into this replica's base weights (a Flower client
@@ -106,6 +112,7 @@ class LocalTrainer:
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
         device = model_device(model)
+        factors = live_factors(model)
         model.train()
         losses = []
         for step in range(task.local_steps):
@@ -113,7 +120,7 @@ class LocalTrainer:
             for _ in range(self.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(next(batches), self.pad_token_id).items()}
                 loss = model(**batch).loss / self.grad_accum
-                loss.backward()
+                self._objective(loss, factors).backward()
                 step_loss += loss.item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -122,3 +129,10 @@ class LocalTrainer:
                 on_step(step + 1, step_loss)
         model.eval()
         return losses
+
+    def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors]) -> torch.Tensor:
+        """What a step minimises: the batch's loss plus, for a method that has one, its term on
+        the live ``factors`` (HetLoRA's rank regulariser), a share per accumulated batch. The
+        reported training loss is the batch's alone."""
+        term = self.regularizer(factors) if self.regularizer is not None else None
+        return loss if term is None else loss + term / self.grad_accum

@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from fedlora.data import MMLUQuestion, TokenizedExample
+from fedlora.data import MMLUQuestion, Record, TokenizedExample, load_mmlu, load_records, tokenize_records
+from fedlora.engine.config import RunConfig
 from fedlora.eval import evaluate_loss_tokenized, evaluate_mmlu
 
 
@@ -51,3 +52,24 @@ class Evaluator:
             metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, batch_size=self.batch_size,
                                          progress=progress))
         return metrics
+
+
+def evaluation_inputs(config: RunConfig) -> tuple[list[Record], list[MMLUQuestion]]:
+    """The run's held-out records and MMLU questions, as its configuration limits them."""
+    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
+    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
+    return test_records, questions
+
+
+def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[Record],
+                  questions: Sequence[MMLUQuestion], *, log: Callable[[str], None] = lambda message: None,
+                  mmlu_progress: Callable[[int, int], None] | None = None,
+                  validation_records: Sequence[Record] = ()) -> Evaluator:
+    """The run's evaluator (the server's, and a Flower node's evaluating its client's own model)."""
+    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
+    if stats.truncated:
+        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
+    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
+    return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
+                     mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
+                     validation_examples=validation_examples)

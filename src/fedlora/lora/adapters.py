@@ -48,12 +48,16 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, target_modules: Itera
 
 def get_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
     """Detached float32 copies of the adapter's factors, with the scale PEFT applies (rsLoRA too)."""
-    return {
-        name: LoraFactors(A=layer.lora_A[adapter_name].weight.detach().float().clone(),
-                          B=layer.lora_B[adapter_name].weight.detach().float().clone(),
-                          scale=float(layer.scaling[adapter_name]))
-        for name, layer in _lora_layers(peft_model, adapter_name)
-    }
+    return {name: LoraFactors(A=f.A.detach().float().clone(), B=f.B.detach().float().clone(), scale=f.scale)
+            for name, f in live_factors(peft_model, adapter_name).items()}
+
+
+def live_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
+    """The adapter's factor parameters themselves (not copies): a loss term on them is
+    differentiable and follows every optimizer step."""
+    return {name: LoraFactors(A=layer.lora_A[adapter_name].weight, B=layer.lora_B[adapter_name].weight,
+                              scale=float(layer.scaling[adapter_name]))
+            for name, layer in _lora_layers(peft_model, adapter_name)}
 
 
 def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],

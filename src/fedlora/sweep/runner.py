@@ -33,7 +33,7 @@ from fedlora.files import atomic_write_text
 from fedlora.lora.merge import base_weight
 from fedlora.models import pad_token_id, weights_depend_on_seed
 from fedlora.report import write_report
-from fedlora.runtime.inprocess import run_inprocess
+from fedlora.runtime.inprocess import evaluate_clients_in_process, run_inprocess
 from fedlora.sweep.outcomes import FINAL_MMLU_FILE, RunOutcome, is_finished, read_final_mmlu
 from fedlora.sweep.plan import FinalMMLU, PlannedRun, SweepPlan
 from fedlora.sweep.progress import SweepObserver
@@ -183,6 +183,7 @@ def _final_mmlu(config: RunConfig, final: FinalMMLU, models: ModelCache, evaluat
                           final_round=config.rounds, batch_size=config.eval_batch_size,
                           mmlu_progress=observer.mmlu_progress)
     federation.evaluate_model = evaluations.wrap(evaluator, models.key, federation.global_model.adapted_modules)
+    evaluate_clients_in_process(federation)
     with restored_afterwards(federation.global_model):
         federation.restore()
         metrics = federation.evaluate(federation.completed_round)

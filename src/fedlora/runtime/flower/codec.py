@@ -2,10 +2,14 @@
 
 Factors travel as fp32 ``ArrayRecord``s keyed ``"<module>.A"`` / ``"<module>.B"``; their
 scales travel in a ``ConfigRecord`` under the same name with a ``.scale`` suffix, so any
-mix of ranks and shapes round-trips bit-exactly. A train instruction carries the
-:class:`ClientTask` plus the :class:`Catchup` (base updates the client's replica still has to
-merge); a train reply carries the :class:`ClientResult` plus the round the replica is now
-merged through.
+mix of ranks and shapes round-trips bit-exactly. A message may carry only some factors (a
+client's upload; a start without the factors the client keeps itself): the scales record then
+also holds each module's ``[rank, d, n]`` and the receiver gets zeros for what stayed behind,
+to fill with its own. A train instruction carries the :class:`ClientTask` plus the
+:class:`Catchup` (base updates the client's replica still has to merge); a train reply carries
+the :class:`ClientResult` plus the round the replica is now merged through. An evaluation
+request carries a client's adapter as the server has it (plus a catch-up); its reply, the
+metrics of the client's own model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation.base import FACTOR_NAMES
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.errors import FedloraError
 
@@ -31,9 +36,10 @@ BaseUpdates = Sequence[tuple[int, GlobalUpdate]]
 #: half-precision factors are widened to fp32 without loss; anything else is refused
 _LOSSLESS_TO_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
-#: query actions of the ClientApp (message types ``query.identify`` / ``query.sync``)
+#: query actions of the ClientApp (message types ``query.identify`` / ``.sync`` / ``.evaluate``)
 IDENTIFY_ACTION = "identify"
 SYNC_ACTION = "sync"
+EVALUATE_ACTION = "evaluate"
 
 TASK_KEY = "task"
 START_KEY = "start"
@@ -42,8 +48,12 @@ METRICS_KEY = "metrics"
 RESULT_KEY = "result"
 NODE_KEY = "node"
 CATCHUP_KEY = "catchup"
+EVALUATION_KEY = "evaluation"
+ADAPTER_KEY = "adapter"
 _BASE_UPDATE_PREFIX = "base-update."
 _SCALE_SUFFIX = ".scale"
+#: a module's [rank, d, n] in a scales record where a factor stays behind
+_SHAPE_SUFFIX = ".shape"
 
 
 class CodecError(FedloraError):
@@ -76,34 +86,48 @@ def _fp32(tensor: torch.Tensor, module: str, name: str) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def factors_to_records(factors: Mapping[str, LoraFactors]) -> tuple[ArrayRecord, ConfigRecord]:
-    """``{module: LoraFactors}`` → (fp32 ArrayRecord of A and B, ConfigRecord of scales)."""
+def factors_to_records(factors: Mapping[str, LoraFactors],
+                       names: frozenset[str] = frozenset(FACTOR_NAMES)) -> tuple[ArrayRecord, ConfigRecord]:
+    """``{module: LoraFactors}`` → (fp32 ArrayRecord of the ``names`` factors, ConfigRecord of
+    scales, with each module's rank and dense shape where a factor stays behind)."""
     arrays = ArrayRecord()
     scales = ConfigRecord()
     for module, f in factors.items():
-        arrays[f"{module}.A"] = Array.from_numpy_ndarray(_fp32(f.A, module, "A").numpy())
-        arrays[f"{module}.B"] = Array.from_numpy_ndarray(_fp32(f.B, module, "B").numpy())
+        for name in sorted(names):
+            arrays[f"{module}.{name}"] = Array.from_numpy_ndarray(_fp32(getattr(f, name), module, name).numpy())
         scales[module] = float(f.scale)
+        if names != set(FACTOR_NAMES):
+            scales[module + _SHAPE_SUFFIX] = [f.rank, *f.shape]
     return arrays, scales
 
 
 def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str, LoraFactors]:
-    """Inverse of :func:`factors_to_records`; module order follows the scales record."""
+    """Inverse of :func:`factors_to_records`; module order follows the scales record. A factor
+    left behind comes back as zeros: the receiver puts its own in its place (the server the
+    start it sent, a client the factor it keeps)."""
     factors = {}
     for module, scale in scales.items():
-        try:
-            A, B = (arrays[f"{module}.{name}"].numpy() for name in ("A", "B"))
-        except KeyError as err:
-            raise CodecError(f"module {module!r}: factor {err} missing from the ArrayRecord") from None
-        # copy: the arrays are read-only views of the received bytes
-        factors[module] = LoraFactors(torch.from_numpy(A.copy()), torch.from_numpy(B.copy()),
-                                      float(scale))
+        if module.endswith(_SHAPE_SUFFIX):
+            continue
+        rank, d, n = scales.get(module + _SHAPE_SUFFIX, (None, None, None))
+        tensors = {}
+        for name, shape in (("A", (rank, n)), ("B", (d, rank))):
+            key = f"{module}.{name}"
+            if key in arrays:  # copy: the arrays are read-only views of the received bytes
+                tensors[name] = torch.from_numpy(arrays[key].numpy().copy())
+            elif rank is not None:
+                tensors[name] = torch.zeros(shape)
+            else:
+                raise CodecError(f"module {module!r}: factor {key!r} missing from the ArrayRecord")
+        factors[module] = LoraFactors(tensors["A"], tensors["B"], float(scale))
     return factors
 
 
-def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors]) -> None:
-    """Store ``factors`` in ``content`` under ``key`` (arrays) and ``key.scale`` (scales)."""
-    content[key], content[key + _SCALE_SUFFIX] = factors_to_records(factors)
+def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors],
+                names: frozenset[str] = frozenset(FACTOR_NAMES)) -> None:
+    """Store the ``names`` factors of ``factors`` in ``content`` under ``key`` (arrays) and
+    ``key.scale`` (scales)."""
+    content[key], content[key + _SCALE_SUFFIX] = factors_to_records(factors, names)
 
 
 def get_factors(content: RecordDict, key: str) -> dict[str, LoraFactors] | None:
@@ -124,9 +148,11 @@ def wire_bytes(content: RecordDict) -> int:
 
 # --- tasks and catch-up --------------------------------------------------------------------
 
+#: ClientTask fields that are sets of factor names: they travel as sorted lists
+_TASK_NAME_SETS = ("trainable", "uploads", "kept")
 #: ClientTask fields that travel as ConfigRecord scalars; their types round-trip unchanged
 _TASK_SCALARS = tuple(field.name for field in fields(ClientTask)
-                      if field.name not in ("trainable", "start"))
+                      if field.name not in (*_TASK_NAME_SETS, "start"))
 
 
 def _config_key(field_name: str) -> str:
@@ -134,21 +160,24 @@ def _config_key(field_name: str) -> str:
 
 
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
-    """A train instruction: the task, its start factors and the base updates to merge first."""
+    """A train instruction: the task, its start factors but those the client keeps itself, and
+    the base updates to merge first."""
     config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS})
-    config["trainable"] = sorted(task.trainable)
+    config.update({name: sorted(getattr(task, name)) for name in _TASK_NAME_SETS})
     content = RecordDict({TASK_KEY: config})
     if task.start is not None:
-        put_factors(content, START_KEY, task.start)
+        put_factors(content, START_KEY, task.start, frozenset(FACTOR_NAMES) - task.kept)
     put_catchup(content, catchup)
     return content
 
 
 def decode_task(content: RecordDict) -> ClientTask:
-    """The :class:`ClientTask` of a train instruction made by :func:`encode_task`."""
+    """The :class:`ClientTask` of a train instruction made by :func:`encode_task` (the factors
+    the client keeps are zeros in its start, for it to fill from its store)."""
     value = _reader(_record(content.config_records, TASK_KEY), f"record {TASK_KEY!r}")
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS},
-                      trainable=frozenset(value("trainable")), start=get_factors(content, START_KEY))
+                      **{name: frozenset(value(name)) for name in _TASK_NAME_SETS},
+                      start=get_factors(content, START_KEY))
 
 
 @dataclass(frozen=True)
@@ -195,8 +224,10 @@ def get_catchup(content: RecordDict) -> Catchup:
 
 # --- results -------------------------------------------------------------------------------
 
-def encode_result(result: ClientResult, *, replica_round: int) -> RecordDict:
-    """A train reply: the update's factors, its metrics and the replica's merged round."""
+def encode_result(result: ClientResult, *, replica_round: int,
+                  uploads: frozenset[str] = frozenset(FACTOR_NAMES)) -> RecordDict:
+    """A train reply: the update's ``uploads`` factors (the others come back as zeros, for the
+    server to take from the start it sent), its metrics and the replica's merged round."""
     content = RecordDict({
         METRICS_KEY: MetricRecord({
             "num-examples": result.update.num_examples,
@@ -207,7 +238,7 @@ def encode_result(result: ClientResult, *, replica_round: int) -> RecordDict:
         }),
         RESULT_KEY: ConfigRecord({"client-id": result.update.client_id}),
     })
-    put_factors(content, UPDATE_KEY, result.update.factors)
+    put_factors(content, UPDATE_KEY, result.update.factors, uploads)
     return content
 
 
@@ -223,6 +254,36 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     result = ClientResult(update=update, train_loss=float(metric("train-loss")),
                           steps=int(metric("steps")), seconds=float(metric("seconds")))
     return result, int(metric("replica-round"))
+
+
+def encode_evaluation(client_id: str, server_round: int, adapter: Mapping[str, LoraFactors],
+                      kept: frozenset[str], catchup: Catchup) -> RecordDict:
+    """An evaluation request: the client's adapter as the server has it, less the factors the
+    client keeps (it completes the adapter with its own), and the base updates to merge first."""
+    content = RecordDict({EVALUATION_KEY: ConfigRecord({"client-id": client_id, "round": server_round,
+                                                        "kept": sorted(kept)})})
+    put_factors(content, ADAPTER_KEY, adapter, frozenset(FACTOR_NAMES) - kept)
+    put_catchup(content, catchup)
+    return content
+
+
+def decode_evaluation(content: RecordDict) -> tuple[str, int, dict[str, LoraFactors], Catchup]:
+    """(client id, round, adapter with zeros for the kept factors, catch-up) of :func:`encode_evaluation`."""
+    value = _reader(_record(content.config_records, EVALUATION_KEY), f"record {EVALUATION_KEY!r}")
+    adapter = get_factors(content, ADAPTER_KEY)
+    if adapter is None:
+        raise CodecError(f"evaluation request lacks the {ADAPTER_KEY!r} record")
+    return str(value("client-id")), int(value("round")), adapter, get_catchup(content)
+
+
+def encode_metrics(metrics: Mapping[str, Any]) -> RecordDict:
+    """An evaluation reply: the metrics, as JSON (they nest: MMLU per subject; floats round-trip exactly)."""
+    return RecordDict({METRICS_KEY: ConfigRecord({"json": json.dumps(metrics)})})
+
+
+def decode_metrics(content: RecordDict) -> dict:
+    """The metrics of :func:`encode_metrics`."""
+    return json.loads(_reader(_record(content.config_records, METRICS_KEY), f"record {METRICS_KEY!r}")("json"))
 
 
 def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
@@ -256,13 +317,16 @@ class AppSettings:
 
     ``federation_factory(run_dir)`` builds the server's Federation (the run folder is on the
     server's machine); ``client_factory(settings, node)`` (node: :class:`NodeSettings`) builds
-    ``(trainer, examples)`` on a node, which may be another machine: what it needs to know of
-    the run travels in ``run_config`` (the run's configuration as JSON).
+    ``(trainer, examples)`` on a node, which may be another machine, and
+    ``evaluation_factory(settings, node)`` ``(trainer, evaluate(model, round))`` on a node asked
+    to evaluate its client's own model: what they need to know of the run travels in
+    ``run_config`` (the run's configuration as JSON).
     """
 
     run_dir: str
     federation_factory: str
     client_factory: str
+    evaluation_factory: str = "fedlora.runtime.flower.client_factory:evaluation_factory"
     #: seconds a round (or the final sync) waits for replies before counting failures
     round_timeout: float = 600.0
     #: seconds the first round waits for every partition's SuperNode to identify itself
@@ -271,7 +335,8 @@ class AppSettings:
 
     def to_run_config(self) -> dict[str, str | float]:
         return {"run-dir": self.run_dir, "federation-factory": self.federation_factory,
-                "client-factory": self.client_factory, "round-timeout": self.round_timeout,
+                "client-factory": self.client_factory, "evaluation-factory": self.evaluation_factory,
+                "round-timeout": self.round_timeout,
                 "connect-timeout": self.connect_timeout, "fedlora-config": self.run_config}
 
     @classmethod
@@ -280,6 +345,7 @@ class AppSettings:
         return cls(run_dir=str(value("run-dir")),
                    federation_factory=str(value("federation-factory")),
                    client_factory=str(value("client-factory")),
+                   evaluation_factory=str(value("evaluation-factory")),
                    round_timeout=float(value("round-timeout")),
                    connect_timeout=float(value("connect-timeout")),
                    run_config=str(value("fedlora-config")))

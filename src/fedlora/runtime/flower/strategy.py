@@ -20,13 +20,15 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.aggregation import LoraFactors
 from fedlora.engine.federation import ClientFailure, Federation
 from fedlora.engine.ledger import BYTES_PER_PARAM
-from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
-    decode_node_state, decode_result, encode_task, put_catchup, wire_bytes
+from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
+    decode_metrics, decode_node_state, decode_result, encode_evaluation, encode_task, put_catchup, wire_bytes
 
 IDENTIFY = f"{MessageType.QUERY}.{IDENTIFY_ACTION}"
 SYNC = f"{MessageType.QUERY}.{SYNC_ACTION}"
+EVALUATE = f"{MessageType.QUERY}.{EVALUATE_ACTION}"
 #: seconds between looks for SuperNodes that have not connected yet
 _NODE_POLL_SECONDS = 1.0
 #: seconds between pulls for replies (Grid.send_and_receive waits 3 s between pulls)
@@ -66,6 +68,9 @@ class FedLoraStrategy(Strategy):
         #: clients whose replica could not be brought up to date by the final sync
         self.sync_failures: list[ClientFailure] = []
         self._asked: set[int] = set()
+        self._grid: Grid | None = None
+        # the clients' own models (a method keeping factors on them) are evaluated on their nodes
+        federation.evaluate_clients = self.evaluate_clients
         self._open: dict[str, str] = {}  # message id → client of the exchange under way
         self._order: list[str] = []  # the round's clients in task order
         self._unsent: list[ClientFailure] = []
@@ -74,6 +79,7 @@ class FedLoraStrategy(Strategy):
     def run(self, grid: Grid) -> dict:
         """Continue the federation to its last round, then bring every replica up to date."""
         self.summary()
+        self._grid = grid
         last_round = self.federation.start()
         self.identify_nodes(grid, wait=True)
         for server_round in range(last_round + 1, self.federation.num_rounds + 1):
@@ -150,6 +156,7 @@ class FedLoraStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One train message per sampled client; ``arrays`` and ``config`` are unused (every
         client's instructions are its own)."""
+        self._grid = grid
         self.identify_nodes(grid, wait=False)
         tasks = self.federation.configure_train(server_round)
         self._order = [task.client_id for task in tasks]
@@ -206,9 +213,41 @@ class FedLoraStrategy(Strategy):
             if client is not None:
                 yield client, reply
 
+    def evaluate_clients(self, server_round: int, adapters: dict[str, dict[str, LoraFactors]]) -> dict[str, dict]:
+        """The Federation's ``evaluate_clients``: each client's node evaluates the client's own
+        model (the adapter completed with the factors it keeps) on the run's test data; a client
+        whose node is unknown or does not answer is left out, with a warning. The requests'
+        bytes go to the round's ``evaluation_bytes_down``, which the ledger leaves out."""
+        kept = self.federation.aggregator.kept_on_client
+        transfer = self.transfers.setdefault(server_round, {})
+        transfer.setdefault("evaluation_bytes_down", 0)
+        self._open, messages = {}, []
+        for client, adapter in adapters.items():
+            node = self._node_of(client)
+            if node is None:
+                log(WARNING, "round %s: no SuperNode holds client %s to evaluate its model", server_round, client)
+                continue
+            content = encode_evaluation(client, server_round, adapter, kept, self._catchup(client, server_round))
+            transfer["evaluation_bytes_down"] += wire_bytes(content)
+            message = Message(content, dst_node_id=node, message_type=EVALUATE, ttl=self.round_timeout)
+            self._open[message.object_id] = client
+            messages.append(message)
+        metrics = {}
+        for client, reply in self._match(exchange(self._grid, messages, self.round_timeout)):
+            try:
+                metrics[client] = decode_metrics(_content(reply))
+            except CodecError as error:
+                log(WARNING, "round %s: client %s was not evaluated: %s", server_round, client, error)
+        for client in self._open.values():
+            log(WARNING, "round %s: client %s was not evaluated within %g s", server_round, client,
+                self.round_timeout)
+        self._open = {}
+        return metrics
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No client-side evaluation: the Federation evaluates the global model itself."""
+        """No Flower evaluation round: the Federation evaluates in its own round (asking
+        :meth:`evaluate_clients` for models only the clients hold)."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
