@@ -73,6 +73,11 @@ def load_model(name: str, *, gguf_file: str | None = None, device: str | None = 
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 
+def weights_depend_on_seed(name: str) -> bool:
+    """Whether :func:`load_model`'s ``seed`` changes the weights: only for the random tiny-llama."""
+    return name == TINY_LLAMA_NAME
+
+
 def adapted_shapes(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of every Linear whose qualified name ends with a target name."""
     shapes: dict[str, tuple[int, int]] = {}

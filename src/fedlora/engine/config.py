@@ -69,6 +69,8 @@ class RunConfig:
     partition_by: str = option("category", "record field the Dirichlet split skews")
     min_partition_size: int = option(10, "fewest records a Dirichlet client may get", minimum=1)
     max_length: int = option(256, "tokens per example; longer ones are truncated", minimum=1)
+    validation_fraction: float = option(0.02, "share of each client's records held out of its training for "
+                                              "val_loss (seeded, at least one record; 0: none)", minimum=0)
     # federation
     method: str = option(DEFAULT_METHOD, "aggregation method or baseline (see `fedlora methods`)")
     method_options: dict[str, Any] = option(help="the method's options, as JSON on the command line",
@@ -110,7 +112,7 @@ class RunConfig:
     # evaluation
     eval_batch_size: int = option(8, "examples per evaluation batch", minimum=1)
     test_limit: int | None = option(None, "evaluate loss on the first N test records", positive=True)
-    mmlu_limit: int | None = option(None, "score the first N MMLU questions", positive=True)
+    mmlu_limit: int | None = option(None, "score the first N MMLU questions (0: no MMLU)", minimum=0)
     mmlu_every: int = option(0, "MMLU every K rounds (default: final round only)", minimum=0)
     # runtime and outputs
     runtime: str = option("inprocess", "inprocess (default) or flower", choices=RUNTIMES)
@@ -271,6 +273,9 @@ def validate(config: RunConfig, source: str = "config") -> None:
         heterogeneous = [name for name in available_aggregators() if aggregator_class(name).heterogeneous_ranks]
         fail("ranks", f"are mixed ({config.ranks}) but {config.method!r} needs one rank for all "
                       f"clients; methods for heterogeneous ranks: {', '.join(heterogeneous)}")
+    if not config.validation_fraction < 1:
+        fail("validation_fraction", f"must be below 1 (a client must keep records to train on), "
+                                    f"got {config.validation_fraction}")
     if (config.local_steps is None) == (config.local_epochs is None):
         fail("local_steps", "and 'local_epochs': set exactly one")
     if config.runtime not in method.runtimes:

@@ -1,4 +1,4 @@
-"""Per-round evaluation of the global model: held-out loss every round, MMLU when due."""
+"""Per-round evaluation of the global model: test and validation loss every round, MMLU when due."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ class Evaluator:
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None):
+                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
+                 validation_examples: Sequence[TokenizedExample] = ()):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
+        #: records held out of the clients' training (val_loss); what tuning may look at
+        self.validation_examples = validation_examples
         self.questions = questions
         self.final_round = final_round
         self.mmlu_every = mmlu_every
@@ -40,6 +43,9 @@ class Evaluator:
         if self.test_examples:
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
                                                    batch_size=self.batch_size))
+        if self.validation_examples:
+            metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
+                                                          batch_size=self.batch_size)["eval_loss"]
         if self.mmlu_due(server_round):
             total = len(self.questions)
             progress = (lambda done: self.mmlu_progress(done, total)) if self.mmlu_progress else None
@@ -57,10 +63,13 @@ def evaluation_inputs(config: RunConfig) -> tuple[list[Record], list[MMLUQuestio
 
 def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[Record],
                   questions: Sequence[MMLUQuestion], *, log: Callable[[str], None] = lambda message: None,
-                  mmlu_progress: Callable[[int, int], None] | None = None) -> Evaluator:
+                  mmlu_progress: Callable[[int, int], None] | None = None,
+                  validation_records: Sequence[Record] = ()) -> Evaluator:
     """The run's evaluator (the server's, and a Flower node's evaluating its client's own model)."""
     test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
     if stats.truncated:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
+    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
-                     mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress)
+                     mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
+                     validation_examples=validation_examples)

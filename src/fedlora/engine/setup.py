@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from fedlora.aggregation import aggregator_class
-from fedlora.data import LazyTokenizedRecords, centralize
+from fedlora.data import LazyTokenizedRecords, centralize, split_clients
 from fedlora.engine.config import RunConfig, check_client_count
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.evaluator import evaluation_inputs, run_evaluator
@@ -47,12 +47,13 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     """Load data first (cheap, most likely to be wrong), then the model; build the federation.
 
     ``loaded`` is an already loaded (model, tokenizer) of ``config.model`` in its pristine
-    state, for callers running many federations on one model (benchmarks).
+    state, for callers running many federations on one model (a sweep).
     """
     config = resolve_data_paths(config, log)
     clients = {} if config.data_on_nodes else load_client_records(config)
     num_clients = config.clients if config.data_on_nodes else len(clients)
     check_client_count(config, num_clients)
+    clients, validation_records = split_clients(clients, config.validation_fraction, config.seed)
     if aggregator_class(config.method).pools_data:
         config = pooled_config(config, len(clients))
         clients = {config.method: centralize(clients)}
@@ -63,7 +64,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
                        for cid, records in clients.items()}
     evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, log=log,
-                              mmlu_progress=mmlu_progress)
+                              mmlu_progress=mmlu_progress, validation_records=validation_records)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
                     else {cid: len(examples) for cid, examples in client_examples.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fedlora.engine.client_state import CLIENT_STATE_DIR, ClientStore, train_from_store
+from fedlora.engine.federation import Federation
 from fedlora.engine.setup import RunSetup
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.observer import RunObserver
@@ -19,10 +20,7 @@ def run_inprocess(setup: RunSetup, observer: RunObserver | None = None) -> dict:
     """
     observer = observer or RunObserver()
     federation = setup.federation
-    store = ClientStore(federation.run_dir / CLIENT_STATE_DIR)
-    federation.evaluate_clients = lambda server_round, adapters: {
-        cid: federation.evaluate_adapter(store.personalised(cid, server_round, adapter), server_round)
-        for cid, adapter in adapters.items()}
+    store = evaluate_clients_in_process(federation)
     if federation.start() == 0:
         observer.round_finished(federation.rows[-1])
     store.discard_after(federation.completed_round)  # the rounds after the checkpoint are redone
@@ -34,6 +32,16 @@ def run_inprocess(setup: RunSetup, observer: RunObserver | None = None) -> dict:
     if truncated:
         observer.log(f"{truncated} training examples were truncated to max_length {setup.config.max_length}")
     return {**federation.summary(), "training_examples_truncated": truncated}
+
+
+def evaluate_clients_in_process(federation: Federation) -> ClientStore:
+    """Let ``federation`` evaluate the clients' own models from their stores in the run folder;
+    returns the store."""
+    store = ClientStore(federation.run_dir / CLIENT_STATE_DIR)
+    federation.evaluate_clients = lambda server_round, adapters: {
+        cid: federation.evaluate_adapter(store.personalised(cid, server_round, adapter), server_round)
+        for cid, adapter in adapters.items()}
+    return store
 
 
 def _train_each(setup: RunSetup, store: ClientStore, tasks: list[ClientTask],
