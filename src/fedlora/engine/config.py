@@ -98,6 +98,8 @@ class RunConfig:
     autocast: str | None = option(None, "bfloat16: client forward passes under torch.autocast (matmuls in "
                                         "bf16, weights and LoRA factors keep their dtypes)",
                                   choices="fedlora.engine.compute:AUTOCAST_DTYPES")
+    packing: bool = option(True, "pack each micro-batch's sequences in one row without padding where "
+                                 "the model allows it (else padded batches, with a notice)")
     # update validation
     max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
     max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)

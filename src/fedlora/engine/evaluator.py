@@ -19,7 +19,8 @@ class Evaluator:
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None):
+                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
+                 packed: bool = False):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
@@ -28,6 +29,7 @@ class Evaluator:
         self.mmlu_every = mmlu_every
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
+        self.packed = packed  # batches packed in one row (the model computes them apart)
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.questions:
@@ -38,10 +40,10 @@ class Evaluator:
         metrics: dict = {}
         if self.test_examples:
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
-                                                   batch_size=self.batch_size))
+                                                   batch_size=self.batch_size, packed=self.packed))
         if self.mmlu_due(server_round):
             total = len(self.questions)
             progress = (lambda done: self.mmlu_progress(done, total)) if self.mmlu_progress else None
             metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, batch_size=self.batch_size,
-                                         progress=progress))
+                                         packed=self.packed, progress=progress))
         return metrics

@@ -66,13 +66,13 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
     if stats.truncated:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
+    trainer = LocalTrainer.from_config(model, pad_id, config, log=log)
     evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
                           mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
-                          mmlu_progress=mmlu_progress)
+                          mmlu_progress=mmlu_progress, packed=trainer.packing)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
                     else {cid: len(examples) for cid, examples in client_examples.items()})
     federation = Federation(config, client_sizes, GlobalModel(model, modules), evaluator, run_dir,
                             keep_base_log=keep_base_log, log=log)
-    trainer = LocalTrainer.from_config(model, pad_id, config)
     return RunSetup(config, model, tokenizer, client_examples, trainer, federation)
