@@ -29,7 +29,8 @@ from fedlora.eval.loss import eval_mode, labelled_logits
 
 #: the attention implementation name an SDPA model is switched to for packed batches
 VARLEN_SDPA = "fedlora_varlen_sdpa"
-#: token lengths of the probe's sequences: a few tokens each, so that it costs a few milliseconds
+#: token lengths of the probe's sequences: a few tokens each, so that its two forward passes cost
+#: little more than reading the weights twice
 _PROBE_LENGTHS = (5, 3)
 
 
@@ -83,7 +84,7 @@ def packs_exactly(model: nn.Module) -> bool:
             packed = labelled_logits(model, packed_batch(examples).to(device)).float()
         except (TypeError, ValueError, RuntimeError):  # a forward that rejects the packed inputs
             return False
-        alone = torch.cat([labelled_logits(model, padded_batch([example], 0).to(device)).float()
-                           for example in examples])
+        # right-padded, each row is its sequence alone (padding is masked): the reference
+        alone = labelled_logits(model, padded_batch(examples, 0).to(device)).float()
     tolerance = torch.finfo(next(model.parameters()).dtype).eps ** 0.5 * alone.abs().max()
     return bool((packed - alone).abs().max() <= tolerance)
