@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, get_aggregator
-from fedlora.data import DataError, TokenizedExample, collate
+from fedlora.attention import enable_packing
+from fedlora.data import DataError, TokenizedExample
+from fedlora.data.batches import token_batch
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.eval.loss import summed_nll
 from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
     set_trainable
@@ -38,12 +41,16 @@ class LocalTrainer:
     The base model is wrapped in a PEFT adapter for the duration of :meth:`train` and
     unwrapped afterwards (without merging), so between clients it is the plain model the
     server evaluates and merges into.
+
+    With ``packing`` a micro-batch's sequences share one row without padding (the model must
+    compute them apart: :func:`fedlora.attention.enable_packing`); either way the LM head runs
+    only where a label is, and the loss is the mean NLL over the micro-batch's labelled tokens.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
                  batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
                  use_rslora: bool = False, compute: ComputeOptions = ComputeOptions(),
-                 regularizer: Regularizer | None = None):
+                 regularizer: Regularizer | None = None, packing: bool = False):
         self.model = model
         self.pad_token_id = pad_token_id
         self.target_modules = list(target_modules)
@@ -55,14 +62,22 @@ class LocalTrainer:
         self.compute = compute
         #: the method's term added to the training loss (Aggregator.regularizer)
         self.regularizer = regularizer
+        self.packing = packing
         self.carry: dict[str, torch.Tensor] = {}
         self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
 
     @classmethod
-    def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
+    def from_config(cls, model: nn.Module, pad_token_id: int, config,
+                    log: Callable[[str], None] = print) -> LocalTrainer:
+        """A trainer as ``config`` says; with ``config.packing`` the model is made to compute
+        packed batches, and one that cannot trains on padded batches, with a notice."""
+        packing = config.packing and enable_packing(model)
+        if config.packing and not packing:
+            log(f"packing: {type(model).__name__} does not compute packed sequences apart; "
+                "training on padded batches")
         return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
                    grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config),
+                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config), packing=packing,
                    regularizer=get_aggregator(config.method, **config.method_options).regularizer)
 
     def apply_base_update(self, update: GlobalUpdate) -> None:
@@ -125,8 +140,9 @@ class LocalTrainer:
         for step in range(task.local_steps):
             step_loss = 0.0
             for _ in range(self.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(next(batches), self.pad_token_id).items()}
-                loss = model(**batch).loss / self.grad_accum
+                batch = token_batch(next(batches), self.pad_token_id, packed=self.packing).to(device)
+                nll, tokens = summed_nll(model, batch)
+                loss = nll / (tokens * self.grad_accum)
                 self._objective(loss, factors).backward()
                 step_loss += loss.item()
             optimizer.step()

@@ -106,6 +106,8 @@ class RunConfig:
     #: client-level DP-FedAvg at the server (aggregation/dp.py); empty: off
     client_dp: dict[str, Any] = option(help="DP-FedAvg (ffa, rolora, fedsa): {noise_multiplier | target_epsilon, "
                                             "clip_norm, delta[, seed]}", factory=dict)
+    packing: bool = option(True, "pack each micro-batch's sequences in one row without padding where "
+                                 "the model allows it (else padded batches, with a notice)")
     # update validation
     max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
     max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)

@@ -21,7 +21,7 @@ class Evaluator:
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
                  batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
-                 validation_examples: Sequence[TokenizedExample] = ()):
+                 validation_examples: Sequence[TokenizedExample] = (), packed: bool = False):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
@@ -32,6 +32,7 @@ class Evaluator:
         self.mmlu_every = mmlu_every
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
+        self.packed = packed  # batches packed in one row (the model computes them apart)
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.questions:
@@ -42,15 +43,15 @@ class Evaluator:
         metrics: dict = {}
         if self.test_examples:
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
-                                                   batch_size=self.batch_size))
+                                                   batch_size=self.batch_size, packed=self.packed))
         if self.validation_examples:
             metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
-                                                          batch_size=self.batch_size)["eval_loss"]
+                                                          batch_size=self.batch_size, packed=self.packed)["eval_loss"]
         if self.mmlu_due(server_round):
             total = len(self.questions)
             progress = (lambda done: self.mmlu_progress(done, total)) if self.mmlu_progress else None
             metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, batch_size=self.batch_size,
-                                         progress=progress))
+                                         packed=self.packed, progress=progress))
         return metrics
 
 
@@ -64,7 +65,7 @@ def evaluation_inputs(config: RunConfig) -> tuple[list[Record], list[MMLUQuestio
 def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[Record],
                   questions: Sequence[MMLUQuestion], *, log: Callable[[str], None] = lambda message: None,
                   mmlu_progress: Callable[[int, int], None] | None = None,
-                  validation_records: Sequence[Record] = ()) -> Evaluator:
+                  validation_records: Sequence[Record] = (), packed: bool = False) -> Evaluator:
     """The run's evaluator (the server's, and a Flower node's evaluating its client's own model)."""
     test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
     if stats.truncated:
@@ -72,4 +73,4 @@ def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records:
     validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
                      mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
-                     validation_examples=validation_examples)
+                     validation_examples=validation_examples, packed=packed)

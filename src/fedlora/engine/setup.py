@@ -63,12 +63,13 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     pad_id = pad_token_id(tokenizer)
     client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
                        for cid, records in clients.items()}
+    trainer = LocalTrainer.from_config(model, pad_id, config, log=log)
     evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, log=log,
-                              mmlu_progress=mmlu_progress, validation_records=validation_records)
+                              mmlu_progress=mmlu_progress, validation_records=validation_records,
+                              packed=trainer.packing)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
                     else {cid: len(examples) for cid, examples in client_examples.items()})
     federation = Federation(config, client_sizes, GlobalModel(model, modules), evaluator, run_dir,
                             keep_base_log=keep_base_log, log=log)
-    trainer = LocalTrainer.from_config(model, pad_id, config)
     return RunSetup(config, model, tokenizer, client_examples, trainer, federation)

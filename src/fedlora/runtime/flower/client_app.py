@@ -147,6 +147,8 @@ def train(message: Message, context: Context) -> Message:
     """Catch the replica up, train this round's LoRA on the node's partition (the factors the
     method keeps on clients from the node's own store), send the factors the method uploads."""
     node, replica = node_replica(context)
+    if node.threads:
+        torch.set_num_threads(node.threads)
     task = decode_task(message.content)
     replica.record(get_catchup(message.content))
     settings = AppSettings.from_run_config(context.run_config)

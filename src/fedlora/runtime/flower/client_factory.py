@@ -66,4 +66,4 @@ def evaluation_factory(settings: AppSettings, node: NodeSettings) -> tuple[Local
                                                                  config.validation_fraction, config.seed)[1]
     trainer, tokenizer = _trainer(config, node)
     return trainer, run_evaluator(config, tokenizer, trainer.pad_token_id, test_records, questions,
-                                  validation_records=validation)
+                                  validation_records=validation, packed=trainer.packing)

@@ -424,6 +424,12 @@ class AppSettings:
                    run_config=str(value("fedlora-config")))
 
 
+def run_model_cache(run_dir: Path | str) -> Path:
+    """A run folder's model cache: the SuperNodes of a local deployment share it, and a
+    ServerApp whose run folder has one loads its model through it."""
+    return Path(run_dir) / "model-cache"
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """A SuperNode's ``--node-config``: its partition, where its data is, where it keeps state."""
@@ -434,12 +440,15 @@ class NodeSettings:
     state_dir: str = ""
     #: where a GGUF model is kept dequantised between messages; empty: dequantise for every one
     model_cache: str = ""
+    #: torch intra-op threads of the node's ClientApp (so that nodes sharing a machine do not
+    #: oversubscribe its cores); 0: torch's default, every core
+    threads: int = 0
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument: space-separated ``key=<TOML value>`` pairs."""
         return (f"partition-id={self.partition_id} data={_quoted(self.data, 'data')} "
                 f"state-dir={_quoted(self.state_dir, 'state-dir')} "
-                f"model-cache={_quoted(self.model_cache, 'model-cache')}")
+                f"model-cache={_quoted(self.model_cache, 'model-cache')} threads={self.threads}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -448,7 +457,7 @@ class NodeSettings:
         state_dir = str(node_config.get("state-dir") or
                         flwr_home / "fedlora" / f"partition-{partition_id}")
         return cls(partition_id, str(node_config.get("data", "")), state_dir,
-                   str(node_config.get("model-cache", "")))
+                   str(node_config.get("model-cache", "")), int(node_config.get("threads", 0)))
 
 
 def _quoted(value: str, key: str) -> str:

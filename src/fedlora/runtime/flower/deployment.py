@@ -36,7 +36,7 @@ from typing import IO, NoReturn
 
 import tomli_w
 
-from fedlora.runtime.flower.codec import AppSettings, NodeSettings
+from fedlora.runtime.flower.codec import AppSettings, NodeSettings, run_model_cache
 from fedlora.runtime.flower.server_app import RUN_STATUS_FILE
 
 CONNECTION_NAME = "fedlora"
@@ -260,7 +260,7 @@ class LocalDeployment:
         # One model cache for all: the nodes share this machine, so one dequantised copy serves all.
         self.node_configs = [
             replace(node, state_dir=node.state_dir or str(self.run_dir / "nodes" / str(i)),
-                    model_cache=node.model_cache or str(self.run_dir / "model-cache"))
+                    model_cache=node.model_cache or str(run_model_cache(self.run_dir)))
             for i, node in enumerate(node_configs)]
         self.marker = uuid.uuid4().hex
         self.env = {**(env or {}), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -292,6 +292,8 @@ class LocalDeployment:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         stop_stale_deployment(self.log_dir / MARKER_FILE)
         (self.log_dir / MARKER_FILE).write_text(self.marker, encoding="utf-8")
+        # there, the ServerApp dequantises a GGUF model once before any SuperNode loads it
+        run_model_cache(self.run_dir).mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         tls = self.tls
