@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, RunContext, get_aggregator
+from fedlora.engine.checkpoint import load_latest_checkpoint
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.config import build_config, save_config
+from fedlora.engine.config import save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.restore import restore_global_model
 from fedlora.engine.setup import prepare_run
 from fedlora.runtime.inprocess import run_inprocess
+
+import support
 
 MODULE = "layer.q_proj"
 D, N = 6, 5  # rank 8 exceeds min(d, n)
@@ -133,10 +136,9 @@ def test_the_global_adapter_is_the_best_shared_rank_part_and_collapse_is_measure
 # -- the engine on tiny-llama ----------------------------------------------------------------
 
 def tiny_config(client_dir: Path, out: Path, **overrides):
-    values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 3, "local_steps": 2, "batch_size": 2,
-              "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2, "method": "flora-warm",
-              "clients_per_round": 2, "seed": 7}
-    return build_config({**values, **overrides})
+    """Ranks 4, 2, 1, two of three clients per round, seeded so that a client misses rounds."""
+    return support.tiny_config(client_dir, out, **{"method": "flora-warm", "rounds": 3, "clients_per_round": 2,
+                                                  "seed": 7, **overrides})
 
 
 def global_model_float64(federation) -> dict[str, torch.Tensor]:
@@ -153,8 +155,8 @@ def global_model_float64(federation) -> dict[str, torch.Tensor]:
 def test_engine_rounds_are_exact_and_clients_start_from_the_global_model(client_dir, tmp_path, overrides,
                                                                           monkeypatch):
     """Partial participation (2 of 3 clients, seeded so a client misses rounds), ranks 4, 2, 1:
-    each round's global model is W + Σ p_k (M_k − W) in float64, and every client's LoRA starts
-    at exactly the global adapter (components beyond r_min fresh)."""
+    each round's global model is W + Σ p_k (M_k − W) in float64, every client's LoRA starts at
+    exactly the global adapter (components beyond r_min fresh) and leaves the base bit for bit."""
     setup = prepare_run(tiny_config(client_dir, tmp_path / "run", **overrides), tmp_path / "run",
                         log=lambda message: None)
     federation, trainer = setup.federation, setup.trainer
@@ -175,7 +177,9 @@ def test_engine_rounds_are_exact_and_clients_start_from_the_global_model(client_
                 for name, factors in adapter.factors.items():
                     assert relative(dense(started[name]), dense(factors)) < 1e-6, (task.client_id, name)
                     assert started[name].rank == task.rank and not started[name].B[:, factors.rank:].any()
+        base = federation.global_model.adapted_weights()
         results = [trainer.train(task, setup.client_examples[task.client_id]) for task in tasks]
+        assert all(torch.equal(weight, base[name]) for name, weight in federation.global_model.adapted_weights().items())
         row = federation.aggregate_train(server_round, results)
         assert not row["rejected"] and row["shared_rank"] == 1
         total = sum(r.update.num_examples for r in results)
@@ -215,23 +219,29 @@ def test_export_and_restore_include_the_global_adapter(client_dir, tmp_path):
 # -- Flower ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_flower_run_equals_the_in_process_run(client_dir, tmp_path):
-    from fedlora.runtime.flower import runner
+def test_a_run_over_flower_equals_the_in_process_run(client_dir, tmp_path, server_identity):
+    """Flower's strategy and ClientApp, every message serialised as Flower does (support's
+    in-memory grid); the rank-2 client, not sampled in round 1, catches up on its residual."""
+    from fedlora.runtime.flower import runner, server_factory
+    from fedlora.runtime.flower.strategy import FedLoraStrategy
 
-    # two SuperNodes; the rank-2 client, not sampled in round 1, catches up on its residual
     settings = {"rounds": 2, "clients": 2, "ranks": [4, 2], "clients_per_round": 1, "local_steps": 1, "seed": 0}
     expected = run(tiny_config(client_dir, tmp_path / "inprocess", **settings), tmp_path / "inprocess")
     assert [row["clients"] for row in expected] == [[], ["0"], ["1"]] and expected[1]["residual_rank"] == 2
-    config = tiny_config(client_dir, tmp_path / "flower", runtime="flower", **settings)
-    (tmp_path / "flower").mkdir()
-    save_config(config, tmp_path / "flower" / "config.json")
-    runner.run_flower(config, tmp_path / "flower")
-    keys = ("round", "clients", "eval_loss", "train_loss", "params_down", "params_up", "energy_outside_shared_rank")
-    assert [{k: row.get(k) for k in keys} for row in read_metrics(tmp_path / "flower")] == \
-        [{k: row.get(k) for k in keys} for row in expected]
-    server = restore_global_model(tmp_path / "flower")
-    reference = restore_global_model(tmp_path / "inprocess")
-    for name, weight in server.global_model.adapted_weights().items():
-        assert torch.equal(weight, reference.global_model.adapted_weights()[name]), name
-    for name, factors in server.adapter.items():
-        assert torch.equal(factors.B, reference.adapter[name].B) and torch.equal(factors.A, reference.adapter[name].A)
+    out = tmp_path / "flower"
+    out.mkdir()
+    config = tiny_config(client_dir, out, runtime="flower", **settings)
+    save_config(config, out / "config.json")
+    nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
+                                        "state-dir": str(tmp_path / "nodes" / str(node.partition_id))}
+             for node in runner.node_settings(config)}
+    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
+    strategy.run(support.InMemoryGrid(nodes, runner.app_settings(config, out).to_run_config()))
+
+    def timeless(rows):
+        return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
+
+    assert timeless(read_metrics(out)) == timeless(expected)
+    (state, server), (reference_state, reference) = (load_latest_checkpoint(path) for path in (out, tmp_path / "inprocess"))
+    assert server.keys() == reference.keys() and state["method"] == reference_state["method"]
+    assert all(torch.equal(server[key], reference[key]) for key in reference)  # base weights and adapter
