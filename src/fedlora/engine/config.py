@@ -214,18 +214,22 @@ def build_config(values: dict[str, Any], source: str = "config", base: RunConfig
     return config
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path``; a ConfigError naming the file when it is absent or invalid."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML file (optional), then apply ``overrides`` (CLI flags that were given)."""
     config = RunConfig()
     if path is not None:
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
-        config = build_config(values, source=str(path))
+        config = build_config(read_toml(path), source=str(path))
     return build_config(overrides or {}, source="command line", base=config)
 
 

@@ -29,12 +29,11 @@ from __future__ import annotations
 import itertools
 import random
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.engine.config import ConfigError, RunConfig, build_config, load_config, with_absolute_paths
+from fedlora.engine.config import ConfigError, RunConfig, build_config, load_config, read_toml, with_absolute_paths
 
 SECTIONS = ("base", "run", "grid", "tune", "settings", "compare", "final")
 SEED = "seed"
@@ -107,13 +106,7 @@ class SweepPlan:
 def load_sweep(path: str | Path) -> SweepPlan:
     """Read and check a sweep file; every run's configuration is validated, nothing is loaded."""
     path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    return plan_sweep(document, str(path))
+    return plan_sweep(read_toml(path, "sweep file"), str(path))
 
 
 def plan_sweep(document: dict, source: str) -> SweepPlan:
