@@ -247,7 +247,7 @@ class LocalDeployment:
                  node_configs: Sequence[NodeSettings] | None = None, *,
                  env: Mapping[str, str] | None = None, tls: TlsFiles | None = None,
                  node_keys: Sequence[NodeKey] | None = None, startup_timeout: float = 60.0,
-                 stop_timeout: float = 10.0):
+                 stop_timeout: float = 3.0):
         self.run_dir = Path(run_dir)
         node_configs = list(node_configs or [NodeSettings(i) for i in range(num_nodes)])
         if len(node_configs) != num_nodes:
@@ -364,7 +364,9 @@ class LocalDeployment:
         self._wait_for_port(self.supernodes[index], self._node_ports[index], f"supernode-{index}")
 
     def close(self) -> None:
-        """Stop every process of this deployment: SIGTERM, then SIGKILL after ``stop_timeout``."""
+        """Stop every process of this deployment: SIGTERM, then SIGKILL after ``stop_timeout``
+        (Flower's processes often ignore SIGTERM, and nothing of theirs needs a clean exit: the
+        SuperLink's state is in memory, fedlora's files are written atomically)."""
         for process in [*self.supernodes, *filter(None, [self.superlink])]:
             _signal_group(process, signal.SIGTERM)
         # Flower's SuperExec and app processes run in sessions of their own: find them by marker
