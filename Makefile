@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-privacy clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -38,9 +38,20 @@ bench-perf: install
 	$(PY) benchmarks/perf.py
 	$(PY) benchmarks/readme_tables.py perf
 
+# resumable sweeps (stop at any time, run again to continue), then README's quality section
 bench-quality: install
-	$(PY) benchmarks/quality.py
+	$(VENV)/bin/fedlora sweep benchmarks/quality.toml --out benchmarks/runs/quality
 	$(PY) benchmarks/readme_tables.py quality
+
+bench-rolora-scaling: install
+	$(PY) benchmarks/pool_dolly.py benchmarks/runs/dolly-pooled.json
+	$(VENV)/bin/fedlora sweep benchmarks/rolora_scaling.toml --out benchmarks/runs/rolora_scaling
+	$(PY) benchmarks/readme_tables.py quality
+
+# 24 SuperNodes, a third killed and restarted: minutes of many processes on this machine
+bench-flower: install
+	$(PY) benchmarks/flower_churn.py
+	$(PY) benchmarks/readme_tables.py flower_churn
 
 bench-privacy: install
 	$(PY) benchmarks/privacy.py

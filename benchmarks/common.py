@@ -13,7 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,15 +115,22 @@ def prepare(values: dict, run_dir: Path, loaded: tuple | None = None):
                        log=lambda message: print(f"  {message}", file=sys.stderr), loaded=loaded)
 
 
-def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None) -> tuple[list[dict], dict]:
+def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None,
+                   evaluated_rounds: Container[int] | None = None) -> tuple[list[dict], dict]:
     """One in-process run of the config ``values``; returns (metrics rows, summary).
 
     With ``loaded`` = (model, tokenizer) the model is shared across runs: the base weights
     merges change are restored afterwards, so the next run starts from the same model.
+    ``evaluated_rounds``: evaluate only these rounds (default every round), for a benchmark
+    that reports no other round's loss.
     """
     from fedlora.runtime.inprocess import run_inprocess
 
     setup = prepare(values, run_dir, loaded)
+    if evaluated_rounds is not None:
+        evaluate = setup.federation.evaluate_model
+        setup.federation.evaluate_model = lambda model, server_round: \
+            evaluate(model, server_round) if server_round in evaluated_rounds else {}
     pristine = setup.federation.global_model.adapted_weights()
     try:
         summary = run_inprocess(setup)

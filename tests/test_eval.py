@@ -35,7 +35,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny-llama", seed=0)
+    return load_model("tiny-llama", seed=0, dtype="float32")  # on the default device (CUDA where present)
 
 
 def questions() -> list[MMLUQuestion]:
@@ -63,7 +63,7 @@ def hand_computed_loss(model, tokenizer, records) -> tuple[float, int]:
     total, count = 0.0, 0
     with torch.no_grad():
         for example in examples:
-            logits = model(torch.tensor([example.input_ids])).logits[0].double()
+            logits = model(torch.tensor([example.input_ids], device=model.device)).logits[0].double()
             log_probs = logits.log_softmax(dim=-1)
             for position in range(1, len(example.labels)):
                 label = example.labels[position]
@@ -73,10 +73,11 @@ def hand_computed_loss(model, tokenizer, records) -> tuple[float, int]:
     return total / count, count
 
 
-def test_evaluate_loss_equals_hand_computation(tiny):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_evaluate_loss_equals_hand_computation(tiny, packed):
     model, tokenizer = tiny
     expected_loss, expected_tokens = hand_computed_loss(model, tokenizer, RECORDS)
-    result = evaluate_loss(model, tokenizer, RECORDS, batch_size=3)
+    result = evaluate_loss(model, tokenizer, RECORDS, batch_size=3, packed=packed)
     assert result["eval_tokens"] == expected_tokens
     assert result["eval_loss"] == pytest.approx(expected_loss, abs=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-5)
@@ -133,7 +134,8 @@ def test_mmlu_scores_the_next_token_after_the_prompt(tiny):
     form = answer_tokens(tokenizer, mmlu_prompt(question))
     ids = tokenizer(form.context(mmlu_prompt(question)))["input_ids"]
     with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0, -1].log_softmax(dim=-1)[list(form.letter_ids)]
+        expected = model(torch.tensor([ids], device=model.device)).logits[0, -1].log_softmax(dim=-1)
+    expected = expected[list(form.letter_ids)].cpu()
     scored = answer_log_likelihoods(model, tokenizer, [question])[0]
     torch.testing.assert_close(scored, expected, atol=1e-5, rtol=0)
 
@@ -172,9 +174,9 @@ class FavouriteLetterModel(nn.Module):
         self.vocab_size = vocab_size
         self.favourite_token = favourite_token
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
-        kept = input_ids.shape[1] if logits_to_keep == 0 else logits_to_keep
-        logits = torch.zeros(input_ids.shape[0], kept, self.vocab_size)
+    def forward(self, input_ids, attention_mask, logits_to_keep, use_cache):
+        # logits_to_keep: transformers' boolean mask of the positions whose logits are returned
+        logits = torch.zeros(int(logits_to_keep.sum()), self.vocab_size)
         logits[..., self.favourite_token] = 5.0
         return SimpleNamespace(logits=logits)
 

@@ -9,9 +9,9 @@ from flwr.common.config import parse_config_args
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.runtime.flower.codec import AppSettings, Catchup, CodecError, NodeSettings, decode_node_state, \
-    decode_result, decode_task, encode_node_state, encode_result, encode_task, get_catchup, \
-    get_factors, put_catchup, put_factors, wire_bytes
+from fedlora.runtime.flower.codec import AppSettings, Catchup, CodecError, NodeSettings, decode_evaluation, \
+    decode_metrics, decode_node_state, decode_result, decode_task, encode_evaluation, encode_metrics, \
+    encode_node_state, encode_result, encode_task, get_catchup, get_factors, put_catchup, put_factors, wire_bytes
 
 from support import over_the_wire
 
@@ -69,7 +69,7 @@ def test_task_round_trips(start, trainable):
     task = make_task(start, trainable)
     decoded = decode_task(over_the_wire(encode_task(task, Catchup(since=0, through=2))))
     for name in ("client_id", "server_round", "rank", "alpha", "trainable", "init_seed", "data_seed",
-                 "local_steps"):
+                 "local_steps", "uploads", "kept"):
         assert getattr(decoded, name) == getattr(task, name), name
         assert type(getattr(decoded, name)) is type(getattr(task, name)), name
     assert_factors_identical(decoded.start, task.start)
@@ -143,3 +143,57 @@ def test_settings_round_trip_through_run_and_node_config():
     assert NodeSettings.from_node_config(parse_config_args([node.to_node_config()])) == node
     with pytest.raises(CodecError, match="partition-id"):
         NodeSettings.from_node_config({"data": "x"})
+
+
+# -- messages that carry only some factors -----------------------------------------------------
+
+def without(factors: dict[str, LoraFactors], name: str) -> dict[str, LoraFactors]:
+    """``factors`` with factor ``name`` zeroed: what a receiver gets when it stays behind."""
+    return {m: LoraFactors(**{"A": f.A, "B": f.B, name: torch.zeros_like(getattr(f, name))}, scale=f.scale)
+            for m, f in factors.items()}
+
+
+@pytest.mark.parametrize("left_behind", ["A", "B"])
+def test_a_factor_left_behind_does_not_travel_and_comes_back_as_zeros_of_its_shape(left_behind):
+    factors = random_factors(HETEROGENEOUS, seed=3)
+    partial, full = RecordDict(), RecordDict()
+    put_factors(partial, "f", factors, frozenset("AB") - {left_behind})
+    put_factors(full, "f", factors)
+    assert not any(key.endswith(f".{left_behind}") for key in partial.array_records["f"])
+    left_bytes = 4 * sum(getattr(f, left_behind).numel() for f in factors.values())
+    assert wire_bytes(partial) <= wire_bytes(full) - left_bytes
+    assert_factors_identical(get_factors(over_the_wire(partial), "f"), without(factors, left_behind))
+
+
+def test_a_train_message_leaves_the_kept_factors_behind_and_its_reply_sends_only_the_uploads():
+    start = random_factors({m: (8, d, n) for m, (r, d, n) in HETEROGENEOUS.items()}, seed=4)
+    task = ClientTask(client_id="client-7", server_round=3, rank=8, alpha=16.0, trainable=frozenset("AB"),
+                      init_seed=1, data_seed=5, local_steps=4, start=start, uploads=frozenset("A"),
+                      kept=frozenset("B"))
+    content = encode_task(task, Catchup(since=2, through=2))
+    assert not any(key.endswith(".B") for key in content.array_records["start"])
+    decoded = decode_task(over_the_wire(content))
+    assert (decoded.uploads, decoded.kept) == ({"A"}, {"B"})
+    assert_factors_identical(decoded.start, without(start, "B"))
+
+    trained = random_factors({m: (8, d, n) for m, (r, d, n) in HETEROGENEOUS.items()}, seed=5)
+    result = ClientResult(ClientUpdate(trained, 9, "client-7"), 0.5, 4, 1.0)
+    reply = encode_result(result, replica_round=2, uploads=task.uploads)
+    assert not any(key.endswith(".B") for key in reply.array_records["update"])
+    assert_factors_identical(decode_result(over_the_wire(reply))[0].update.factors, without(trained, "B"))
+
+
+def test_an_evaluation_request_and_its_metrics_round_trip():
+    adapter = random_factors(HETEROGENEOUS, seed=6)
+    update = GlobalUpdate(factors=random_factors(HETEROGENEOUS, seed=7), merge=True)
+    content = encode_evaluation("client-2", 4, adapter, frozenset("B"), Catchup(since=2, through=4,
+                                                                                updates=((3, update),)))
+    client_id, server_round, received, catchup = decode_evaluation(over_the_wire(content))
+    assert (client_id, server_round) == ("client-2", 4)
+    assert_factors_identical(received, without(adapter, "B"))
+    assert [r for r, _ in catchup.updates] == [3] and (catchup.since, catchup.through) == (2, 4)
+    metrics = {"eval_loss": 0.1 + 0.2, "perplexity": float("inf"), "eval_tokens": 7,
+               "mmlu_per_subject": {"anatomy": {"acc": 1 / 3, "n": 3}}}
+    assert decode_metrics(over_the_wire(encode_metrics(metrics))) == metrics
+    with pytest.raises(CodecError, match="'evaluation'"):
+        decode_evaluation(RecordDict())

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array
 from safetensors.torch import save_file
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.engine.federation import ClientFailure
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.flower import client_app
@@ -28,7 +26,7 @@ from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
 
-from support import comparable, over_the_wire, run_tiny, tiny_config
+from support import InMemoryGrid, comparable, run_tiny, tiny_config
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
 PARAMS_FILE = "fake.json"
@@ -118,7 +116,7 @@ class FakeFederation:
         self.synced[client_id] = last_round
 
     def aggregate_train(self, server_round: int, results: list[ClientResult],
-                        failures: list[ClientFailure] = ()) -> dict:
+                        failures: list[ClientFailure] = (), refused: list[AggregationError] = ()) -> dict:
         results = list(results)  # an iterable, as Federation.aggregate_train takes
         skipped = len(results) < self.min_clients
         if not skipped:
@@ -135,7 +133,8 @@ class FakeFederation:
             self.base_log[server_round] = update
         row = {"round": server_round, "clients": [r.update.client_id for r in results],
                "ranks": [r.update.factors["layers.0.q_proj"].rank for r in results],
-               "failures": [f.__dict__ for f in failures], "skipped": skipped}
+               "failures": [f.__dict__ for f in failures], "skipped": skipped,
+               "rejected": [{"client_id": e.client_id, "rule": e.rule, "reason": str(e)} for e in refused]}
         self.rows.append(row)
         save_file({m: w.clone() for m, w in self.weights.items()}, self.run_dir / "server-model.safetensors")
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
@@ -193,70 +192,7 @@ def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.
         assert torch.equal(actual[module], expected[module]), module
 
 
-# --- in memory: the strategy and ClientApp over a Grid that serialises every message --------
-
-class InMemoryGrid(Grid):
-    """Delivers each message to the ClientApp of its node, through Flower's serialisation;
-    nodes in ``dead`` never answer, as a crashed SuperNode."""
-
-    def __init__(self, nodes: dict[int, dict], run_config: dict):
-        self.nodes = nodes
-        self.run_config = run_config
-        self.dead: set[int] = set()
-        self.sent: list[Message] = []
-        self.replies: dict[str, Message] = {}
-
-    def set_run(self, run) -> None: ...
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            ids.append(message.object_id)
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            if node in self.dead:
-                continue
-            received = over_the_wire_message(message)
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
-                              run_config=self.run_config)
-            try:
-                reply = client_app.app(received, context)
-            except Exception as error:  # the SuperNode turns a ClientApp exception into an error reply
-                reply = Message(Error(code=0, reason=str(error)), reply_to=received)
-            self.replies[message.object_id] = over_the_wire_message(reply)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError("the strategy pushes and pulls itself")
-
-
-def over_the_wire_message(message: Message) -> Message:
-    copy = over_the_wire(message)
-    copy.metadata.__dict__["_message_id"] = message.object_id
-    return copy
-
-
-@pytest.fixture
-def server_identity():
-    """Messages need the identity of the task creating them; the ServerApp process has one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
+# --- in memory: the strategy and ClientApp over a Grid that serialises every message (support.InMemoryGrid)
 
 def in_memory_run(tmp_path: Path, params: dict, dead: set[int] = frozenset()):
     settings = setup_run(tmp_path, params, round_timeout=1.0)
@@ -345,6 +281,36 @@ def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(
     assert to_fresh_node[0].content.config_records["catchup"]["rounds"] == [1, 2]
     strategy.synchronize_replicas(grid, 3)
     assert_identical(replica_weights(tmp_path / "node-0-fresh"), federation.weights)
+
+
+def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, server_identity, monkeypatch):
+    """client-1's first reply holds bytes that are no array; client-2 sends its first reply again;
+    client-0's second reply claims a replica round its task's catch-up cannot have left it at."""
+    honest_encode, replies = client_app.encode_result, {}
+
+    def hostile_encode(result, *, replica_round, **options):
+        client = result.update.client_id
+        if client == "client-0" and client in replies:
+            replica_round = 99
+        content = replies.get(client) if client == "client-2" else None
+        content = content or honest_encode(result, replica_round=replica_round, **options)
+        if client == "client-1" and client not in replies:
+            name = next(iter(content.array_records["update"]))
+            content.array_records["update"][name] = Array(dtype="float32", shape=(1,), stype="numpy.ndarray",
+                                                          data=b"no npy")
+        replies.setdefault(client, content)
+        return content
+    monkeypatch.setattr(client_app, "encode_result", hostile_encode)
+    params = {"rounds": 2, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 1}
+    federation, _, _, _ = in_memory_run(tmp_path, params)
+    assert [(r["client_id"], r["rule"]) for r in federation.rows[0]["rejected"]] == [("client-1", "record")]
+    assert "is not a .npy array" in federation.rows[0]["rejected"][0]["reason"]
+    assert [(r["client_id"], r["rule"]) for r in federation.rows[1]["rejected"]] == [("client-0", "record"),
+                                                                                      ("client-2", "replay")]
+    assert "replica-round 99" in federation.rows[1]["rejected"][0]["reason"]
+    assert federation.rows[0]["clients"] == ["client-0", "client-2"]
+    assert federation.rows[1]["clients"] == ["client-1"]
+    assert not any(row["failures"] for row in federation.rows)
 
 
 def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_identity, monkeypatch):

@@ -29,7 +29,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 @pytest.fixture
 def tiny():
-    return load_model("tiny-llama")[0]
+    return load_model("tiny-llama", dtype="float32")[0]  # on the default device (CUDA where present)
 
 
 @pytest.fixture
@@ -39,16 +39,17 @@ def batch():
 
 
 def random_factors(peft_model, seed: int, magnitude: float = 0.1) -> dict[str, LoraFactors]:
-    """Non-zero factors shaped like the model's adapter, with the adapter's own scale."""
+    """Non-zero factors shaped like the model's adapter, with the adapter's own scale, on its device."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: LoraFactors(A=magnitude * torch.randn(f.A.shape, generator=generator),
-                              B=magnitude * torch.randn(f.B.shape, generator=generator), scale=f.scale)
+    return {name: LoraFactors(A=magnitude * torch.randn(f.A.shape, generator=generator).to(f.A.device),
+                              B=magnitude * torch.randn(f.B.shape, generator=generator).to(f.B.device),
+                              scale=f.scale)
             for name, f in get_factors(peft_model).items()}
 
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(**batch).logits
+        return model(**batch.to(model.device)).logits
 
 
 def test_factors_round_trip_with_transformers_module_names(tiny):
@@ -118,12 +119,12 @@ def test_set_trainable_freezes_all_but_the_chosen_factor(tiny):
 
 
 def test_merge_update_reproduces_the_active_adapter(batch):
-    peft_model = attach_lora(load_model("tiny-llama")[0], 4, 8, TARGETS)
+    peft_model = attach_lora(load_model("tiny-llama", dtype="float32")[0], 4, 8, TARGETS)
     set_factors(peft_model, random_factors(peft_model, seed=4))
     adapted = logits(peft_model, batch)
     update = GlobalUpdate(factors=get_factors(peft_model), merge=True)
 
-    plain, _ = load_model("tiny-llama")
+    plain, _ = load_model("tiny-llama", dtype="float32")
     before = base_weight(plain, Q0).double().clone()
     carry = merge_update(plain, update)
     assert carry == {}  # float32 needs no compensation
@@ -140,7 +141,7 @@ def test_merge_update_without_merge_only_merges_the_residual(tiny):
     peft_model = attach_lora(tiny, 4, 8, TARGETS)
     factors = random_factors(peft_model, seed=7)
     residual = {Q0: random_factors(peft_model, seed=8)[Q0]}
-    plain, _ = load_model("tiny-llama")
+    plain, _ = load_model("tiny-llama", dtype="float32")
     before = {name: base_weight(plain, name).clone() for name in factors}
     merge_update(plain, GlobalUpdate(factors=factors, merge=False, residual=residual))
     torch.testing.assert_close(base_weight(plain, Q0), before[Q0] + residual[Q0].delta())
@@ -160,8 +161,8 @@ def test_carry_keeps_many_small_bf16_updates_that_naive_addition_drops():
     for _ in range(1000):
         merge_factors(model, {Q0: step}, carry)
         with torch.no_grad():
-            base_weight(naive_model, Q0).add_(step.delta().to(torch.bfloat16))
-        expected += step.delta(torch.float64)
+            base_weight(naive_model, Q0).add_(step.delta(device=start.device).to(torch.bfloat16))
+        expected += step.delta(torch.float64, start.device)
 
     def relative_error(weight):
         return ((weight.double() - start - expected).norm() / expected.norm()).item()
@@ -197,7 +198,7 @@ def test_saved_adapter_loads_back_in_peft(tiny, tmp_path):
     assert set(read) == set(truncated)
     for name, factors in truncated.items():
         assert read[name].scale == 4.0
-        torch.testing.assert_close(read[name].delta(), factors.delta(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(read[name].delta().cpu(), factors.delta(), rtol=0, atol=1e-5)
 
 
 def test_remove_lora_returns_the_bare_model(tiny):

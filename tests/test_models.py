@@ -17,7 +17,10 @@ def test_tiny_llama_is_deterministic_per_seed():
     first_state, again_state = first.state_dict(), again.state_dict()
     assert all(torch.equal(first_state[k], again_state[k]) for k in first_state)
     assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
-    assert first.dtype == torch.float32 and first.device.type == "cpu"
+    if torch.cuda.is_available():  # the defaults: a GPU in half precision, else the CPU in float32
+        assert first.device.type == "cuda" and first.dtype in (torch.bfloat16, torch.float16)
+    else:
+        assert first.dtype == torch.float32 and first.device.type == "cpu"
 
 
 def test_tiny_llama_tokenizer_round_trips_any_text():
@@ -29,7 +32,7 @@ def test_tiny_llama_tokenizer_round_trips_any_text():
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
     batch = tokenizer(["short", text], return_tensors="pt", padding=True)
-    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    assert model(**batch.to(model.device)).logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_dtype_is_applied_and_checked():

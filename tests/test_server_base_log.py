@@ -38,7 +38,7 @@ def test_the_logged_rounds_rebuild_the_server_model_and_stay_out_of_memory_and_c
     assert not [key for key in tensors if key.startswith("log/")] and "base_log" not in state
 
     # a pristine replica (bfloat16: merges leave a carry) replaying the log equals the server's model
-    model, tokenizer = load_model("tiny-llama", dtype="bfloat16", device="cpu")
+    model, tokenizer = load_model("tiny-llama", dtype="bfloat16", device=str(federation.global_model.device))
     replica = LocalTrainer(model, pad_token_id(tokenizer), target_modules=["q_proj", "v_proj"], batch_size=2)
     for _, update in federation.base_updates_since(0):
         replica.apply_base_update(update)

@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: run, eval, export, report, methods."""
+"""The ``fedlora`` command line: run, eval, export, report, methods, sweep, compare."""
 
 from __future__ import annotations
 
@@ -233,3 +233,47 @@ def export(
                           f"accumulated update: {error:.3e}")
     except USER_ERRORS as error:
         _fail(error)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep TOML: base config, [run], [grid], [tune], [settings.*]")],
+    out: Annotated[Path, Opt(help="sweep folder: one run folder per combination, then comparison.*")],
+    dry_run: Annotated[bool, Opt(help="check the file and list what would run, run nothing")] = False,
+) -> None:
+    """Run every combination of a sweep file on one loaded model; again on OUT: continue it."""
+    from fedlora.sweep import RichSweepObserver, load_sweep, run_sweep, write_comparison
+    from fedlora.sweep.outcomes import is_finished
+
+    try:
+        plan = load_sweep(sweep_file)
+        if dry_run:
+            finished = sum(is_finished(out / run.folder) for run in plan.runs)
+            for run in plan.runs:
+                console.print(f"{'done' if is_finished(out / run.folder) else 'todo'}  {run.folder}")
+            console.print(f"{len(plan.runs)} runs, {finished} finished, every configuration valid")
+            return
+        with RichSweepObserver(console) as observer:
+            result = run_sweep(plan, out, observer)
+        written = write_comparison(out)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print(f"{len(result.ran)} runs ran, {len(result.resumed)} resumed, {len(result.skipped)} were done; "
+                  f"wrote {', '.join(str(path) for path in written)}")
+
+
+@app.command()
+def compare(
+    sweep_dir: Annotated[Path, typer.Argument(help="the --out folder of `fedlora sweep`")],
+    reference: Annotated[Optional[str], Opt(help="method the others are compared with (default: the "
+                                                 "sweep file's, else flora)")] = None,
+) -> None:
+    """Compare a sweep's methods: comparison.md, comparison.png and comparison.json in the folder."""
+    from fedlora.sweep import write_comparison
+
+    try:
+        written = write_comparison(sweep_dir, reference)
+    except USER_ERRORS as error:
+        _fail(error)
+    for path in written:
+        console.print(f"wrote {path}")

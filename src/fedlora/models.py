@@ -55,7 +55,7 @@ def load_model(name: str, *, gguf_file: str | None = None, device: str | None = 
     float16 where bfloat16 is unsupported) on cuda. With ``gguf_cache``, a local GGUF model is
     dequantised once into that folder and loaded from there afterwards (same weights, bit for bit).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     if name == TINY_LLAMA_NAME:
         model, tokenizer = _tiny_llama(seed)
@@ -71,6 +71,11 @@ def load_model(name: str, *, gguf_file: str | None = None, device: str | None = 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+
+
+def weights_depend_on_seed(name: str) -> bool:
+    """Whether :func:`load_model`'s ``seed`` changes the weights: only for the random tiny-llama."""
+    return name == TINY_LLAMA_NAME
 
 
 def adapted_shapes(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -109,6 +114,20 @@ def model_shapes(name: str, target_modules: list[str] | tuple[str, ...], *, gguf
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, **_loading_kwargs(None, trust_remote_code))
     return adapted_shapes(skeleton, target_modules)
+
+
+def _resolve_device(device: str | None) -> str:
+    """``device``, or cuda when available else cpu; a device this torch cannot use is a ModelError."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ModelError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                         "install the CUDA build of torch or use device cpu")
+    return device
 
 
 def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:

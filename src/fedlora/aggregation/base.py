@@ -52,8 +52,9 @@ class LoraFactors:
         """(d, n): the shape of the dense update."""
         return self.B.shape[0], self.A.shape[1]
 
-    def delta(self, dtype: torch.dtype | None = None) -> Tensor:
-        A, B = (self.A, self.B) if dtype is None else (self.A.to(dtype), self.B.to(dtype))
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+        """The dense d×n update, computed in ``dtype`` on ``device`` (default: the factors' own)."""
+        A, B = self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
         return self.scale * (B @ A)
 
     def numel(self) -> int:
@@ -87,11 +88,12 @@ class GlobalUpdate:
     client_factors: dict[str, dict[str, LoraFactors]] = field(default_factory=dict)
     info: dict[str, float | int | str] = field(default_factory=dict)
 
-    def delta(self, module: str, dtype: torch.dtype | None = None) -> Tensor:
+    def delta(self, module: str, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Tensor:
         """The dense d×n update of the global model for ``module``."""
-        total = self.factors[module].delta(dtype)
+        total = self.factors[module].delta(dtype, device)
         if module in self.residual:
-            total = total + self.residual[module].delta(dtype)
+            total = total + self.residual[module].delta(dtype, device)
         return total
 
     @property
@@ -226,7 +228,9 @@ class Aggregator(ABC):
     """One federated LoRA method (one module per method, registered by name).
 
     Modelled on Flower's strategies. The engine calls, per run: :meth:`setup`; per round:
-    :meth:`trainable` and :meth:`start_adapter` for every sampled client, the updates that
+    :meth:`trainable`, :meth:`uploads`, :meth:`client_rank` and :meth:`start_adapter` for every
+    sampled client (whose training adds :meth:`regularizer` to its loss and keeps the factors
+    :attr:`kept_on_client` in its own store), the updates that
     pass its validation gate go into :meth:`accumulator` (→ :meth:`combine`), the result is
     merged into the global model as it says and handed to :meth:`commit`; then
     :meth:`evaluation_adapters` says what to evaluate, and :meth:`state_dict` is checkpointed.
@@ -246,6 +250,9 @@ class Aggregator(ABC):
     pools_data: ClassVar[bool] = False
     #: the runtimes the method can run on
     runtimes: ClassVar[tuple[str, ...]] = ("inprocess", "flower")
+    #: factors each client keeps across rounds in its own store and never sends either way
+    #: (FedSA-LoRA's B): the runtime holding the clients keeps them (see engine/client_state.py)
+    kept_on_client: ClassVar[frozenset[str]] = frozenset()
 
     context: RunContext | None = None
     global_update: GlobalUpdate | None = None
@@ -265,16 +272,38 @@ class Aggregator(ABC):
         """Factors clients train in ``server_round`` (1-based); the others stay frozen."""
         return frozenset(FACTOR_NAMES)
 
+    def uploads(self, server_round: int) -> frozenset[str]:
+        """Factors clients send back in ``server_round``; the server takes the others from the
+        start adapter it sent (a frozen factor), or never knows them (:attr:`kept_on_client`)."""
+        return self.trainable(server_round)
+
+    def client_rank(self, client_id: str, server_round: int) -> int:
+        """The rank ``client_id`` trains (and must send) in ``server_round``: its configured one
+        unless the method changes it (HetLoRA's self-pruning)."""
+        return self.context.ranks[client_id]
+
+    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor | None:
+        """A term clients add to their training loss, differentiable in the live ``factors``
+        of their LoRA; None: none (the default)."""
+        return None
+
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
         """The factors ``client_id`` starts this round's LoRA from; None for a fresh LoRA.
 
-        Before any global update, a factor frozen from the first round on (FFA-LoRA, RoLoRA)
-        must be the same on every client, so it is drawn here, from the run's seed, and the
-        engine can check that each client sent it back intact.
+        Factors of a lower rank than the client's fill its LoRA's leading components and the
+        others start fresh (B zero), so the client still starts from exactly their update; a
+        method whose clients train only one factor returns them at the client's rank.
+
+        Before any global update, a factor the server does not get back (frozen from the first
+        round on, as in FFA-LoRA and RoLoRA, or not uploaded) must be one the server knows, the
+        same on every client, so the start is drawn here, from the run's seed (B zero, as a
+        fresh LoRA's); so is the start of a method whose clients keep a factor of their own.
         """
+        rank = self.client_rank(client_id, server_round)
         if self.global_update is not None:
-            return self.client_start(self.global_update, client_id, self.context.ranks[client_id])
-        if self.trainable(server_round) == frozenset(FACTOR_NAMES):
+            return self.client_start(self.global_update, client_id, rank)
+        every = frozenset(FACTOR_NAMES)
+        if self.trainable(server_round) == self.uploads(server_round) == every and not self.kept_on_client:
             return None  # every client draws its own fresh LoRA
         return self.drawn_start(client_id)
 

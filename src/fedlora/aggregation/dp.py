@@ -54,6 +54,7 @@ class ClientLevelDP(Aggregator):
                              f"and clients_per_round {clients_per_round} ≥ 1")
         self.inner = inner
         self.name, self.heterogeneous_ranks, self.runtimes = inner.name, inner.heterogeneous_ranks, inner.runtimes
+        self.kept_on_client = inner.kept_on_client
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.clients_per_round = clients_per_round
@@ -65,6 +66,15 @@ class ClientLevelDP(Aggregator):
 
     def trainable(self, server_round: int) -> frozenset[str]:
         return self.inner.trainable(server_round)
+
+    def uploads(self, server_round: int) -> frozenset[str]:
+        return self.inner.uploads(server_round)
+
+    def client_rank(self, client_id: str, server_round: int) -> int:
+        return self.inner.client_rank(client_id, server_round)
+
+    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor | None:
+        return self.inner.regularizer(factors)
 
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
         start = self.inner.start_adapter(client_id, server_round)
@@ -139,9 +149,9 @@ def require_summed_factor(method_name: str) -> None:
 
 
 def shared_factor(method: Aggregator, server_round: int) -> str:
-    """The factor whose weighted sum ``method`` broadcasts: the one it uploads (FedSA-LoRA's A),
-    else the one its clients train this round (FFA-LoRA's B, RoLoRA's of the round)."""
-    (factor,) = getattr(method, "uploaded", None) or method.trainable(server_round)
+    """The factor whose weighted sum ``method`` broadcasts: the one its clients upload this round
+    (FedSA-LoRA's A, FFA-LoRA's B, RoLoRA's of the round)."""
+    (factor,) = method.uploads(server_round)
     return factor
 
 

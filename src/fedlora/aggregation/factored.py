@@ -144,7 +144,8 @@ def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
 
     Padding A with zero rows as well as B with zero columns would leave those components with
     zero gradients for good. The draw is seeded by ``seed`` and the ranks, so a resumed run
-    redraws it; callers pass a per-module seed so modules do not share their fresh rows.
+    redraws it; callers pass a per-module seed so modules do not share their fresh rows. It is
+    made on the CPU and then moved to the factors' device, so it is the same on every device.
     """
     if rank <= factors.rank:
         return leading(factors, rank)
@@ -152,7 +153,7 @@ def fit_rank(factors: LoraFactors, rank: int, seed: int = 0) -> LoraFactors:
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{rank}/{factors.rank}".encode()))
     bound = 1 / math.sqrt(width)  # kaiming_uniform_(a=√5) on an r×n weight
     fresh_A = (torch.rand(extra, width, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-    return LoraFactors(A=torch.cat([factors.A, fresh_A.to(factors.A.dtype)]),
+    return LoraFactors(A=torch.cat([factors.A, fresh_A.to(device=factors.A.device, dtype=factors.A.dtype)]),
                        B=torch.cat([factors.B, factors.B.new_zeros(factors.B.shape[0], extra)], dim=1),
                        scale=factors.scale)
 

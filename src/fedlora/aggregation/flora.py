@@ -118,11 +118,11 @@ class Stacking(Accumulator):
         for module in list(self.A):
             A, B = self.A.pop(module), self.B.pop(module)
             if [slot for slot, _ in blocks] != list(range(len(self.slots))):  # a client missing or reordered
-                index = torch.cat([torch.arange(self._offset(module, slot), self._offset(module, slot + 1))
-                                   for slot, _ in blocks])
+                index = torch.cat([torch.arange(self._offset(module, slot), self._offset(module, slot + 1),
+                                                device=A.device) for slot, _ in blocks])
                 A, B = A.index_select(0, index), B.index_select(1, index)
             B.mul_(torch.cat([torch.full((self.slots[slot][1][module],), weight * self.scales[slot][module],
-                                         dtype=B.dtype) for slot, weight in blocks]))
+                                         dtype=B.dtype, device=B.device) for slot, weight in blocks]))
             stacked[module] = LoraFactors(A=A, B=B, scale=1.0)
         return self.aggregator.broadcast(stacked)
 
@@ -136,13 +136,14 @@ class Stacking(Accumulator):
         return self.offsets[module][slot]
 
     def _buffers(self, module: str, factors: LoraFactors) -> tuple[Tensor, Tensor]:
-        """The module's stacked A and B, allocated on first use and widened to a wider dtype."""
+        """The module's stacked A and B, allocated on first use on the device of the first update's
+        factors, and widened to a wider dtype."""
         dtype = torch.promote_types(factors.A.dtype, factors.B.dtype)
         if module not in self.A:
             total = self._offset(module, len(self.slots))
             (d, n) = factors.shape
             self.A[module] = torch.empty(total, n, dtype=dtype, device=factors.A.device)
-            self.B[module] = torch.empty(d, total, dtype=dtype, device=factors.B.device)
+            self.B[module] = torch.empty(d, total, dtype=dtype, device=factors.A.device)
         elif torch.promote_types(self.A[module].dtype, dtype) != self.A[module].dtype:
             dtype = torch.promote_types(self.A[module].dtype, dtype)
             self.A[module], self.B[module] = self.A[module].to(dtype), self.B[module].to(dtype)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors, MethodState, example_weights
 from fedlora.aggregation.factored import frobenius_norm, normalized, squared_product_norm
 from fedlora.aggregation.zeropad import ZeroPad
 
@@ -59,17 +58,18 @@ class HetLoRA(ZeroPad):
     components of the global adapter (:meth:`client_start`, inherited). The average carries
     FedIT's cross terms: it is not Σ p_k ΔW_k.
 
-    Local rank self-pruning is client-side and needs the engine (not yet there): the client
-    adds ``penalty`` · Σ_modules :func:`tail_norm` to its loss (:meth:`regularizer`), and after
-    training takes its next rank from :meth:`next_rank` (the engine keeps each client's rank
-    and last tail norm as client state and accepts the pruned rank). No official code is
-    public; ``gamma = 0.99`` follows public reimplementations, ``penalty = 0.01`` is ours.
+    Local rank self-pruning: every client adds ``penalty`` · Σ_modules :func:`tail_norm` to its
+    training loss (:meth:`regularizer`), and after a round its rank becomes
+    :func:`self_pruned_rank` of what it trained (:meth:`next_rank`). The rule reads only the
+    factors the client uploads and the tail norm of its previous upload, so the method applies
+    it to the aggregated uploads and keeps every client's rank and last tail norm as its state
+    (:meth:`client_rank`, checkpointed): the rank the client would choose, known to the server
+    without a message. No official code is public; ``gamma = 0.99`` follows public
+    reimplementations, ``penalty = 0.01`` is ours.
     """
 
     name = "hetlora"
     heterogeneous_ranks = True
-    #: clients may lower their own rank between rounds (see :meth:`next_rank`)
-    prunes_ranks: ClassVar[bool] = True
 
     def __init__(self, gamma: float = 0.99, penalty: float = 0.01):
         if not 0 < gamma < 1:
@@ -78,6 +78,13 @@ class HetLoRA(ZeroPad):
             raise ValueError(f"penalty must be a finite non-negative number, got {penalty!r}")
         self.gamma = gamma
         self.penalty = penalty
+        #: client → (its rank from now on, the tail norm of its last upload); the round's, until committed
+        self.pruning: dict[str, tuple[int, float]] = {}
+        self.pending: dict[str, tuple[int, float]] = {}
+
+    def setup(self, context) -> None:
+        super().setup(context)
+        self.pruning, self.pending = {}, {}
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -87,7 +94,21 @@ class HetLoRA(ZeroPad):
             norms = [weight * frobenius_norm(update.factors[module]) for weight, update in zip(given, updates)]
             shares = normalized(norms) if sum(norms) > 0 else normalized(given)
             factors[module] = self.average_module(updates, shares, module)
+        self.pending = {update.client_id: self.next_rank(update.factors, self.previous_tail(update.client_id))
+                        for update in updates}
         return GlobalUpdate(factors=factors, merge=False)
+
+    def commit(self, server_round: int, update: GlobalUpdate) -> None:
+        super().commit(server_round, update)
+        self.pruning.update(self.pending)  # the aggregated clients' ranks move once the round is applied
+
+    def client_rank(self, client_id: str, server_round: int) -> int:
+        """The client's rank after its self-pruning so far (its configured rank until then)."""
+        return self.pruning[client_id][0] if client_id in self.pruning else super().client_rank(client_id,
+                                                                                              server_round)
+
+    def previous_tail(self, client_id: str) -> float | None:
+        return self.pruning[client_id][1] if client_id in self.pruning else None
 
     def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor:
         """The term a client adds to its training loss: penalty · Σ_modules tail norm."""
@@ -96,3 +117,12 @@ class HetLoRA(ZeroPad):
     def next_rank(self, factors: dict[str, LoraFactors], previous_tail: float | None) -> tuple[int, float]:
         """:func:`self_pruned_rank` with this method's ``gamma``."""
         return self_pruned_rank(factors, self.gamma, previous_tail)
+
+    def state_dict(self) -> MethodState:
+        """The default state plus every client's (rank, last tail norm), as JSON."""
+        meta, tensors = super().state_dict()
+        return {**meta, "pruning": self.pruning}, tensors
+
+    def load_state_dict(self, state: MethodState) -> None:
+        super().load_state_dict(state)
+        self.pruning = {cid: (int(rank), float(tail)) for cid, (rank, tail) in state[0]["pruning"].items()}

@@ -21,10 +21,11 @@ from fedlora.data.records import (
     load_records,
     load_records_with_report,
 )
+from fedlora.data.validation import hold_out, split_clients, validation_count
 
 __all__ = [
     "IGNORE_INDEX", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "DataError", "LoadReport",
     "MMLUQuestion", "Record", "TokenizationStats", "TokenizedExample", "centralize", "client_files", "collate",
-    "format_prompt", "load_clients", "load_mmlu", "load_records", "load_records_with_report",
-    "mmlu_prompt", "tokenize_record", "tokenize_records",
+    "format_prompt", "hold_out", "load_clients", "load_mmlu", "load_records", "load_records_with_report",
+    "mmlu_prompt", "split_clients", "tokenize_record", "tokenize_records", "validation_count",
 ]

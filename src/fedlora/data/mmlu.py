@@ -38,10 +38,11 @@ class MMLUQuestion:
 
 
 def load_mmlu(path: str | Path, limit: int | None = None) -> list[MMLUQuestion]:
-    """The questions of a FLoRA-format MMLU .json/.jsonl file; the first ``limit`` if given."""
+    """The questions of a FLoRA-format MMLU .json/.jsonl file; the first ``limit`` if given
+    (0: none, a run that scores no MMLU)."""
     path = Path(path)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be at least 0, got {limit}")
     rows = read_json_rows(path)[:limit]
     return [_parse_question(row, path.name, where) for where, row in rows]
 

@@ -13,7 +13,6 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-import datasets
 import numpy as np
 
 from fedlora.data.records import DataError, Record, load_records, load_records_with_report
@@ -121,6 +120,8 @@ def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha:
 
 def _partition_rows(partitioner, columns: dict[str, list]) -> list[list[int]]:
     """The ``row`` column of every partition the partitioner cuts from ``columns``."""
+    import datasets  # imported when used: local client files need neither it nor the split
+
     partitioner.dataset = datasets.Dataset.from_dict(columns)
     return [partitioner.load_partition(client)["row"]
             for client in range(partitioner.num_partitions)]

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
 from fedlora.errors import FedloraError
 
 log = logging.getLogger(__name__)
@@ -193,6 +191,8 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _hub_rows(dataset_id: str) -> list[tuple[str, object]]:
+    import datasets  # imported when used: it takes a second, and local files do not need it
+
     try:
         dataset = datasets.load_dataset(dataset_id, split="train")
     except Exception as error:  # the Hub raises many types (network, auth, not found, format)

@@ -36,6 +36,17 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for key, tensor in tensors.items()}
 
 
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically and durably: once this returns it survives a crash,
+    and a reader sees the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(unshared(tensors), tmp, metadata=metadata)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -58,8 +69,9 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict, tensors: dict
     return final
 
 
-def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """The newest complete checkpoint, or None if the run has none yet."""
+def load_latest_checkpoint(run_dir: Path,
+                           device: torch.device | str = "cpu") -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The newest complete checkpoint, its tensors on ``device``, or None if the run has none yet."""
     root = Path(run_dir) / "checkpoints"
     try:
         name = (root / "LATEST").read_text(encoding="utf-8").strip()
@@ -67,4 +79,4 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]
         return None
     folder = root / name
     state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    return state, load_file(folder / TENSORS_FILE)
+    return state, load_file(folder / TENSORS_FILE, device=str(device))

@@ -9,15 +9,21 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate
-from fedlora.data import DataError, TokenizedExample, collate
+from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, get_aggregator
+from fedlora.attention import enable_packing
+from fedlora.data import DataError, TokenizedExample
+from fedlora.data.batches import token_batch
 from fedlora.engine.checkpoint import with_prefix
+from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.eval.loss import summed_nll
 from fedlora.models import model_device
-from fedlora.lora import attach_lora, get_factors, merge_update, remove_lora, set_factors, set_trainable
+from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
+    set_trainable
 from fedlora.lora.merge import base_weight
 
 StepCallback = Callable[[int, float], None]
+Regularizer = Callable[[dict[str, LoraFactors]], torch.Tensor | None]
 
 
 def batch_stream(examples: Sequence[TokenizedExample], batch_size: int, seed: int) -> Iterator[list]:
@@ -35,11 +41,16 @@ class LocalTrainer:
     The base model is wrapped in a PEFT adapter for the duration of :meth:`train` and
     unwrapped afterwards (without merging), so between clients it is the plain model the
     server evaluates and merges into.
+
+    With ``packing`` a micro-batch's sequences share one row without padding (the model must
+    compute them apart: :func:`fedlora.attention.enable_packing`); either way the LM head runs
+    only where a label is, and the loss is the mean NLL over the micro-batch's labelled tokens.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
                  batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions(),
+                 regularizer: Regularizer | None = None, packing: bool = False):
         self.model = model
         self.pad_token_id = pad_token_id
         self.target_modules = list(target_modules)
@@ -48,14 +59,26 @@ class LocalTrainer:
         self.lr = lr
         self.weight_decay = weight_decay
         self.use_rslora = use_rslora
+        self.compute = compute
+        #: the method's term added to the training loss (Aggregator.regularizer)
+        self.regularizer = regularizer
+        self.packing = packing
         self.carry: dict[str, torch.Tensor] = {}
         self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
 
     @classmethod
-    def from_config(cls, model: nn.Module, pad_token_id: int, config) -> LocalTrainer:
+    def from_config(cls, model: nn.Module, pad_token_id: int, config,
+                    log: Callable[[str], None] = print) -> LocalTrainer:
+        """A trainer as ``config`` says; with ``config.packing`` the model is made to compute
+        packed batches, and one that cannot trains on padded batches, with a notice."""
+        packing = config.packing and enable_packing(model)
+        if config.packing and not packing:
+            log(f"packing: {type(model).__name__} does not compute packed sequences apart; "
+                "training on padded batches")
         return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
                    grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                   use_rslora=config.use_rslora)
+                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config), packing=packing,
+                   regularizer=get_aggregator(config.method, **config.method_options).regularizer)
 
     def apply_base_update(self, update: GlobalUpdate) -> None:
         """Merge a logged global update into this replica's base weights (a Flower client
@@ -88,9 +111,10 @@ class LocalTrainer:
                                  use_rslora=self.use_rslora, seed=task.init_seed)
         try:
             if task.start is not None:
-                set_factors(peft_model, task.start)
+                set_factors(peft_model, task.start, leading=True)
             set_trainable(peft_model, task.trainable)
-            losses = self._optimize(peft_model, task, examples, on_step)
+            with self.compute.applied(peft_model):
+                losses = self._optimize(peft_model, task, examples, on_step)
             factors = get_factors(peft_model)
         finally:
             self.model = remove_lora(peft_model)
@@ -110,14 +134,16 @@ class LocalTrainer:
                                  batch_size=self.batch_size, grad_accum=self.grad_accum, on_step=on_step)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
         device = model_device(model)
+        factors = live_factors(model)
         model.train()
         losses = []
         for step in range(task.local_steps):
             step_loss = 0.0
             for _ in range(self.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(next(batches), self.pad_token_id).items()}
-                loss = model(**batch).loss / self.grad_accum
-                loss.backward()
+                batch = token_batch(next(batches), self.pad_token_id, packed=self.packing).to(device)
+                nll, tokens = summed_nll(model, batch)
+                loss = nll / (tokens * self.grad_accum)
+                self._objective(loss, factors).backward()
                 step_loss += loss.item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -126,3 +152,10 @@ class LocalTrainer:
                 on_step(step + 1, step_loss)
         model.eval()
         return losses
+
+    def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors]) -> torch.Tensor:
+        """What a step minimises: the batch's loss plus, for a method that has one, its term on
+        the live ``factors`` (HetLoRA's rank regulariser), a share per accumulated batch. The
+        reported training loss is the batch's alone."""
+        term = self.regularizer(factors) if self.regularizer is not None else None
+        return loss if term is None else loss + term / self.grad_accum

@@ -69,6 +69,8 @@ class RunConfig:
     partition_by: str = option("category", "record field the Dirichlet split skews")
     min_partition_size: int = option(10, "fewest records a Dirichlet client may get", minimum=1)
     max_length: int = option(256, "tokens per example; longer ones are truncated", minimum=1)
+    validation_fraction: float = option(0.02, "share of each client's records held out of its training for "
+                                              "val_loss (seeded, at least one record; 0: none)", minimum=0)
     # federation
     method: str = option(DEFAULT_METHOD, "aggregation method or baseline (see `fedlora methods`)")
     method_options: dict[str, Any] = option(help="the method's options, as JSON on the command line",
@@ -93,19 +95,26 @@ class RunConfig:
     lr: float = option(3e-4, "AdamW learning rate", positive=True)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
     seed: int = option(0, "seeds sampling, initialisation and batch order")
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                                 "pass: less memory, about a third more compute")
+    autocast: str | None = option(None, "bfloat16: client forward passes under torch.autocast (matmuls in "
+                                        "bf16, weights and LoRA factors keep their dtypes)",
+                                  choices="fedlora.engine.compute:AUTOCAST_DTYPES")
     #: sample-level DP-SGD on every client (engine/privacy.py); empty: off
     dp: dict[str, Any] = option(help="DP-SGD: {noise_multiplier | target_epsilon, max_grad_norm, delta[, seed]}",
                                 factory=dict)
     #: client-level DP-FedAvg at the server (aggregation/dp.py); empty: off
     client_dp: dict[str, Any] = option(help="DP-FedAvg (ffa, rolora, fedsa): {noise_multiplier | target_epsilon, "
                                             "clip_norm, delta[, seed]}", factory=dict)
+    packing: bool = option(True, "pack each micro-batch's sequences in one row without padding where "
+                                 "the model allows it (else padded batches, with a notice)")
     # update validation
     max_update_norm: float | None = option(None, "reject updates with larger ‖ΔW‖_F", positive=True)
     max_examples: int | None = option(None, "reject updates claiming more examples", positive=True)
     # evaluation
     eval_batch_size: int = option(8, "examples per evaluation batch", minimum=1)
     test_limit: int | None = option(None, "evaluate loss on the first N test records", positive=True)
-    mmlu_limit: int | None = option(None, "score the first N MMLU questions", positive=True)
+    mmlu_limit: int | None = option(None, "score the first N MMLU questions (0: no MMLU)", minimum=0)
     mmlu_every: int = option(0, "MMLU every K rounds (default: final round only)", minimum=0)
     # runtime and outputs
     runtime: str = option("inprocess", "inprocess (default) or flower", choices=RUNTIMES)
@@ -205,18 +214,22 @@ def build_config(values: dict[str, Any], source: str = "config", base: RunConfig
     return config
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path``; a ConfigError naming the file when it is absent or invalid."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML file (optional), then apply ``overrides`` (CLI flags that were given)."""
     config = RunConfig()
     if path is not None:
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
-        config = build_config(values, source=str(path))
+        config = build_config(read_toml(path), source=str(path))
     return build_config(overrides or {}, source="command line", base=config)
 
 
@@ -266,6 +279,9 @@ def validate(config: RunConfig, source: str = "config") -> None:
         heterogeneous = [name for name in available_aggregators() if aggregator_class(name).heterogeneous_ranks]
         fail("ranks", f"are mixed ({config.ranks}) but {config.method!r} needs one rank for all "
                       f"clients; methods for heterogeneous ranks: {', '.join(heterogeneous)}")
+    if not config.validation_fraction < 1:
+        fail("validation_fraction", f"must be below 1 (a client must keep records to train on), "
+                                    f"got {config.validation_fraction}")
     if (config.local_steps is None) == (config.local_epochs is None):
         fail("local_steps", "and 'local_epochs': set exactly one")
     if config.runtime not in method.runtimes:

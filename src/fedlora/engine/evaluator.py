@@ -1,4 +1,4 @@
-"""Per-round evaluation of the global model: held-out loss every round, MMLU when due."""
+"""Per-round evaluation of the global model: test and validation loss every round, MMLU when due."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from fedlora.data import MMLUQuestion, TokenizedExample
+from fedlora.data import MMLUQuestion, Record, TokenizedExample, load_mmlu, load_records, tokenize_records
+from fedlora.engine.config import RunConfig
 from fedlora.eval import evaluate_loss_tokenized, evaluate_mmlu
 
 
@@ -19,15 +20,19 @@ class Evaluator:
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None):
+                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
+                 validation_examples: Sequence[TokenizedExample] = (), packed: bool = False):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
+        #: records held out of the clients' training (val_loss); what tuning may look at
+        self.validation_examples = validation_examples
         self.questions = questions
         self.final_round = final_round
         self.mmlu_every = mmlu_every
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
+        self.packed = packed  # batches packed in one row (the model computes them apart)
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.questions:
@@ -38,10 +43,34 @@ class Evaluator:
         metrics: dict = {}
         if self.test_examples:
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
-                                                   batch_size=self.batch_size))
+                                                   batch_size=self.batch_size, packed=self.packed))
+        if self.validation_examples:
+            metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
+                                                          batch_size=self.batch_size, packed=self.packed)["eval_loss"]
         if self.mmlu_due(server_round):
             total = len(self.questions)
             progress = (lambda done: self.mmlu_progress(done, total)) if self.mmlu_progress else None
             metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, batch_size=self.batch_size,
-                                         progress=progress))
+                                         packed=self.packed, progress=progress))
         return metrics
+
+
+def evaluation_inputs(config: RunConfig) -> tuple[list[Record], list[MMLUQuestion]]:
+    """The run's held-out records and MMLU questions, as its configuration limits them."""
+    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
+    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
+    return test_records, questions
+
+
+def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[Record],
+                  questions: Sequence[MMLUQuestion], *, log: Callable[[str], None] = lambda message: None,
+                  mmlu_progress: Callable[[int, int], None] | None = None,
+                  validation_records: Sequence[Record] = (), packed: bool = False) -> Evaluator:
+    """The run's evaluator (the server's, and a Flower node's evaluating its client's own model)."""
+    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
+    if stats.truncated:
+        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
+    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
+    return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
+                     mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
+                     validation_examples=validation_examples, packed=packed)

@@ -11,13 +11,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from fedlora.aggregation import Accumulator, AggregationError, GlobalUpdate, RunContext, get_aggregator
+from fedlora.aggregation import Accumulator, AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, RunContext, \
+    get_aggregator
+from fedlora.aggregation.base import FACTOR_NAMES
 from fedlora.aggregation.validation import validate_update
 from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint, with_prefix
 from fedlora.engine.config import RunConfig
@@ -32,8 +33,10 @@ from fedlora.lora import base_weight
 
 #: the run folder's log of base merges, kept for runtimes with replicas (Flower)
 BASE_LOG_DIR = "base-log"
+BOTH_FACTORS = frozenset(FACTOR_NAMES)
 
 Evaluate = Callable[[nn.Module, int], dict]
+EvaluateClients = Callable[[int, dict[str, dict[str, LoraFactors]]], dict[str, dict]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,20 @@ class ClientFailure:
     client_id: str
     server_round: int
     reason: str
+
+
+def received(update: ClientUpdate, task: ClientTask) -> ClientUpdate:
+    """The update as the server has it: the factors the client uploads, the others those of the
+    start it was sent (a frozen factor, or the stand-in for one the client keeps), whatever the
+    reply held in their place (the Flower codec sends only the uploads)."""
+    withheld = BOTH_FACTORS - task.uploads
+    if not withheld:
+        return update
+    factors = {module: replace(f, **{name: getattr(task.start[module], name).to(getattr(f, name).device)
+                                     for name in withheld})
+               if module in task.start else f  # a module not asked for: validation names it
+               for module, f in update.factors.items()}
+    return replace(update, factors=factors)
 
 
 class Federation:
@@ -88,6 +105,9 @@ class Federation:
         self.ledger = Ledger(global_model.total_params())
         self.rows: list[dict] = []
         self.completed_round = 0
+        #: (round, {client: its adapter as the server has it}) → {client: metrics}: set by the
+        #: runtime holding the clients where a method keeps factors on them (see :meth:`evaluate`)
+        self.evaluate_clients: EvaluateClients | None = None
         self._tasks: dict[str, ClientTask] = {}
         self._round_started = time.perf_counter()
 
@@ -110,16 +130,25 @@ class Federation:
 
     def configure_train(self, server_round: int) -> list[ClientTask]:
         self._round_started = time.perf_counter()
-        trainable = self.aggregator.trainable(server_round)
+        method = self.aggregator
+        trainable, uploads, kept = method.trainable(server_round), method.uploads(server_round), method.kept_on_client
+        if kept & uploads:
+            raise RuntimeError(f"method {self.config.method!r} uploads {sorted(kept & uploads)}, which its "
+                               "clients keep and never send")
         init_seed = derive_seed(self.config.seed, "init", server_round)
-        self._tasks = {
-            cid: ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid],
-                            alpha=self.config.alpha_for(self.ranks[cid]), trainable=trainable,
-                            init_seed=init_seed, data_seed=derive_seed(self.config.seed, "data", server_round, cid),
-                            local_steps=self.local_steps(cid),
-                            start=self.aggregator.start_adapter(cid, server_round),
-                            **(self.privacy.task_options(cid, server_round) if self.privacy else {}))
-            for cid in self.sample(server_round)}
+        self._tasks = {}
+        for cid in self.sample(server_round):
+            rank = method.client_rank(cid, server_round)
+            start = method.start_adapter(cid, server_round)
+            if start is None and (uploads != BOTH_FACTORS or kept):
+                raise RuntimeError(f"method {self.config.method!r} gives client {cid!r} no start adapter; the "
+                                   "server takes the factors clients do not send from it")
+            self._tasks[cid] = ClientTask(
+                client_id=cid, server_round=server_round, rank=rank, alpha=self.config.alpha_for(rank),
+                trainable=trainable, init_seed=init_seed,
+                data_seed=derive_seed(self.config.seed, "data", server_round, cid),
+                local_steps=self.local_steps(cid), start=start, uploads=uploads, kept=kept,
+                **(self.privacy.task_options(cid, server_round) if self.privacy else {}))
         if self.privacy is not None:
             self.privacy.account(self._tasks.values())
         return list(self._tasks.values())
@@ -161,19 +190,16 @@ class Federation:
             if factors.rank != task.rank:
                 raise AggregationError(f"rank {factors.rank} differs from the assigned {task.rank}",
                                        client_id=update.client_id, module=module, rule="shape")
-            for name in "AB":  # a frozen factor must come back exactly as it was sent
-                if name not in task.trainable and task.start is not None and not torch.equal(
-                        getattr(factors, name), getattr(task.start[module], name)):
-                    raise AggregationError(f"frozen factor {name} was changed", client_id=update.client_id,
-                                           module=module, rule="frozen")
 
     def aggregate_train(self, server_round: int, results: Iterable[ClientResult],
-                        failures: Sequence[ClientFailure] = ()) -> dict:
+                        failures: Sequence[ClientFailure] = (), refused: Sequence[AggregationError] = ()) -> dict:
         """Validate, account and aggregate the round's replies, then update, evaluate and save.
 
         ``results`` may be a generator (the in-process runtime trains each client as it is
         drawn): each reply is checked and added to the aggregate, and dropped here, before
         the next is drawn. Updates are aggregated in task order, whatever order they come in.
+        ``refused`` are replies the runtime rejected before they became results (Flower: ones
+        it cannot decode, or replayed); they are recorded with the others' rejections.
         """
         tasks, self._tasks = self._tasks, {}
         accumulator = self.aggregator.accumulator(
@@ -187,6 +213,8 @@ class Federation:
                              "reason": str(error)})
             self.log(f"round {server_round}: rejected update: {error}")
 
+        for error in refused:
+            reject(error)
         for result in results:
             started = time.perf_counter()
             cid = result.update.client_id
@@ -194,6 +222,7 @@ class Federation:
             try:
                 if task is not None:
                     self._account(server_round, task, result)
+                    result = replace(result, update=received(result.update, task))
                 self._check(result, task)
                 accumulator.add(result.update)
                 accepted.append(Contribution(cid, result.update.num_examples, result.train_loss, result.seconds))
@@ -243,11 +272,13 @@ class Federation:
 
     def _account(self, server_round: int, task: ClientTask, reply: ClientResult) -> None:
         """The ledger row of a client that replied (accepted or not): it downloaded the merges
-        it had missed plus its start adapter, and uploaded its trained factors. A client that
+        it had missed plus its start adapter but for the factors it keeps itself, and uploaded
+        the factors the method has it send. A client that
         never replied is not known to have received anything and stays where it was."""
         cid = task.client_id
-        self.ledger.record(server_round, cid, factor_params(reply.update.factors, task.trainable),
-                           self.catchup_params(cid, server_round - 1) + factor_params(task.start))
+        self.ledger.record(server_round, cid, factor_params(reply.update.factors, task.uploads),
+                           self.catchup_params(cid, server_round - 1)
+                           + factor_params(task.start, BOTH_FACTORS - task.kept))
         self.synced[cid] = server_round - 1
 
     def _apply(self, server_round: int, update: GlobalUpdate) -> None:
@@ -264,19 +295,31 @@ class Federation:
     # -- evaluate, record, checkpoint -----------------------------------------------------
     def evaluate(self, server_round: int) -> dict:
         """The method's global model, or, for a method whose clients keep models of their own,
-        each client's and their mean."""
+        each client's and their mean. Where the method keeps factors on the clients, their
+        models are completed and evaluated by the runtime that holds them
+        (:attr:`evaluate_clients`); a client it could not evaluate is left out of the mean."""
         adapters = self.aggregator.evaluation_adapters()
         if list(adapters) == [None]:
-            with self.global_model.with_adapter(adapters[None]) as model:
-                return self.evaluate_model(model, server_round)
-        per_client = {}
-        for cid, adapter in adapters.items():
-            with self.global_model.with_adapter(adapter) as model:
-                per_client[cid] = self.evaluate_model(model, server_round)
+            return self.evaluate_adapter(adapters[None], server_round)
+        held = {cid: adapter for cid, adapter in adapters.items()
+                if adapter is not None and self.aggregator.kept_on_client}
+        if held and self.evaluate_clients is None:
+            raise RuntimeError(f"method {self.config.method!r} keeps factors on the clients and no runtime "
+                               "evaluates the clients' models (Federation.evaluate_clients is unset)")
+        remote = self.evaluate_clients(server_round, held) if held else {}
+        per_client = {cid: remote[cid] if cid in held else self.evaluate_adapter(adapter, server_round)
+                      for cid, adapter in adapters.items() if cid in remote or cid not in held}
+        if not per_client:
+            return {}
         numeric = [key for key, value in next(iter(per_client.values())).items()
                    if isinstance(value, (int, float))]
         means = {key: sum(m[key] for m in per_client.values()) / len(per_client) for key in numeric}
         return {**means, "per_client": per_client}
+
+    def evaluate_adapter(self, adapter: dict[str, LoraFactors] | None, server_round: int) -> dict:
+        """The global model with ``adapter`` merged in (None: as it is), evaluated."""
+        with self.global_model.with_adapter(adapter) as model:
+            return self.evaluate_model(model, server_round)
 
     def start(self) -> int:
         """Evaluate round 0 unless resuming; returns the last completed round."""
@@ -326,7 +369,7 @@ class Federation:
 
     def restore(self) -> int | None:
         """Load the newest checkpoint of ``run_dir``; None when there is none."""
-        loaded = load_latest_checkpoint(self.run_dir)
+        loaded = load_latest_checkpoint(self.run_dir, device=self.global_model.device)
         if loaded is None:
             return None
         state, tensors = loaded

@@ -11,6 +11,7 @@ from torch import nn
 from fedlora.aggregation import GlobalUpdate, LoraFactors
 from fedlora.lora import merge_factors, merge_update
 from fedlora.lora.merge import base_weight
+from fedlora.models import model_device
 
 
 class GlobalModel:
@@ -25,6 +26,11 @@ class GlobalModel:
         self.model = model
         self.adapted_modules = adapted_modules
         self.carry: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are, and so where its checkpointed state is loaded to."""
+        return model_device(self.model)
 
     def apply(self, update: GlobalUpdate) -> None:
         self.carry = merge_update(self.model, update, self.carry)

@@ -12,10 +12,10 @@ from pathlib import Path
 from torch import nn
 
 from fedlora.aggregation import aggregator_class
-from fedlora.data import LazyTokenizedRecords, centralize, load_mmlu, load_records, tokenize_records
+from fedlora.data import LazyTokenizedRecords, centralize, split_clients
 from fedlora.engine.config import RunConfig, check_client_count
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.evaluator import evaluation_inputs, run_evaluator
 from fedlora.engine.federation import Federation
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import Log, check_model_fits, load_client_records, load_run_model, resolve_data_paths
@@ -47,32 +47,29 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print, keep_base
     """Load data first (cheap, most likely to be wrong), then the model; build the federation.
 
     ``loaded`` is an already loaded (model, tokenizer) of ``config.model`` in its pristine
-    state, for callers running many federations on one model (benchmarks).
+    state, for callers running many federations on one model (a sweep).
     """
     config = resolve_data_paths(config, log)
     clients = {} if config.data_on_nodes else load_client_records(config)
     num_clients = config.clients if config.data_on_nodes else len(clients)
     check_client_count(config, num_clients)
+    clients, validation_records = split_clients(clients, config.validation_fraction, config.seed)
     if aggregator_class(config.method).pools_data:
         config = pooled_config(config, len(clients))
         clients = {config.method: centralize(clients)}
-    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
-    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
+    test_records, questions = evaluation_inputs(config)
     modules = check_model_fits(config)
     model, tokenizer = loaded or load_run_model(config)
     pad_id = pad_token_id(tokenizer)
     client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
                        for cid, records in clients.items()}
-    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
-    if stats.truncated:
-        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
-    evaluator = Evaluator(tokenizer, pad_id, test_examples, questions, final_round=config.rounds,
-                          mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size,
-                          mmlu_progress=mmlu_progress)
+    trainer = LocalTrainer.from_config(model, pad_id, config, log=log)
+    evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, log=log,
+                              mmlu_progress=mmlu_progress, validation_records=validation_records,
+                              packed=trainer.packing)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes
                     else {cid: len(examples) for cid, examples in client_examples.items()})
     federation = Federation(config, client_sizes, GlobalModel(model, modules), evaluator, run_dir,
                             keep_base_log=keep_base_log, log=log)
-    trainer = LocalTrainer.from_config(model, pad_id, config)
     return RunSetup(config, model, tokenizer, client_examples, trainer, federation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlora.aggregation import ClientUpdate, LoraFactors
+from fedlora.aggregation.base import FACTOR_NAMES
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ClientTask:
     local_steps: int
     #: factors the LoRA starts from (a persistent global adapter); None: fresh init
     start: dict[str, LoraFactors] | None = None
+    #: factors the client sends back; the server takes the others from ``start``
+    uploads: frozenset[str] = frozenset(FACTOR_NAMES)
+    #: factors the client keeps in its own store: it starts them from there, they never travel
+    kept: frozenset[str] = frozenset()
     #: sample-level DP-SGD (fedlora.engine.dp_sgd): noise multiplier σ and per-example clip
     #: norm; None: plain training
     dp_noise_multiplier: float | None = None

@@ -8,17 +8,14 @@ them all into every checkpoint; a Flower node logs the merges it received the sa
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fedlora.aggregation import GlobalUpdate
 from fedlora.aggregation import factors_to_tensors, tensors_to_factors
-from fedlora.engine.checkpoint import unshared
-from fedlora.files import fsync_path
+from fedlora.engine.checkpoint import atomic_save_tensors
 
 
 class UpdateLog:
@@ -35,15 +32,9 @@ class UpdateLog:
 
     def write(self, server_round: int, update: GlobalUpdate) -> None:
         """Write atomically and durably: once this returns, the round survives a crash."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(server_round)
-        tmp = path.with_name(f".tmp-{path.name}")
         tensors = {**factors_to_tensors("factors/", update.factors),
                    **factors_to_tensors("residual/", update.residual)}
-        save_file(unshared(tensors), tmp, metadata={"merge": json.dumps(update.merge)})
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(self.directory)
+        atomic_save_tensors(self.path(server_round), tensors, metadata={"merge": json.dumps(update.merge)})
 
     def load(self, server_round: int) -> GlobalUpdate:
         with safe_open(self.path(server_round), framework="pt") as file:

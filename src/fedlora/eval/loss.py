@@ -2,7 +2,9 @@
 
 The loss is the exact token-weighted mean NLL of the whole set: summed cross-entropy over
 every response token divided by their count, so it does not depend on the batch size or on
-how lengths fall into batches (a mean of batch means would).
+how lengths fall into batches (a mean of batch means would). The LM head is applied only to
+the positions that predict a response token (:func:`labelled_logits`), and with ``packed``
+a batch's sequences share one row without padding (:mod:`fedlora.data.batches`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_records
+from fedlora.data.batches import TokenBatch, token_batch
+from fedlora.data.prompts import TokenizedExample, tokenize_records
 from fedlora.data.records import Record
 from fedlora.models import model_device, pad_token_id
 
@@ -36,22 +39,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def evaluate_loss(model: nn.Module, tokenizer, records: Sequence[Record], *, max_length: int = 512,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, packed: bool = False) -> dict:
     """Mean response-token NLL of ``model`` on ``records``, and its perplexity.
 
     Tokenises the records once; a caller evaluating the same set every round should call
     :func:`tokenize_records` itself once and then :func:`evaluate_loss_tokenized`.
     """
     examples, _ = tokenize_records(tokenizer, records, max_length)
-    return evaluate_loss_tokenized(model, examples, pad_token_id(tokenizer), batch_size=batch_size)
+    return evaluate_loss_tokenized(model, examples, pad_token_id(tokenizer), batch_size=batch_size,
+                                   packed=packed)
 
 
 def evaluate_loss_tokenized(model: nn.Module, examples: Sequence[TokenizedExample], pad_id: int, *,
-                            batch_size: int = 8) -> dict:
+                            batch_size: int = 8, packed: bool = False) -> dict:
     """Like :func:`evaluate_loss`, on examples already made by :func:`tokenize_records`.
 
     Returns ``{"eval_loss", "perplexity", "eval_tokens"}``; with no response tokens at all the
-    loss and perplexity are NaN and ``eval_tokens`` is 0.
+    loss and perplexity are NaN and ``eval_tokens`` is 0. ``packed`` needs a model that computes
+    packed sequences apart (:func:`fedlora.attention.enable_packing`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -63,9 +68,9 @@ def evaluate_loss_tokenized(model: nn.Module, examples: Sequence[TokenizedExampl
     total_tokens = 0
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-            nll, tokens = _summed_nll(model, {key: t.to(device) for key, t in batch.items()})
-            total_nll += nll
+            batch = token_batch([examples[i] for i in order[start:start + batch_size]], pad_id, packed=packed)
+            nll, tokens = summed_nll(model, batch.to(device))
+            total_nll += nll.item()
             total_tokens += tokens
     if total_tokens == 0:
         return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0}
@@ -73,12 +78,13 @@ def evaluate_loss_tokenized(model: nn.Module, examples: Sequence[TokenizedExampl
     return {"eval_loss": loss, "perplexity": math.exp(loss), "eval_tokens": total_tokens}
 
 
-def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(summed NLL, number of labelled tokens) of one batch; token t predicts label t+1."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    predicted = logits[:, :-1, :].float()  # float32 softmax even for bf16/fp16 models
-    targets = batch["labels"][:, 1:]
-    nll = nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]),
-                                      targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                      reduction="sum")
-    return nll.item(), int((targets != IGNORE_INDEX).sum())
+def labelled_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """(labelled positions, vocabulary) logits: the LM head applied only where a target is set."""
+    return model(**batch.inputs, logits_to_keep=batch.labelled, use_cache=False).logits
+
+
+def summed_nll(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, int]:
+    """(summed NLL, number of targets) of one batch, differentiable."""
+    targets = batch.targets[batch.labelled]
+    logits = labelled_logits(model, batch).float()  # float32 softmax even for bf16/fp16 models
+    return nn.functional.cross_entropy(logits, targets, reduction="sum"), targets.numel()

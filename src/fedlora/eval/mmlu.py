@@ -9,8 +9,9 @@ Which token is "the letter" depends on the tokenizer (see :func:`answer_tokens`)
 vocabulary such as SmolLM2's has `` A`` (space + letter) as a single token, which is how the
 letter follows ``Answer:`` in text, so the model is scored right after ``Answer:``; a
 byte-level vocabulary splits `` A`` into two tokens, so the space goes into the prompt and the
-bare letter is scored. Prompts are batched with left padding and explicit position ids, so the
-last position of every row is its real last token and batched scores equal unbatched ones.
+bare letter is scored. Prompts of similar lengths share a batch, packed in one row (``packed``, for a
+model that computes packed sequences apart) or right-padded, and the LM head is applied only
+to each prompt's last position, so batched scores equal unbatched ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedlora.data.batches import token_batch
 from fedlora.data.mmlu import LETTERS, MMLUQuestion, mmlu_prompt
+from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample
 from fedlora.eval.loss import eval_mode
 from fedlora.models import ModelError, model_device, pad_token_id
 
@@ -63,11 +66,13 @@ def answer_tokens(tokenizer, prompt: str) -> AnswerTokens:
 
 
 def answer_log_likelihoods(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestion], *,
-                           batch_size: int = 8,
+                           batch_size: int = 8, packed: bool = False,
                            progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """(len(questions), 4) log-probabilities of A, B, C, D as the next token of each prompt.
 
-    ``progress`` is called after every batch with the number of questions scored so far.
+    ``packed`` needs a model that computes packed sequences apart
+    (:func:`fedlora.attention.enable_packing`). ``progress`` is called after every batch with
+    the number of questions scored so far.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -76,18 +81,19 @@ def answer_log_likelihoods(model: nn.Module, tokenizer, questions: Sequence[MMLU
         return scores
     prompts = [mmlu_prompt(question) for question in questions]
     form = answer_tokens(tokenizer, prompts[0])  # one form for all: every prompt ends alike
-    contexts = [_encode(tokenizer, form.context(prompt)) for prompt in prompts]
+    # the contexts as unlabelled examples: only their last positions are scored
+    contexts = [TokenizedExample(ids, [IGNORE_INDEX] * len(ids), truncated=False)
+                for ids in (_encode(tokenizer, form.context(prompt)) for prompt in prompts)]
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     letter_ids = torch.tensor(form.letter_ids, device=device)
     # Similar lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i].input_ids))
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            batch = _left_padded([contexts[i] for i in indices], pad_id, device)
-            # logits_to_keep=1: only the last position's logits are computed and kept.
-            last = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            batch = token_batch([contexts[i] for i in indices], pad_id, packed=packed).to(device)
+            last = model(**batch.inputs, logits_to_keep=batch.last_tokens(), use_cache=False).logits.float()
             scores[indices] = last.log_softmax(dim=-1)[:, letter_ids].cpu()
             if progress is not None:
                 progress(min(start + batch_size, len(order)))
@@ -95,14 +101,15 @@ def answer_log_likelihoods(model: nn.Module, tokenizer, questions: Sequence[MMLU
 
 
 def evaluate_mmlu(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestion], *,
-                  batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict:
+                  batch_size: int = 8, packed: bool = False,
+                  progress: Callable[[int], None] | None = None) -> dict:
     """Accuracy of the argmax answer letter, overall and per subject.
 
     Returns ``{"mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject"}`` where
     ``mmlu_per_subject`` maps each subject to ``{"acc", "n"}``; ``mmlu_acc`` is NaN when there
     are no questions. Ties go to the earliest letter.
     """
-    scores = answer_log_likelihoods(model, tokenizer, questions, batch_size=batch_size,
+    scores = answer_log_likelihoods(model, tokenizer, questions, batch_size=batch_size, packed=packed,
                                     progress=progress)
     predictions = [LETTERS[index] for index in scores.argmax(dim=-1).tolist()]
     correct_by_subject: dict[str, list[int]] = {}
@@ -124,20 +131,3 @@ def evaluate_mmlu(model: nn.Module, tokenizer, questions: Sequence[MMLUQuestion]
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
-
-def _left_padded(sequences: list[list[int]], pad_id: int,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and position_ids with padding on the left.
-
-    Position ids count real tokens only, so a padded row sees the same positions (and thus
-    the same rotary embeddings) as it would alone.
-    """
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "position_ids": position_ids.to(device)}

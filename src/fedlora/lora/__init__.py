@@ -3,6 +3,7 @@
 from fedlora.lora.adapters import (
     attach_lora,
     get_factors,
+    live_factors,
     lora_config,
     remove_lora,
     set_factors,
@@ -12,6 +13,6 @@ from fedlora.lora.export import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight, merge_factors, merge_update
 
 __all__ = [
-    "attach_lora", "base_weight", "get_factors", "lora_config", "low_rank_adapter", "merge_factors",
+    "attach_lora", "base_weight", "get_factors", "live_factors", "lora_config", "low_rank_adapter", "merge_factors",
     "merge_update", "remove_lora", "save_adapter", "set_factors", "set_trainable",
 ]

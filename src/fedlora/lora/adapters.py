@@ -48,20 +48,26 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, target_modules: Itera
 
 def get_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
     """Detached float32 copies of the adapter's factors, with the scale PEFT applies (rsLoRA too)."""
-    return {
-        name: LoraFactors(A=layer.lora_A[adapter_name].weight.detach().float().clone(),
-                          B=layer.lora_B[adapter_name].weight.detach().float().clone(),
-                          scale=float(layer.scaling[adapter_name]))
-        for name, layer in _lora_layers(peft_model, adapter_name)
-    }
+    return {name: LoraFactors(A=f.A.detach().float().clone(), B=f.B.detach().float().clone(), scale=f.scale)
+            for name, f in live_factors(peft_model, adapter_name).items()}
+
+
+def live_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
+    """The adapter's factor parameters themselves (not copies): a loss term on them is
+    differentiable and follows every optimizer step."""
+    return {name: LoraFactors(A=layer.lora_A[adapter_name].weight, B=layer.lora_B[adapter_name].weight,
+                              scale=float(layer.scaling[adapter_name]))
+            for name, layer in _lora_layers(peft_model, adapter_name)}
 
 
 def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],
-                adapter_name: str = "default") -> None:
+                adapter_name: str = "default", *, leading: bool = False) -> None:
     """Copy ``factors`` into the adapter, which must adapt exactly these modules at these shapes.
 
     Where a factor's scale differs from the adapter's scaling, B is rescaled so the update
-    ``scale * B @ A`` is preserved.
+    ``scale * B @ A`` is preserved. With ``leading``, factors of a lower rank than the adapter's
+    fill its leading components and the others keep their values: on a fresh adapter (B zero)
+    the update is still exactly the factors'.
     """
     layers = dict(_lora_layers(peft_model, adapter_name))
     if set(factors) != set(layers):
@@ -72,6 +78,9 @@ def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],
         for name, layer in layers.items():
             update = factors[name]
             lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            rank = update.rank
+            if leading and rank < lora_A.shape[0]:
+                lora_A, lora_B = lora_A[:rank], lora_B[:, :rank]
             if update.A.shape != lora_A.shape or update.B.shape != lora_B.shape:
                 raise ValueError(f"module {name!r}: factors A {tuple(update.A.shape)}, B "
                                  f"{tuple(update.B.shape)} do not fit adapter {adapter_name!r} "

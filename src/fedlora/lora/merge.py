@@ -12,6 +12,10 @@ away in a per-module ``carry`` (Kahan-style compensated summation)::
 
 The carry is added back next time, so the sum of all updates reaches the weights up to one
 final rounding instead of being dropped update by update. Float32 weights need no carry.
+
+The dense update is formed on the weight's device, wherever the factors come from (a Flower
+message or a checkpoint arrives on the CPU): a GPU model merges on the GPU, and its carry
+(float32, the size of the merged weights) lives there too.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def merge_update(model: nn.Module, global_update: GlobalUpdate,
                      if name not in global_update.factors}
     with torch.no_grad():
         for module in global_update.factors:
-            _add_dense(model, module, global_update.delta(module, torch.float32), carry)
+            weight = base_weight(model, module)
+            _add_dense(weight, module, global_update.delta(module, torch.float32, weight.device), carry)
     return merge_factors(model, residual_only, carry)
 
 
@@ -49,7 +54,8 @@ def merge_factors(model: nn.Module, factors: dict[str, LoraFactors],
     carry = {} if carry is None else carry
     with torch.no_grad():
         for module, update in factors.items():
-            _add_dense(model, module, update.delta(torch.float32), carry)
+            weight = base_weight(model, module)
+            _add_dense(weight, module, update.delta(torch.float32, weight.device), carry)
     return carry
 
 
@@ -67,17 +73,15 @@ def base_weight(model: nn.Module, module: str) -> Tensor:
     return layer.weight
 
 
-def _add_dense(model: nn.Module, module: str, delta: Tensor, carry: dict[str, Tensor]) -> None:
-    weight = base_weight(model, module)
+def _add_dense(weight: Tensor, module: str, delta: Tensor, carry: dict[str, Tensor]) -> None:
     if delta.shape != weight.shape:
         raise ValueError(f"module {module!r}: update shape {tuple(delta.shape)} does not match "
                          f"weight shape {tuple(weight.shape)}")
-    delta = delta.to(weight.device)
     if torch.finfo(weight.dtype).bits >= 32:  # full precision keeps the update: no carry needed
         weight.add_(delta.to(weight.dtype))
         return
     new = weight.float() + delta
     if module in carry:
-        new += carry[module].to(new.device)  # a carry restored from a checkpoint is on the CPU
+        new += carry[module].to(new.device)  # a carry read from disk may still be on the CPU
     weight.copy_(new)  # copy_ rounds to the weight's dtype
     carry[module] = new - weight.float()

@@ -10,12 +10,15 @@ model – so weights and merge carry are bit-identical to the server's at that r
 After a replay the replayed rounds are folded into one snapshot (the weights merges changed and
 the carry, as they are) and their files deleted, so a node's disk and its replay per message
 stay bounded by one copy of the adapted weights instead of growing with every round.
+
+The factors a method keeps on its clients (FedSA-LoRA's B) live next to the replica, in the
+node's client store (``engine/client_state.py``); since the server never sees them, an
+``evaluate`` query has the node evaluate its client's own model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,19 +27,24 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedlora.aggregation import GlobalUpdate
-from fedlora.engine.checkpoint import unshared
+from fedlora.engine.checkpoint import atomic_save_tensors
+from fedlora.engine.client_state import CLIENT_STATE_DIR, ClientStore, train_from_store
+from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.engine.update_log import UpdateLog
-from fedlora.files import atomic_write_text, fsync_path
-from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, NodeSettings, \
-    decode_task, encode_node_state, encode_result, get_catchup, resolve_factory
+from fedlora.files import atomic_write_text
+from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, \
+    NodeSettings, decode_evaluation, decode_task, encode_metrics, encode_node_state, encode_result, get_catchup, \
+    resolve_factory
 
 
 class ReplicaTrainer(Protocol):
     """What a node needs from fedlora's ``LocalTrainer``."""
+
+    model: torch.nn.Module
 
     def apply_base_update(self, update: GlobalUpdate) -> None: ...
 
@@ -102,18 +110,18 @@ class ReplicaLog(UpdateLog):
         self.delete(server_round for server_round in self.rounds() if server_round <= folded)
 
     def _write_snapshot(self, trainer: ReplicaTrainer, through: int) -> None:
-        path = self.directory / SNAPSHOT_FILE
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(unshared(trainer.replica_state()), tmp, metadata={"through": str(through)})
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(self.directory)
+        atomic_save_tensors(self.directory / SNAPSHOT_FILE, trainer.replica_state(), metadata={"through": str(through)})
 
 
 def node_replica(context: Context) -> tuple[NodeSettings, ReplicaLog]:
     """This node's settings and its replica log for the current run."""
     node = NodeSettings.from_node_config(context.node_config)
     return node, ReplicaLog(Path(node.state_dir) / f"run-{context.run_id}")
+
+
+def client_store(replica: ReplicaLog) -> ClientStore:
+    """The store of the factors this node's client keeps, next to its replica log."""
+    return ClientStore(replica.directory / CLIENT_STATE_DIR)
 
 
 app = ClientApp()
@@ -136,13 +144,35 @@ def sync(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Catch the replica up, train this round's LoRA on the node's partition, send the factors."""
+    """Catch the replica up, train this round's LoRA on the node's partition (the factors the
+    method keeps on clients from the node's own store), send the factors the method uploads."""
     node, replica = node_replica(context)
+    if node.threads:
+        torch.set_num_threads(node.threads)
     task = decode_task(message.content)
     replica.record(get_catchup(message.content))
     settings = AppSettings.from_run_config(context.run_config)
     factory: ClientFactory = resolve_factory(settings.client_factory)
     trainer, examples = factory(settings, node)
     replica.replay(trainer)
-    result = trainer.train(task, examples)
-    return Message(encode_result(result, replica_round=replica.through), reply_to=message)
+    result = train_from_store(lambda kept: trainer.train(kept, examples), client_store(replica), task)
+    return Message(encode_result(result, replica_round=replica.through, uploads=task.uploads), reply_to=message)
+
+
+@app.query(EVALUATE_ACTION)
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate this node's client's own model: the replica, with the merges the server sent
+    applied to it for this evaluation only (the replica's log stays as it is, as the ledger has
+    it), and the adapter the server sent completed with the factors kept in the node's store."""
+    node, replica = node_replica(context)
+    client_id, server_round, adapter, catchup = decode_evaluation(message.content)
+    settings = AppSettings.from_run_config(context.run_config)
+    trainer, evaluate_model = resolve_factory(settings.evaluation_factory)(settings, node)
+    replica.replay(trainer)
+    for update_round, update in catchup.updates:
+        if update_round > replica.through:
+            trainer.apply_base_update(update)
+    own = client_store(replica).personalised(client_id, server_round, adapter)
+    with GlobalModel(trainer.model, list(own)).with_adapter(own) as model:
+        metrics = evaluate_model(model, server_round)
+    return Message(encode_metrics(metrics), reply_to=message)

@@ -2,26 +2,35 @@
 
 Factors travel as fp32 ``ArrayRecord``s keyed ``"<module>.A"`` / ``"<module>.B"``; their
 scales travel in a ``ConfigRecord`` under the same name with a ``.scale`` suffix, so any
-mix of ranks and shapes round-trips bit-exactly. A train instruction carries the
-:class:`ClientTask` plus the :class:`Catchup` (base updates the client's replica still has to
-merge); a train reply carries the :class:`ClientResult` plus the round the replica is now
-merged through.
+mix of ranks and shapes round-trips bit-exactly. A message may carry only some factors (a
+client's upload; a start without the factors the client keeps itself): the scales record then
+also holds each module's ``[rank, d, n]`` and the receiver gets zeros for what stayed behind,
+to fill with its own. A train instruction carries the :class:`ClientTask` plus the
+:class:`Catchup` (base updates the client's replica still has to merge); a train reply carries
+the :class:`ClientResult` plus the round the replica is now merged through. An evaluation
+request carries a client's adapter as the server has it (plus a catch-up); its reply, the
+metrics of the client's own model.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation.base import FACTOR_NAMES
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.errors import FedloraError
 
@@ -31,9 +40,10 @@ BaseUpdates = Sequence[tuple[int, GlobalUpdate]]
 #: half-precision factors are widened to fp32 without loss; anything else is refused
 _LOSSLESS_TO_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 
-#: query actions of the ClientApp (message types ``query.identify`` / ``query.sync``)
+#: query actions of the ClientApp (message types ``query.identify`` / ``.sync`` / ``.evaluate``)
 IDENTIFY_ACTION = "identify"
 SYNC_ACTION = "sync"
+EVALUATE_ACTION = "evaluate"
 
 TASK_KEY = "task"
 START_KEY = "start"
@@ -42,8 +52,14 @@ METRICS_KEY = "metrics"
 RESULT_KEY = "result"
 NODE_KEY = "node"
 CATCHUP_KEY = "catchup"
+EVALUATION_KEY = "evaluation"
+ADAPTER_KEY = "adapter"
 _BASE_UPDATE_PREFIX = "base-update."
 _SCALE_SUFFIX = ".scale"
+#: a module's [rank, d, n] in a scales record where a factor stays behind
+_SHAPE_SUFFIX = ".shape"
+#: elements a left-out factor pair may state: a rank-1024 adapter of a 65536-wide layer
+_MAX_LEFT_BEHIND = 1024 * 2 * 65536
 
 
 class CodecError(FedloraError):
@@ -67,6 +83,28 @@ def _reader(record: Mapping[str, Any], record_name: str) -> Callable[[str], Any]
     return read
 
 
+# Scalars a reply carries are checked by type: Python would turn 2.5 examples into 2 and a
+# NaN step count into an exception, and a reply is bytes from a machine we do not control.
+
+def _int(value: Any, what: str, *, minimum: int | None = 0) -> int:
+    if type(value) is not int or (minimum is not None and value < minimum):
+        bound = f" ≥ {minimum}" if minimum is not None else ""
+        raise CodecError(f"{what} must be an integer{bound}, got {value!r}")
+    return value
+
+
+def _float(value: Any, what: str, *, finite: bool = True) -> float:
+    if type(value) not in (int, float) or (finite and not math.isfinite(value)):
+        raise CodecError(f"{what} must be a {'finite ' if finite else ''}number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise CodecError(f"{what} must be a string, got {value!r}")
+    return value
+
+
 # --- factors -----------------------------------------------------------------------------
 
 def _fp32(tensor: torch.Tensor, module: str, name: str) -> torch.Tensor:
@@ -76,34 +114,85 @@ def _fp32(tensor: torch.Tensor, module: str, name: str) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def factors_to_records(factors: Mapping[str, LoraFactors]) -> tuple[ArrayRecord, ConfigRecord]:
-    """``{module: LoraFactors}`` → (fp32 ArrayRecord of A and B, ConfigRecord of scales)."""
+def factors_to_records(factors: Mapping[str, LoraFactors],
+                       names: frozenset[str] = frozenset(FACTOR_NAMES)) -> tuple[ArrayRecord, ConfigRecord]:
+    """``{module: LoraFactors}`` → (fp32 ArrayRecord of the ``names`` factors, ConfigRecord of
+    scales, with each module's rank and dense shape where a factor stays behind)."""
     arrays = ArrayRecord()
     scales = ConfigRecord()
     for module, f in factors.items():
-        arrays[f"{module}.A"] = Array.from_numpy_ndarray(_fp32(f.A, module, "A").numpy())
-        arrays[f"{module}.B"] = Array.from_numpy_ndarray(_fp32(f.B, module, "B").numpy())
+        for name in sorted(names):
+            arrays[f"{module}.{name}"] = Array.from_numpy_ndarray(_fp32(getattr(f, name), module, name).numpy())
         scales[module] = float(f.scale)
+        if names != set(FACTOR_NAMES):
+            scales[module + _SHAPE_SUFFIX] = [f.rank, *f.shape]
     return arrays, scales
 
 
+def _tensor(arrays: ArrayRecord, key: str) -> torch.Tensor:
+    """The received array ``key`` as a tensor of its own dtype (the update's checks judge it).
+
+    Read as the ``.npy`` bytes :meth:`Array.from_numpy_ndarray` writes and nothing else (no
+    archives, no pickles); any array torch cannot hold is a CodecError.
+    """
+    try:
+        array = arrays[key]
+    except KeyError:
+        raise CodecError(f"factor {key!r} missing from the ArrayRecord") from None
+    if array.stype != SType.NUMPY:
+        raise CodecError(f"array {key!r} is serialised as {array.stype!r}, not {SType.NUMPY!r}")
+    try:
+        values = np.lib.format.read_array(io.BytesIO(array.data), allow_pickle=False)
+    # the .npy header is a Python literal from another machine: its parser fails in many ways
+    except Exception as error:
+        raise CodecError(f"array {key!r} is not a .npy array: {type(error).__name__}: {error}") from None
+    try:
+        return torch.from_numpy(np.ascontiguousarray(values))
+    except (TypeError, ValueError) as error:  # strings, dates, records, foreign byte order
+        raise CodecError(f"array {key!r} of dtype {values.dtype} cannot be a factor: {error}") from None
+
+
 def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str, LoraFactors]:
-    """Inverse of :func:`factors_to_records`; module order follows the scales record."""
+    """Inverse of :func:`factors_to_records`; module order follows the scales record. A factor
+    left behind comes back as zeros of the shape the record states: the receiver puts its own
+    in its place (the server the start it sent, a client the factor it keeps). Arrays the
+    scales do not name are refused, not ignored."""
+    modules = [module for module in scales if not module.endswith(_SHAPE_SUFFIX)]
+    expected = {f"{module}.{name}" for module in modules for name in FACTOR_NAMES}
+    stray = sorted(set(arrays) - expected)
+    if stray:
+        raise CodecError(f"ArrayRecord holds arrays of no module in the scales: {stray[:3]}")
     factors = {}
-    for module, scale in scales.items():
-        try:
-            A, B = (arrays[f"{module}.{name}"].numpy() for name in ("A", "B"))
-        except KeyError as err:
-            raise CodecError(f"module {module!r}: factor {err} missing from the ArrayRecord") from None
-        # copy: the arrays are read-only views of the received bytes
-        factors[module] = LoraFactors(torch.from_numpy(A.copy()), torch.from_numpy(B.copy()),
-                                      float(scale))
+    for module in modules:
+        tensors = {}
+        for name in FACTOR_NAMES:
+            key = f"{module}.{name}"
+            if key in arrays:
+                tensors[name] = _tensor(arrays, key)
+            elif module + _SHAPE_SUFFIX in scales:
+                tensors[name] = torch.zeros(_left_behind_shape(scales[module + _SHAPE_SUFFIX], module, name))
+            else:
+                raise CodecError(f"module {module!r}: factor {key!r} missing from the ArrayRecord")
+        factors[module] = LoraFactors(tensors["A"], tensors["B"],
+                                      _float(scales[module], f"module {module!r}: scale", finite=False))
     return factors
 
 
-def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors]) -> None:
-    """Store ``factors`` in ``content`` under ``key`` (arrays) and ``key.scale`` (scales)."""
-    content[key], content[key + _SCALE_SUFFIX] = factors_to_records(factors)
+def _left_behind_shape(entry: Any, module: str, name: str) -> tuple[int, int]:
+    """The shape of a factor a message leaves out, from its ``(rank, d, n)`` entry."""
+    if type(entry) is not list or len(entry) != 3:
+        raise CodecError(f"module {module!r}: shape entry must be [rank, d, n], got {entry!r}")
+    rank, d, n = (_int(value, f"module {module!r}: shape", minimum=1) for value in entry)
+    if rank * (d + n) > _MAX_LEFT_BEHIND:  # a stated shape is allocated before any check
+        raise CodecError(f"module {module!r}: shape entry {entry} is too large for a LoRA factor")
+    return (rank, n) if name == "A" else (d, rank)
+
+
+def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors],
+                names: frozenset[str] = frozenset(FACTOR_NAMES)) -> None:
+    """Store the ``names`` factors of ``factors`` in ``content`` under ``key`` (arrays) and
+    ``key.scale`` (scales)."""
+    content[key], content[key + _SCALE_SUFFIX] = factors_to_records(factors, names)
 
 
 def get_factors(content: RecordDict, key: str) -> dict[str, LoraFactors] | None:
@@ -124,9 +213,11 @@ def wire_bytes(content: RecordDict) -> int:
 
 # --- tasks and catch-up --------------------------------------------------------------------
 
+#: ClientTask fields that are sets of factor names: they travel as sorted lists
+_TASK_NAME_SETS = ("trainable", "uploads", "kept")
 #: ClientTask fields that travel as ConfigRecord scalars; their types round-trip unchanged
 _TASK_SCALARS = tuple(field.name for field in fields(ClientTask)
-                      if field.name not in ("trainable", "start"))
+                      if field.name not in (*_TASK_NAME_SETS, "start"))
 #: task fields that default to None, absent from the record when unset
 _OPTIONAL_TASK_SCALARS = frozenset(field.name for field in fields(ClientTask)
                                    if field.name in _TASK_SCALARS and field.default is None)
@@ -137,25 +228,28 @@ def _config_key(field_name: str) -> str:
 
 
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
-    """A train instruction: the task, its start factors and the base updates to merge first."""
+    """A train instruction: the task, its start factors but those the client keeps itself, and
+    the base updates to merge first."""
     # an optional field travels only when set (a ConfigRecord holds no None)
     config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS
                            if getattr(task, name) is not None})
-    config["trainable"] = sorted(task.trainable)
+    config.update({name: sorted(getattr(task, name)) for name in _TASK_NAME_SETS})
     content = RecordDict({TASK_KEY: config})
     if task.start is not None:
-        put_factors(content, START_KEY, task.start)
+        put_factors(content, START_KEY, task.start, frozenset(FACTOR_NAMES) - task.kept)
     put_catchup(content, catchup)
     return content
 
 
 def decode_task(content: RecordDict) -> ClientTask:
-    """The :class:`ClientTask` of a train instruction made by :func:`encode_task`."""
+    """The :class:`ClientTask` of a train instruction made by :func:`encode_task` (the factors
+    the client keeps are zeros in its start, for it to fill from its store)."""
     record = _record(content.config_records, TASK_KEY)
     value = _reader(record, f"record {TASK_KEY!r}")
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
                          if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record},
-                      trainable=frozenset(value("trainable")), start=get_factors(content, START_KEY))
+                      **{name: frozenset(value(name)) for name in _TASK_NAME_SETS},
+                      start=get_factors(content, START_KEY))
 
 
 @dataclass(frozen=True)
@@ -202,8 +296,10 @@ def get_catchup(content: RecordDict) -> Catchup:
 
 # --- results -------------------------------------------------------------------------------
 
-def encode_result(result: ClientResult, *, replica_round: int) -> RecordDict:
-    """A train reply: the update's factors, its metrics and the replica's merged round."""
+def encode_result(result: ClientResult, *, replica_round: int,
+                  uploads: frozenset[str] = frozenset(FACTOR_NAMES)) -> RecordDict:
+    """A train reply: the update's ``uploads`` factors (the others come back as zeros, for the
+    server to take from the start it sent), its metrics and the replica's merged round."""
     content = RecordDict({
         METRICS_KEY: MetricRecord({
             "num-examples": result.update.num_examples,
@@ -214,7 +310,7 @@ def encode_result(result: ClientResult, *, replica_round: int) -> RecordDict:
         }),
         RESULT_KEY: ConfigRecord({"client-id": result.update.client_id}),
     })
-    put_factors(content, UPDATE_KEY, result.update.factors)
+    put_factors(content, UPDATE_KEY, result.update.factors, uploads)
     return content
 
 
@@ -225,11 +321,42 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     factors = get_factors(content, UPDATE_KEY)
     if factors is None:
         raise CodecError(f"train reply lacks the {UPDATE_KEY!r} record")
-    update = ClientUpdate(factors=factors, num_examples=int(metric("num-examples")),
-                          client_id=str(client_id))
-    result = ClientResult(update=update, train_loss=float(metric("train-loss")),
-                          steps=int(metric("steps")), seconds=float(metric("seconds")))
-    return result, int(metric("replica-round"))
+    # num-examples may be any integer: the update's checks reject a bad count under their rule
+    update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
+                          client_id=_str(client_id, "client-id"))
+    result = ClientResult(update=update, train_loss=_float(metric("train-loss"), "train-loss"),
+                          steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
+    return result, _int(metric("replica-round"), "replica-round")
+
+
+def encode_evaluation(client_id: str, server_round: int, adapter: Mapping[str, LoraFactors],
+                      kept: frozenset[str], catchup: Catchup) -> RecordDict:
+    """An evaluation request: the client's adapter as the server has it, less the factors the
+    client keeps (it completes the adapter with its own), and the base updates to merge first."""
+    content = RecordDict({EVALUATION_KEY: ConfigRecord({"client-id": client_id, "round": server_round,
+                                                        "kept": sorted(kept)})})
+    put_factors(content, ADAPTER_KEY, adapter, frozenset(FACTOR_NAMES) - kept)
+    put_catchup(content, catchup)
+    return content
+
+
+def decode_evaluation(content: RecordDict) -> tuple[str, int, dict[str, LoraFactors], Catchup]:
+    """(client id, round, adapter with zeros for the kept factors, catch-up) of :func:`encode_evaluation`."""
+    value = _reader(_record(content.config_records, EVALUATION_KEY), f"record {EVALUATION_KEY!r}")
+    adapter = get_factors(content, ADAPTER_KEY)
+    if adapter is None:
+        raise CodecError(f"evaluation request lacks the {ADAPTER_KEY!r} record")
+    return str(value("client-id")), int(value("round")), adapter, get_catchup(content)
+
+
+def encode_metrics(metrics: Mapping[str, Any]) -> RecordDict:
+    """An evaluation reply: the metrics, as JSON (they nest: MMLU per subject; floats round-trip exactly)."""
+    return RecordDict({METRICS_KEY: ConfigRecord({"json": json.dumps(metrics)})})
+
+
+def decode_metrics(content: RecordDict) -> dict:
+    """The metrics of :func:`encode_metrics`."""
+    return json.loads(_reader(_record(content.config_records, METRICS_KEY), f"record {METRICS_KEY!r}")("json"))
 
 
 def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
@@ -241,7 +368,7 @@ def encode_node_state(partition_id: int, replica_round: int) -> RecordDict:
 def decode_node_state(content: RecordDict) -> tuple[int, int]:
     """(partition id, replica round) of :func:`encode_node_state`."""
     value = _reader(_record(content.config_records, NODE_KEY), f"record {NODE_KEY!r}")
-    return int(value("partition-id")), int(value("replica-round"))
+    return _int(value("partition-id"), "partition-id"), _int(value("replica-round"), "replica-round")
 
 
 # --- run and node configuration -------------------------------------------------------------
@@ -263,13 +390,16 @@ class AppSettings:
 
     ``federation_factory(run_dir)`` builds the server's Federation (the run folder is on the
     server's machine); ``client_factory(settings, node)`` (node: :class:`NodeSettings`) builds
-    ``(trainer, examples)`` on a node, which may be another machine: what it needs to know of
-    the run travels in ``run_config`` (the run's configuration as JSON).
+    ``(trainer, examples)`` on a node, which may be another machine, and
+    ``evaluation_factory(settings, node)`` ``(trainer, evaluate(model, round))`` on a node asked
+    to evaluate its client's own model: what they need to know of the run travels in
+    ``run_config`` (the run's configuration as JSON).
     """
 
     run_dir: str
     federation_factory: str
     client_factory: str
+    evaluation_factory: str = "fedlora.runtime.flower.client_factory:evaluation_factory"
     #: seconds a round (or the final sync) waits for replies before counting failures
     round_timeout: float = 600.0
     #: seconds the first round waits for every partition's SuperNode to identify itself
@@ -278,7 +408,8 @@ class AppSettings:
 
     def to_run_config(self) -> dict[str, str | float]:
         return {"run-dir": self.run_dir, "federation-factory": self.federation_factory,
-                "client-factory": self.client_factory, "round-timeout": self.round_timeout,
+                "client-factory": self.client_factory, "evaluation-factory": self.evaluation_factory,
+                "round-timeout": self.round_timeout,
                 "connect-timeout": self.connect_timeout, "fedlora-config": self.run_config}
 
     @classmethod
@@ -287,9 +418,16 @@ class AppSettings:
         return cls(run_dir=str(value("run-dir")),
                    federation_factory=str(value("federation-factory")),
                    client_factory=str(value("client-factory")),
+                   evaluation_factory=str(value("evaluation-factory")),
                    round_timeout=float(value("round-timeout")),
                    connect_timeout=float(value("connect-timeout")),
                    run_config=str(value("fedlora-config")))
+
+
+def run_model_cache(run_dir: Path | str) -> Path:
+    """A run folder's model cache: the SuperNodes of a local deployment share it, and a
+    ServerApp whose run folder has one loads its model through it."""
+    return Path(run_dir) / "model-cache"
 
 
 @dataclass(frozen=True)
@@ -302,12 +440,15 @@ class NodeSettings:
     state_dir: str = ""
     #: where a GGUF model is kept dequantised between messages; empty: dequantise for every one
     model_cache: str = ""
+    #: torch intra-op threads of the node's ClientApp (so that nodes sharing a machine do not
+    #: oversubscribe its cores); 0: torch's default, every core
+    threads: int = 0
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument: space-separated ``key=<TOML value>`` pairs."""
         return (f"partition-id={self.partition_id} data={_quoted(self.data, 'data')} "
                 f"state-dir={_quoted(self.state_dir, 'state-dir')} "
-                f"model-cache={_quoted(self.model_cache, 'model-cache')}")
+                f"model-cache={_quoted(self.model_cache, 'model-cache')} threads={self.threads}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -316,7 +457,7 @@ class NodeSettings:
         state_dir = str(node_config.get("state-dir") or
                         flwr_home / "fedlora" / f"partition-{partition_id}")
         return cls(partition_id, str(node_config.get("data", "")), state_dir,
-                   str(node_config.get("model-cache", "")))
+                   str(node_config.get("model-cache", "")), int(node_config.get("threads", 0)))
 
 
 def _quoted(value: str, key: str) -> str:

@@ -8,8 +8,10 @@ existing deployment, whose SuperNodes must be started with this run's node confi
 from __future__ import annotations
 
 import json
+import os
 import signal
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fedlora.data import client_files
@@ -36,6 +38,13 @@ def node_settings(config: RunConfig) -> list[NodeSettings]:
         files = client_files(Path(config.data))
         return [NodeSettings(i, data=str(files[cid].resolve())) for i, cid in enumerate(client_ids)]
     return [NodeSettings(i) for i in range(len(client_ids))]
+
+
+def threads_per_node(config: RunConfig, num_nodes: int) -> int:
+    """Intra-op threads for each SuperNode on this machine: its cores shared among the nodes
+    that train at once, so that they do not oversubscribe them (at least one each)."""
+    training_at_once = min(num_nodes, config.sampled_per_round(num_nodes))
+    return max(1, (os.cpu_count() or 1) // max(1, training_at_once))
 
 
 def app_settings(config: RunConfig, run_dir: Path) -> AppSettings:
@@ -71,8 +80,10 @@ def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = 
             outcome = connect(run_dir, config.superlink,
                               root_certificates=config.root_certificates).run_app(app_dir, settings)
         else:
-            observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1 "
-                         f"(logs in {run_dir / 'logs'})")
+            threads = threads_per_node(config, len(nodes))
+            observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1, {threads} "
+                         f"thread{'s' if threads > 1 else ''} each (logs in {run_dir / 'logs'})")
+            nodes = [replace(node, threads=threads) for node in nodes]
             with LocalDeployment(run_dir, len(nodes), nodes) as deployment:
                 outcome = deployment.run_app(app_dir, settings)
     for failure in outcome["flower"].get("sync_failures", []):

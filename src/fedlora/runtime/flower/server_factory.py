@@ -10,10 +10,19 @@ from pathlib import Path
 
 from fedlora.engine.config import CONFIG_FILE, load_saved_config
 from fedlora.engine.federation import Federation
+from fedlora.engine.inputs import load_run_model
 from fedlora.engine.setup import prepare_run
+from fedlora.runtime.flower.codec import run_model_cache
 
 
 def federation_factory(run_dir: Path) -> Federation:
-    """The server's Federation; it keeps the log of base merges that replicas catch up from."""
-    return prepare_run(load_saved_config(Path(run_dir) / CONFIG_FILE), Path(run_dir),
-                       keep_base_log=True).federation
+    """The server's Federation; it keeps the log of base merges that replicas catch up from.
+
+    With a model cache in the run folder (a local deployment's) the model is loaded through
+    it: a GGUF model is dequantised once, here, before the SuperNodes (which get no message
+    before the Federation exists) load the same weights from the cache.
+    """
+    config = load_saved_config(Path(run_dir) / CONFIG_FILE)
+    cache = run_model_cache(run_dir)
+    loaded = load_run_model(config, gguf_cache=cache) if cache.is_dir() else None
+    return prepare_run(config, Path(run_dir), keep_base_log=True, loaded=loaded).federation

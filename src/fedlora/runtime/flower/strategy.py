@@ -6,10 +6,16 @@ its own task and the base updates its replica has not merged yet. Replies are ma
 clients by the id of the message they answer, so error replies the SuperLink makes for an
 unreachable node are attributed too; missing and failed replies become
 :class:`ClientFailure`\\ s and the Federation decides whether enough clients answered.
+
+A reply is bytes from a machine the server does not control: one that does not decode, or
+whose update repeats one already received (a replay), is rejected here with its rule
+(``record``, ``replay``) next to the Federation's own rejections.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -20,13 +26,16 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.aggregation import AggregationError, LoraFactors
 from fedlora.engine.federation import ClientFailure, Federation
 from fedlora.engine.ledger import BYTES_PER_PARAM
-from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, Catchup, CodecError, \
-    decode_node_state, decode_result, encode_task, put_catchup, wire_bytes
+from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, UPDATE_KEY, Catchup, \
+    CodecError, decode_metrics, decode_node_state, decode_result, encode_evaluation, encode_task, put_catchup, \
+    wire_bytes
 
 IDENTIFY = f"{MessageType.QUERY}.{IDENTIFY_ACTION}"
 SYNC = f"{MessageType.QUERY}.{SYNC_ACTION}"
+EVALUATE = f"{MessageType.QUERY}.{EVALUATE_ACTION}"
 #: seconds between looks for SuperNodes that have not connected yet
 _NODE_POLL_SECONDS = 1.0
 #: seconds between pulls for replies (Grid.send_and_receive waits 3 s between pulls)
@@ -66,14 +75,20 @@ class FedLoraStrategy(Strategy):
         #: clients whose replica could not be brought up to date by the final sync
         self.sync_failures: list[ClientFailure] = []
         self._asked: set[int] = set()
+        self._grid: Grid | None = None
+        # the clients' own models (a method keeping factors on them) are evaluated on their nodes
+        federation.evaluate_clients = self.evaluate_clients
         self._open: dict[str, str] = {}  # message id → client of the exchange under way
         self._order: list[str] = []  # the round's clients in task order
         self._unsent: list[ClientFailure] = []
+        #: digest of every (client, update) received (see _check_fresh) → its round
+        self._received: dict[str, int] = {}
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
         """Continue the federation to its last round, then bring every replica up to date."""
         self.summary()
+        self._grid = grid
         last_round = self.federation.start()
         self.identify_nodes(grid, wait=True)
         for server_round in range(last_round + 1, self.federation.num_rounds + 1):
@@ -150,6 +165,7 @@ class FedLoraStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """One train message per sampled client; ``arrays`` and ``config`` are unused (every
         client's instructions are its own)."""
+        self._grid = grid
         self.identify_nodes(grid, wait=False)
         tasks = self.federation.configure_train(server_round)
         self._order = [task.client_id for task in tasks]
@@ -173,15 +189,26 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode replies in task order, record failures, and let the Federation aggregate."""
-        results, failures, replica_rounds = {}, list(self._unsent), {}
+        """Decode replies in task order, record failures and rejections, and let the Federation
+        aggregate."""
+        results, failures, refused, replica_rounds = {}, list(self._unsent), [], {}
         for client, reply in self._match(replies):
+            if reply.has_error():  # the node or the SuperLink could not run the task
+                failures.append(ClientFailure(client, server_round, _error_reason(reply)))
+                continue
             try:
-                result, replica_round = decode_result(_content(reply))
+                result, replica_round = decode_result(reply.content)
                 if result.update.client_id != client:
                     raise CodecError(f"answered as client {result.update.client_id!r}")
+                self._check_fresh(client, server_round, reply.content)
+                if replica_round != server_round - 1:  # where this round's catch-up took it
+                    raise CodecError(f"replica-round {replica_round}: the task's catch-up merges its replica "
+                                     f"through round {server_round - 1}")
             except CodecError as error:
-                failures.append(ClientFailure(client, server_round, str(error)))
+                refused.append(AggregationError(str(error), client_id=client, rule="record"))
+                continue
+            except AggregationError as error:
+                refused.append(error)
                 continue
             self.transfers[server_round]["bytes_up"] += wire_bytes(reply.content)
             replica_rounds[client] = replica_round
@@ -193,11 +220,25 @@ class FedLoraStrategy(Strategy):
         # is let go of once the Federation has added it to the aggregate
         ordered = (results.pop(cid) for cid in self._order if cid in results)
         failures.sort(key=lambda failure: self._order.index(failure.client_id))
-        row = self.federation.aggregate_train(server_round, ordered, failures)
+        refused.sort(key=lambda error: self._order.index(error.client_id))
+        row = self.federation.aggregate_train(server_round, ordered, failures, refused)
         for client, replica_round in replica_rounds.items():  # after the ledger charged the catch-up
             self.federation.replica_through(client, replica_round)
         return None, MetricRecord({k: v for k, v in row.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _check_fresh(self, client: str, server_round: int, content: RecordDict) -> None:
+        """A client's update must not repeat one it sent in an earlier round, in whatever order
+        its arrays come (an array's Flower object id is the hash of its dtype, shape and bytes).
+        Two clients may send the same factors in one round: a factor no step has moved yet
+        (FedSA-LoRA's A in a first step, while B is still zero) is the start they share."""
+        arrays = content.array_records[UPDATE_KEY]
+        digest = hashlib.sha256(json.dumps([client, sorted((key, array.object_id) for key, array in arrays.items())])
+                                .encode()).hexdigest()
+        if digest in self._received:
+            raise AggregationError(f"update identical to the one it sent in round {self._received[digest]}",
+                                   client_id=client, rule="replay")
+        self._received[digest] = server_round
 
     def _match(self, replies: Iterable[Message]) -> Iterable[tuple[str, Message]]:
         """(client, reply) for replies to the open exchange; stale replies are dropped."""
@@ -206,9 +247,41 @@ class FedLoraStrategy(Strategy):
             if client is not None:
                 yield client, reply
 
+    def evaluate_clients(self, server_round: int, adapters: dict[str, dict[str, LoraFactors]]) -> dict[str, dict]:
+        """The Federation's ``evaluate_clients``: each client's node evaluates the client's own
+        model (the adapter completed with the factors it keeps) on the run's test data; a client
+        whose node is unknown or does not answer is left out, with a warning. The requests'
+        bytes go to the round's ``evaluation_bytes_down``, which the ledger leaves out."""
+        kept = self.federation.aggregator.kept_on_client
+        transfer = self.transfers.setdefault(server_round, {})
+        transfer.setdefault("evaluation_bytes_down", 0)
+        self._open, messages = {}, []
+        for client, adapter in adapters.items():
+            node = self._node_of(client)
+            if node is None:
+                log(WARNING, "round %s: no SuperNode holds client %s to evaluate its model", server_round, client)
+                continue
+            content = encode_evaluation(client, server_round, adapter, kept, self._catchup(client, server_round))
+            transfer["evaluation_bytes_down"] += wire_bytes(content)
+            message = Message(content, dst_node_id=node, message_type=EVALUATE, ttl=self.round_timeout)
+            self._open[message.object_id] = client
+            messages.append(message)
+        metrics = {}
+        for client, reply in self._match(exchange(self._grid, messages, self.round_timeout)):
+            try:
+                metrics[client] = decode_metrics(_content(reply))
+            except CodecError as error:
+                log(WARNING, "round %s: client %s was not evaluated: %s", server_round, client, error)
+        for client in self._open.values():
+            log(WARNING, "round %s: client %s was not evaluated within %g s", server_round, client,
+                self.round_timeout)
+        self._open = {}
+        return metrics
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No client-side evaluation: the Federation evaluates the global model itself."""
+        """No Flower evaluation round: the Federation evaluates in its own round (asking
+        :meth:`evaluate_clients` for models only the clients hold)."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -251,8 +324,12 @@ class FedLoraStrategy(Strategy):
         self._open = {}
 
 
+def _error_reason(reply: Message) -> str:
+    return f"error reply ({reply.error.code}): {reply.error.reason}"
+
+
 def _content(reply: Message) -> RecordDict:
     """The reply's content; a CodecError carrying the reason where the reply is an error."""
     if reply.has_error():
-        raise CodecError(f"error reply ({reply.error.code}): {reply.error.reason}")
+        raise CodecError(_error_reason(reply))
     return reply.content

@@ -1,0 +1,68 @@
+"""What a finished run folder of a sweep says: its losses per round, communication and MMLU."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlora.engine.metrics import read_metrics, read_summary
+
+#: MMLU scored on a chosen run after tuning (``[final]`` of the sweep file)
+FINAL_MMLU_FILE = "final-mmlu.json"
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its summary is written, which happens after its last round."""
+    return bool(read_summary(run_dir))
+
+
+def read_final_mmlu(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / FINAL_MMLU_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    rows: list[dict]
+    summary: dict
+    final_mmlu: dict | None
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunOutcome:
+        return cls(read_metrics(run_dir), read_summary(run_dir), read_final_mmlu(run_dir))
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.rows[-1].get("val_loss")
+
+    def test_losses(self) -> list[float | None]:
+        """The test loss of every round, round 0 (the untrained model) first."""
+        return [row.get("eval_loss") for row in self.rows]
+
+    @property
+    def final_test_loss(self) -> float | None:
+        return self.rows[-1].get("eval_loss")
+
+    @property
+    def best_test_loss(self) -> float | None:
+        """Best over the trained rounds (round 0 is the same untrained model for every method)."""
+        losses = [loss for loss in self.test_losses()[1:] if loss is not None and not math.isnan(loss)]
+        return min(losses, default=None)
+
+    def mmlu(self, question_set: dict | None) -> tuple[float, int] | None:
+        """(correct answers, questions): the final MMLU scored on ``question_set`` (the sweep's
+        ``[final]``), or without one the last round's."""
+        if question_set is not None:
+            final = self.final_mmlu or {}
+            scored = final if all(final.get(key) == value for key, value in question_set.items()) else None
+        else:
+            scored = next((row for row in reversed(self.rows) if row.get("mmlu_total")), None)
+        if not scored:
+            return None
+        # the local baseline's accuracy is the mean over the clients' models: its count need not be whole
+        return scored["mmlu_acc"] * scored["mmlu_total"], scored["mmlu_total"]
+
+    def communication(self) -> dict:
+        return self.summary.get("communication", {})

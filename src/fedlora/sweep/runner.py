@@ -1,0 +1,267 @@
+"""Running a sweep: every planned run as an ordinary run folder, resumably, on one loaded model.
+
+The model is loaded once (once per seed for tiny-llama, whose weights the seed draws) and
+shared by the runs; the base weights a run merges into are restored bit-exactly before the
+next. Run again on the same folder, a sweep skips finished runs and resumes an unfinished
+one from its checkpoint, the way ``fedlora run --resume`` does; a run already on disk whose
+configuration differs from the sweep file's is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedlora.data import load_mmlu, split_clients
+from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, check_client_count, load_saved_config, \
+    save_config
+from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.global_model import GlobalModel
+from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
+from fedlora.engine.metrics import write_summary
+from fedlora.engine.setup import prepare_run
+from fedlora.files import atomic_write_text
+from fedlora.lora.merge import base_weight
+from fedlora.models import pad_token_id, weights_depend_on_seed
+from fedlora.report import write_report
+from fedlora.runtime.inprocess import evaluate_clients_in_process, run_inprocess
+from fedlora.sweep.outcomes import FINAL_MMLU_FILE, RunOutcome, is_finished, read_final_mmlu
+from fedlora.sweep.plan import FinalMMLU, PlannedRun, SweepPlan
+from fedlora.sweep.progress import SweepObserver
+from fedlora.sweep.tuning import choose, groups
+
+PLAN_FILE = "sweep.json"
+
+
+@dataclass
+class SweepResult:
+    ran: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    scored: list[str] = field(default_factory=list)  # runs whose final MMLU was scored now
+
+
+def with_out(run: PlannedRun, out_dir: Path) -> RunConfig:
+    return run.config.replace(out=str(out_dir / run.folder))
+
+
+def run_sweep(plan: SweepPlan, out_dir: str | Path, observer: SweepObserver | None = None) -> SweepResult:
+    """Run (or continue) every planned run, then score the final MMLU of the chosen ones."""
+    out_dir = Path(out_dir)
+    observer = observer or SweepObserver()
+    check_unchanged(plan, out_dir)
+    preflight(plan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
+    result = SweepResult()
+    models = ModelCache()
+    evaluations = ExactEvaluations()
+    grouped = groups(plan.runs, plan.tune)
+    pending = [run for run in plan.runs if not is_finished(out_dir / run.folder)]
+    result.skipped = [run.folder for run in plan.runs if run not in pending]
+    observer.sweep_started(len(plan.runs), pending)
+    for runs in grouped.values():
+        for run in runs:
+            if run in pending:
+                resumed = _execute(run, out_dir, models, evaluations, observer)
+                (result.resumed if resumed else result.ran).append(run.folder)
+        if plan.final is not None:  # the group is complete: its choice is known
+            result.scored += _score_final(plan, runs, out_dir, models, evaluations, observer)
+    return result
+
+
+# -- refusing a changed sweep -------------------------------------------------------------------
+
+def check_unchanged(plan: SweepPlan, out_dir: Path) -> None:
+    """Refuse a sweep file whose shared configuration differs from the runs already in ``out_dir``."""
+    previous = out_dir / PLAN_FILE
+    if previous.is_file():
+        axes = list(json.loads(previous.read_text(encoding="utf-8"))["grid"])
+        if sorted(axes) != sorted(plan.grid):
+            raise ConfigError(f"{plan.source}: grid axes are {sorted(plan.grid)} but the sweep in {out_dir} has "
+                              f"{sorted(axes)}; values may be added to an axis, axes not (use another --out)")
+    for run in plan.runs:
+        saved_file = out_dir / run.folder / CONFIG_FILE
+        if not saved_file.is_file():
+            continue
+        saved, planned = load_saved_config(saved_file).to_dict(), with_out(run, out_dir).to_dict()
+        changed = [key for key in planned if key != "out" and saved.get(key) != planned[key]]
+        if changed:
+            differences = "; ".join(f"{key!r} was {saved.get(key)!r}, the file now gives {planned[key]!r}"
+                                    for key in changed)
+            raise ConfigError(f"{plan.source}: {out_dir / run.folder} ran with another configuration: {differences}. "
+                              "A sweep's shared configuration cannot change; add methods, seeds or grid values, "
+                              "or use another --out")
+
+
+def preflight(plan: SweepPlan) -> None:
+    """The checks that need the data and model shapes (no weights), for every run, before any training."""
+    clients: dict[str, int] = {}
+    shapes_checked: set[str] = set()
+    for run in plan.runs:
+        config = resolve_data_paths(run.config, log=lambda message: None)
+        if not config.data_on_nodes:
+            data_key = json.dumps([config.data, config.clients, config.partition, config.dirichlet_alpha,
+                                   config.partition_by, config.min_partition_size, config.seed,
+                                   config.validation_fraction])
+            if data_key not in clients:
+                records, _ = split_clients(load_client_records(config), config.validation_fraction, config.seed)
+                clients[data_key] = len(records)
+            check_client_count(config, clients[data_key])
+        model_key = json.dumps([config.model, config.gguf_file, config.target_modules, config.ranks])
+        if model_key not in shapes_checked:
+            check_model_fits(config)
+            shapes_checked.add(model_key)
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: ExactEvaluations,
+             observer: SweepObserver) -> bool:
+    """Run or resume one run to its end; True when it resumed an interrupted one."""
+    config = with_out(run, out_dir)
+    run_dir = Path(config.out)
+    resumed = (run_dir / CONFIG_FILE).is_file()
+    if not resumed:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)  # before any work, so even round 0 can resume
+    engine_observer = observer.run_started(run, resumed)
+    loaded = models.get(config, observer.log)
+    started = time.perf_counter()
+    setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded)
+    federation = setup.federation
+    federation.evaluate_model = evaluations.wrap(federation.evaluate_model, models.key,
+                                                 federation.global_model.adapted_modules)
+    with restored_afterwards(federation.global_model):
+        summary = run_inprocess(setup, engine_observer)
+    # this invocation's share of the run (all of it unless it resumed), for the sweep's measured time
+    seconds = time.perf_counter() - started
+    write_summary(run_dir, {**summary, "wall_seconds": seconds})
+    write_report(run_dir)
+    observer.run_finished(run, RunOutcome.read(run_dir), seconds, resumed)
+    return resumed
+
+
+# -- the final MMLU of the chosen runs ----------------------------------------------------------------
+
+def _score_final(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models: ModelCache,
+                 evaluations: ExactEvaluations, observer: SweepObserver) -> list[str]:
+    final = plan.final
+    val_losses = {run.folder: RunOutcome.read(out_dir / run.folder).final_val_loss for run in runs}
+    scored = []
+    for run in filter(final.scores, choose(runs, val_losses, plan.tune, plan.grid).runs):
+        run_dir = out_dir / run.folder
+        spec = {**final.question_set(), "round": run.config.rounds}
+        previous = read_final_mmlu(run_dir)
+        if previous is not None and all(previous.get(key) == value for key, value in spec.items()):
+            continue
+        observer.final_started(run, final)
+        started = time.perf_counter()
+        metrics = _final_mmlu(with_out(run, out_dir), final, models, evaluations, observer)
+        metrics["seconds"] = time.perf_counter() - started
+        atomic_write_text(run_dir / FINAL_MMLU_FILE, json.dumps({**spec, **metrics}, indent=2) + "\n")
+        scored.append(run.folder)
+    return scored
+
+
+def _final_mmlu(config: RunConfig, final: FinalMMLU, models: ModelCache, evaluations: ExactEvaluations,
+                observer: SweepObserver) -> dict:
+    """MMLU of a finished run's final model (each client's own, averaged, for the local baseline)."""
+    questions = final.select(load_mmlu(final.path))
+    setup = prepare_run(config, Path(config.out), log=observer.log, loaded=models.get(config, observer.log))
+    federation = setup.federation
+    evaluator = Evaluator(setup.tokenizer, pad_token_id(setup.tokenizer), [], questions,
+                          final_round=config.rounds, batch_size=config.eval_batch_size,
+                          mmlu_progress=observer.mmlu_progress)
+    federation.evaluate_model = evaluations.wrap(evaluator, models.key, federation.global_model.adapted_modules)
+    evaluate_clients_in_process(federation)
+    with restored_afterwards(federation.global_model):
+        federation.restore()
+        metrics = federation.evaluate(federation.completed_round)
+    keep = ("mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject")
+    return {key: value for key, value in metrics.items() if key in keep}
+
+
+# -- one model for many runs ---------------------------------------------------------------------------
+
+class ModelCache:
+    """The loaded model of the current runs; loaded again only when a run needs other weights."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.loaded: tuple[nn.Module, object] | None = None
+
+    @staticmethod
+    def key_of(config: RunConfig) -> str:
+        seed = config.seed if weights_depend_on_seed(config.model) else None
+        return json.dumps([config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code,
+                           seed])
+
+    def get(self, config: RunConfig, log: Callable[[str], None]) -> tuple[nn.Module, object]:
+        key = self.key_of(config)
+        if key != self.key:
+            self.loaded = None  # free the previous model first
+            log(f"loading {config.model}")
+            self.loaded, self.key = load_run_model(config), key
+        return self.loaded
+
+
+@contextmanager
+def restored_afterwards(global_model: GlobalModel) -> Iterator[None]:
+    """The block may merge into the shared model's base weights; afterwards they are the loaded ones
+    again, bit for bit, whether the block finished or failed."""
+    pristine = global_model.adapted_weights()
+    try:
+        yield
+    finally:
+        global_model.load_adapted_weights(pristine)
+
+
+class ExactEvaluations:
+    """Evaluates each distinct model once per sweep process.
+
+    Every run scores the untrained model in round 0, and the local baseline scores every
+    client's model every round though only the sampled ones changed. An evaluation is a pure
+    function of the weights and the evaluation data, so it is looked up by a digest of both:
+    the adapted modules' weights (the only ones a run changes), the loaded model, the examples
+    and questions. A result is reused only for bit-identical inputs.
+    """
+
+    def __init__(self):
+        self._results: dict[tuple, dict] = {}
+
+    def wrap(self, evaluator: Evaluator, model_key: str, modules: list[str]) -> Callable[[nn.Module, int], dict]:
+        inputs = _evaluator_digest(evaluator)
+
+        def evaluate(model: nn.Module, server_round: int) -> dict:
+            key = (model_key, inputs, evaluator.mmlu_due(server_round), _weights_digest(model, modules))
+            if key not in self._results:
+                self._results[key] = evaluator(model, server_round)
+            return copy.deepcopy(self._results[key])
+        return evaluate
+
+
+def _evaluator_digest(evaluator: Evaluator) -> str:
+    examples = [[[e.input_ids, e.labels] for e in evaluator.test_examples],
+                [[e.input_ids, e.labels] for e in evaluator.validation_examples]]
+    questions = [[q.question, q.choices, q.answer, q.subject] for q in evaluator.questions]
+    text = json.dumps([examples, questions, evaluator.batch_size])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _weights_digest(model: nn.Module, modules: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in modules:
+        weight = base_weight(model, name).detach().contiguous()
+        digest.update(f"{name}:{weight.dtype}:{tuple(weight.shape)}".encode())
+        digest.update(weight.cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,309 @@
+"""`fedlora sweep` on tiny-llama: run folders, one shared model restored exactly, resume after a
+kill, added methods and seeds, refusal of a changed configuration, the final MMLU, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedlora import cli
+from fedlora.aggregation import aggregator_class, available_aggregators
+from fedlora.engine.config import ConfigError, build_config, save_config
+from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.setup import prepare_run
+from fedlora.engine.metrics import read_metrics
+from fedlora.runtime.inprocess import run_inprocess
+from fedlora.runtime.observer import RunObserver
+from fedlora.sweep import SweepObserver, load_sweep, run_sweep
+from fedlora.sweep.compare import build_comparison
+from fedlora.sweep.plan import plan_sweep
+from fedlora.sweep.progress import remaining_seconds
+
+RUN = {"model": "tiny-llama", "rounds": 2, "local_steps": 1, "batch_size": 2, "max_length": 32, "lr": 1e-2,
+       "validation_fraction": 0.1, "mmlu_limit": 0}
+METRIC_KEYS = ("round", "eval_loss", "val_loss", "train_loss", "bytes_up", "bytes_down", "clients")
+
+
+def document(client_dir: Path, *, methods=("flora",), seeds=(0, 1), lrs=(1e-2,), ranks=(4, 2, 1), **run) -> dict:
+    doc = {"run": {**RUN, "data": str(client_dir), **run}, "grid": {"seed": list(seeds)},
+           "settings": {"het": {"ranks": list(ranks), "methods": list(methods)}}}
+    if len(lrs) > 1:
+        doc["grid"]["lr"] = list(lrs)
+        doc["tune"] = {"keys": ["lr"]}
+    return doc
+
+
+def plan_of(doc: dict):
+    return plan_sweep(copy.deepcopy(doc), "sweep.toml")
+
+
+def deterministic(comparison: dict) -> dict:
+    """A comparison without what names the folder, the date or the measured times."""
+    return {key: value for key, value in comparison.items() if key not in ("sweep", "generated", "measured")}
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [{key: row.get(key) for key in METRIC_KEYS} for row in read_metrics(run_dir)]
+
+
+def test_every_combination_is_an_ordinary_run_folder_and_the_shared_model_is_restored_exactly(client_dir, tmp_path):
+    # fedit runs after flora merged into the shared model's base weights: it must see the loaded ones
+    plan = plan_of(document(client_dir, methods=("flora", "fedit"), seeds=(0,), ranks=(2,)))
+    result = run_sweep(plan, tmp_path / "sweep")
+    assert result.ran == ["het/flora/seed=0", "het/fedit/seed=0"]
+    run_dir = tmp_path / "sweep" / "het" / "fedit" / "seed=0"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "report.md", "curves.png", "checkpoints"):
+        assert (run_dir / name).exists(), name
+
+    alone = standalone(client_dir, tmp_path / "alone", ranks=[2], method="fedit", seed=0)
+    assert rows_of(run_dir) == rows_of(alone)
+    assert all(row["val_loss"] is not None for row in rows_of(run_dir))
+
+
+def standalone(client_dir: Path, out: Path, **values) -> Path:
+    out.mkdir()
+    config = build_config({**RUN, "data": str(client_dir), "out": str(out), **values})
+    save_config(config, out / "config.json")
+    run_inprocess(prepare_run(config, out, log=lambda message: None))
+    return out
+
+
+def test_each_distinct_model_is_evaluated_once_with_the_results_of_evaluating_it_again(client_dir, tmp_path,
+                                                                                      monkeypatch):
+    calls = []
+    evaluate = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, model, r: calls.append(r) or evaluate(self, model, r))
+    plan = plan_of(document(client_dir, methods=("local", "fedit"), seeds=(0,), ranks=(2,), clients_per_round=1))
+    run_sweep(plan, tmp_path / "sweep")
+    # local scores 3 client models a round: in round 0 the same untrained one, in each later round
+    # only the sampled client's is new. fedit's round 0 is that untrained model again, and its round 1
+    # (one client's adapter, averaged alone) is local's round-1 model, bit for bit
+    assert calls == [0, 1, 2, 2]
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    alone = standalone(client_dir, tmp_path / "alone", ranks=[2], method="local", seed=0, clients_per_round=1)
+    assert rows_of(tmp_path / "sweep" / "het" / "local" / "seed=0") == rows_of(alone)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfterRound(SweepObserver):
+    """Raises from the engine's round callback, as a kill would stop the process: after the
+    round's checkpoint and metrics row are written."""
+
+    def __init__(self, folder: str, server_round: int):
+        self.folder, self.server_round = folder, server_round
+
+    def run_started(self, run, resumed):
+        target = self.server_round if run.folder == self.folder else None
+
+        class Observer(RunObserver):
+            def round_finished(self, row):
+                if row["round"] == target:
+                    raise Killed(run.folder)
+        return Observer()
+
+
+def test_a_sweep_killed_mid_run_finishes_with_the_uninterrupted_comparison(client_dir, tmp_path):
+    plan = plan_of(document(client_dir, methods=("flora", "fedit"), ranks=(2,), lrs=(1e-2, 3e-2)))
+    run_sweep(plan, tmp_path / "whole")
+    whole = build_comparison(tmp_path / "whole")
+
+    victim = "het/fedit/lr=0.01,seed=0"
+    with pytest.raises(Killed):
+        run_sweep(plan, tmp_path / "killed", KillAfterRound(victim, 1))
+    killed_dir = tmp_path / "killed" / victim
+    assert [row["round"] for row in read_metrics(killed_dir)] == [0, 1] and not (killed_dir / "summary.json").exists()
+
+    result = run_sweep(plan, tmp_path / "killed")
+    folders = [run.folder for run in plan.runs]
+    assert result.resumed == [victim]
+    assert result.skipped == folders[:folders.index(victim)]
+    assert result.ran == folders[folders.index(victim) + 1:]
+    assert rows_of(killed_dir) == rows_of(tmp_path / "whole" / victim)
+    assert deterministic(build_comparison(tmp_path / "killed")) == deterministic(whole)
+
+
+def test_methods_seeds_and_values_added_to_a_finished_sweep_run_only_their_own_runs(client_dir, tmp_path):
+    out = tmp_path / "sweep"
+    first = run_sweep(plan_of(document(client_dir, seeds=(0,))), out)
+    assert first.ran == ["het/flora/seed=0"]
+    written = (out / "het/flora/seed=0/metrics.jsonl").stat().st_mtime_ns
+
+    added = run_sweep(plan_of(document(client_dir, methods=("flora", "zeropad"), seeds=(0, 1))), out)
+    assert added.skipped == ["het/flora/seed=0"]
+    assert added.ran == ["het/flora/seed=1", "het/zeropad/seed=0", "het/zeropad/seed=1"]
+    assert (out / "het/flora/seed=0/metrics.jsonl").stat().st_mtime_ns == written
+    assert set(build_comparison(out)["settings"]["het"]["methods"]) == {"flora", "zeropad"}
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rounds": 3}, ["'rounds' was 2", "now gives 3"]),
+    ({"local_steps": 2}, ["'local_steps' was 1", "now gives 2"]),
+    ({"ranks": (4, 4, 4)}, ["'ranks' was [4, 2, 1]", "now gives [4, 4, 4]"]),
+])
+def test_a_changed_shared_configuration_is_refused_naming_the_difference(client_dir, tmp_path, change, named):
+    out = tmp_path / "sweep"
+    run_sweep(plan_of(document(client_dir, seeds=(0,))), out)
+    with pytest.raises(ConfigError) as refused:
+        run_sweep(plan_of(document(client_dir, seeds=(0,), **change)), out)
+    message = str(refused.value)
+    assert "sweep.toml" in message and "het/flora/seed=0" in message and "another --out" in message
+    for part in named:
+        assert part in message
+    # and nothing ran: the finished run is untouched and no other was started
+    assert [path.name for path in (out / "het" / "flora").iterdir()] == ["seed=0"]
+
+
+def test_a_new_grid_axis_is_refused(client_dir, tmp_path):
+    out = tmp_path / "sweep"
+    run_sweep(plan_of(document(client_dir, seeds=(0,))), out)
+    doc = document(client_dir, seeds=(0,))
+    doc["grid"]["local_steps"] = [1, 2]
+    with pytest.raises(ConfigError, match=r"grid axes are \['local_steps', 'seed'\] .* has \['seed'\]"):
+        run_sweep(plan_of(doc), out)
+
+
+def test_the_final_mmlu_scores_only_the_chosen_runs(client_dir, tmp_path):
+    mmlu = tmp_path / "mmlu.json"
+    mmlu.write_text(json.dumps([{"input": f"Qusetion: What is {i} + 1? Options: A. {i}, B. {i + 1}, C. 0, D. 7",
+                                 "output": f"The answer is: B. {i + 1}", "class": "arithmetic"} for i in range(6)]))
+    # FedSA-LoRA's clients keep their B: the final MMLU completes each client's model from its store
+    doc = document(client_dir, methods=("flora", "fedsa"), ranks=(2,), lrs=(1e-3, 3e-2))
+    doc["final"] = {"mmlu": str(mmlu), "mmlu_questions": 4}
+    out = tmp_path / "sweep"
+    result = run_sweep(plan_of(doc), out)
+    comparison = build_comparison(out)
+    entry = comparison["settings"]["het"]["methods"]["flora"]
+    fedsa = comparison["settings"]["het"]["methods"]["fedsa"]
+    assert sorted(result.scored) == sorted(entry["runs"] + fedsa["runs"]) and len(result.scored) == 4
+    assert fedsa["mmlu"]["questions"] == 4
+    for run in result.scored:
+        scored = json.loads((out / run / "final-mmlu.json").read_text())
+        assert scored["mmlu_total"] == 4 and scored["questions"] == 4 and scored["round"] == 2
+    assert entry["mmlu"]["questions"] == 4 and entry["mmlu"]["runs"] == 2
+    low, high = entry["mmlu"]["ci95"]
+    assert low <= entry["mmlu"]["acc"] <= high
+    # scored once: a second invocation finds every run and every score done
+    again = run_sweep(plan_of(doc), out)
+    assert again.ran == [] and again.scored == []
+    # scoring fewer seeds keeps the scores made; other questions are scored anew, for those seeds only
+    doc["final"] = {"mmlu": str(mmlu), "mmlu_questions": 3, "seeds": [1]}
+    fewer = run_sweep(plan_of(doc), out)
+    assert fewer.scored == [run for run in entry["runs"] + fedsa["runs"] if run.endswith("seed=1")]
+    # the comparison counts only scores made on the questions the file now names
+    assert build_comparison(out)["settings"]["het"]["methods"]["flora"]["mmlu"] | {"acc": 0, "ci95": 0} == {
+        "acc": 0, "ci95": 0, "questions": 3, "runs": 1}
+
+
+def test_the_eta_costs_each_pending_run_by_its_method():
+    done = [("flora", 10.0), ("flora", 20.0), ("local", 90.0)]
+    # flora 15 s each, local 90 s, a method not seen yet the mean of all (40 s)
+    assert remaining_seconds(done, ["flora", "local", "fedit"]) == pytest.approx(15 + 90 + 40)
+    assert remaining_seconds([], ["flora"]) is None
+
+
+@pytest.mark.parametrize("doc_change, expected", [
+    (lambda d: d["run"].update(out="x"), "'out' is chosen by the sweep"),
+    (lambda d: d.update(grids={}), "'grids' is not a sweep section"),
+    (lambda d: d["grid"].update(method=["fedit"]), "'method' cannot be an axis"),
+    (lambda d: d["grid"].update(seed=[]), "'seed' must be a non-empty list"),
+    (lambda d: d["grid"].update(seed=[0, 0]), "lists 0 twice"),
+    (lambda d: d.update(tune={"keys": ["seed"]}), "must be a grid axis other than seed"),
+    (lambda d: d["settings"]["het"].update(methods=[]), "settings.het.methods must be a non-empty list"),
+    (lambda d: d["settings"]["het"].update(seed=3), "settings.het.seed is also a grid axis"),
+    (lambda d: d["settings"]["het"].update(methods=["fedit"]), "'ranks' are mixed"),
+    (lambda d: d["run"].update(validation_fraction=0.0) or d.update(tune={"keys": ["lr"]})
+     or d["grid"].update(lr=[1e-3, 1e-2]), "'validation_fraction' 0, but tuning needs val_loss"),
+    (lambda d: d.update(compare={"reference": "fedavg"}), "must be a method of some setting"),
+    (lambda d: d["run"].update(runtime="flower"), "a sweep shares one loaded model"),
+])
+def test_sweep_file_mistakes_are_named_before_anything_runs(client_dir, doc_change, expected):
+    doc = document(client_dir)
+    doc_change(doc)
+    with pytest.raises(ConfigError, match="sweep.toml") as refused:
+        plan_of(doc)
+    assert expected in str(refused.value)
+
+
+def test_sweep_then_compare_from_the_command_line(client_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.toml").write_text(f'model = "tiny-llama"\ndata = "{client_dir}"\nbatch_size = 2\n')
+    (tmp_path / "sweep.toml").write_text("""
+base = "base.toml"
+[run]
+rounds = 2
+local_steps = 1
+max_length = 32
+validation_fraction = 0.1
+mmlu_limit = 0
+[grid]
+seed = [0, 1]
+lr = [1e-3, 3e-2]
+[tune]
+keys = ["lr"]
+[settings.homogeneous]
+ranks = [2]
+methods = ["flora", "fedit"]
+[compare]
+reference = "fedit"
+""")
+    runner = CliRunner()
+    dry = runner.invoke(cli.app, ["sweep", "sweep.toml", "--out", "out", "--dry-run"], catch_exceptions=False)
+    assert dry.exit_code == 0 and "8 runs, 0 finished" in dry.output and not (tmp_path / "out").exists()
+    done = runner.invoke(cli.app, ["sweep", "sweep.toml", "--out", "out"], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    assert "8 runs ran" in done.output and "comparison.md" in done.output
+
+    compared = runner.invoke(cli.app, ["compare", "out", "--reference", "flora"], catch_exceptions=False)
+    assert compared.exit_code == 0, compared.output
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    setting = comparison["settings"]["homogeneous"]
+    assert setting["reference"] == "flora"
+    for method, entry in setting["methods"].items():
+        assert set(entry) >= {"chosen", "seeds", "test_loss", "vs_reference", "runs"}
+        assert entry["seeds"] == 2 and set(entry["chosen"]) == {"lr"} and len(entry["runs"]) == 2
+        assert len(entry["test_loss"]["ci95"]) == 2
+    assert setting["methods"]["flora"]["vs_reference"] is None
+    assert set(setting["methods"]["fedit"]["vs_reference"]) >= {"mean", "ci95", "significant"}
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert "## homogeneous" in markdown and "Not significantly different from flora" in markdown
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+
+    # each combination is an ordinary run folder: report and eval work on it
+    run_dir = tmp_path / "out" / setting["methods"]["fedit"]["runs"][0]
+    assert runner.invoke(cli.app, ["report", str(run_dir)], catch_exceptions=False).exit_code == 0
+    evaluated = runner.invoke(cli.app, ["eval", str(run_dir), "--test-data", str(client_dir / "global_test.json")],
+                              catch_exceptions=False)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["eval_loss"] == pytest.approx(
+        setting["methods"]["fedit"]["test_loss_by_seed"]["0"], rel=1e-6)
+
+    (tmp_path / "sweep.toml").write_text((tmp_path / "sweep.toml").read_text().replace("rounds = 2", "rounds = 3"))
+    refused = runner.invoke(cli.app, ["sweep", "sweep.toml", "--out", "out"], catch_exceptions=False)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "'rounds' was 2" in " ".join(refused.output.split())
+
+
+@pytest.mark.parametrize("name", ["quality", "rolora_scaling"])
+def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    if not (root.parent / "shared" / "data" / "mmlu").is_dir():
+        pytest.skip("the shared data (MMLU for [final]) is not here")
+    monkeypatch.chdir(root)  # the files' paths are relative to the repository root, as `make` runs them
+    plan = load_sweep(root / "benchmarks" / f"{name}.toml")
+    assert len(plan.grid["seed"]) >= 3
+    assert all(run.config.mmlu_limit == 0 for run in plan.runs)  # no MMLU inside the runs
+    if name == "quality":
+        assert len(plan.grid["lr"]) >= 3 and plan.tune == ("lr",) and plan.final.questions >= 300
+        assert {run.config.test_limit for run in plan.runs} == {None}  # the whole test set
+        # every method and baseline; those that mix ranks in the heterogeneous setting too
+        methods = set(available_aggregators())
+        assert set(plan.settings["homogeneous"]) == methods
+        assert set(plan.settings["heterogeneous"]) == {name for name in methods
+                                                       if aggregator_class(name).heterogeneous_ranks}

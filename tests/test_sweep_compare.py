@@ -1,0 +1,179 @@
+"""`fedlora compare`: tuning on validation loss only, and the intervals against hand computations.
+
+The sweep folders here are written directly (a real plan, made-up metrics), so every number
+the comparison reports can be checked against one computed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from fedlora.sweep.compare import build_comparison, write_comparison
+from fedlora.sweep.plan import plan_sweep
+from fedlora.sweep.stats import mean_interval, paired_difference, t_quantile, wilson_interval
+
+T_975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # the t quantile for 2 degrees of freedom has a closed form
+SEEDS = (0, 1, 2)
+LRS = (1e-3, 1e-2, 1e-1)
+
+
+def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int = 2, missing: tuple[str, ...] = ()):
+    """A sweep folder: the plan of a real sweep document, and for every run the metrics rows
+    ``losses(method, lr, seed) -> (test_loss, val_loss)`` gives its final round (earlier rounds
+    are higher by 0.1 a round)."""
+    plan = plan_sweep({"run": {"model": "tiny-llama", "rounds": rounds}, "grid": {"seed": list(SEEDS), "lr": list(LRS)},
+                       "tune": {"keys": ["lr"]}, "settings": {"hom": {"ranks": [4], "methods": list(methods)}}},
+                      "sweep.toml")
+    folder.mkdir()
+    (folder / "sweep.json").write_text(json.dumps(plan.to_json()))
+    for run in plan.runs:
+        if run.folder in missing:
+            continue
+        test, val = losses(run.method, run.point["lr"], run.point["seed"])
+        run_dir = folder / run.folder
+        run_dir.mkdir(parents=True)
+        rows = [{"round": r, "method": run.method, "eval_loss": test + 0.1 * (rounds - r),
+                 "val_loss": val + 0.1 * (rounds - r)} for r in range(rounds + 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        communication = {"up_vs_full_finetuning": 0.01, "down_vs_full_finetuning": 0.02}
+        (run_dir / "summary.json").write_text(json.dumps({"method": run.method, "communication": communication}))
+    return plan
+
+
+def lr_index(lr: float) -> int:
+    return LRS.index(lr)
+
+
+def test_tuning_chooses_on_validation_loss_and_never_on_the_test_set(tmp_path):
+    # validation prefers lr 1e-2; the test set would prefer 1e-1
+    def honest(method, lr, seed):
+        return (3.0 - lr_index(lr), 2.0 + abs(lr_index(lr) - 1) + 0.01 * seed)
+    write_sweep(tmp_path / "honest", ("flora",), honest)
+    entry = build_comparison(tmp_path / "honest")["settings"]["hom"]["methods"]["flora"]
+    assert entry["chosen"] == {"lr": 1e-2}
+    assert entry["runs"] == [f"hom/flora/lr=0.01,seed={s}" for s in SEEDS]
+    assert entry["test_loss"]["mean"] == pytest.approx(2.0)  # read at the choice, to report it
+
+    # the test losses poisoned to make the chosen value look terrible: the choice stands
+    def poisoned(method, lr, seed):
+        test, val = honest(method, lr, seed)
+        return (100.0 if lr == 1e-2 else -100.0), val
+    write_sweep(tmp_path / "poisoned", ("flora",), poisoned)
+    entry = build_comparison(tmp_path / "poisoned")["settings"]["hom"]["methods"]["flora"]
+    assert entry["chosen"] == {"lr": 1e-2} and entry["test_loss"]["mean"] == pytest.approx(100.0)
+
+    # and the validation losses do move it
+    def other_val(method, lr, seed):
+        return honest(method, lr, seed)[0], 2.0 - lr_index(lr)
+    write_sweep(tmp_path / "moved", ("flora",), other_val)
+    entry = build_comparison(tmp_path / "moved")["settings"]["hom"]["methods"]["flora"]
+    assert entry["chosen"] == {"lr": 1e-1} and entry["at_grid_edge"] == ["lr"]
+
+
+def test_the_choice_is_the_mean_over_seeds_and_a_diverged_run_never_wins(tmp_path):
+    val = {(1e-3, 0): 2.0, (1e-3, 1): 2.0, (1e-3, 2): 2.6,  # mean 2.2
+           (1e-2, 0): 2.1, (1e-2, 1): 2.1, (1e-2, 2): 2.1,  # mean 2.1: chosen, though never the lowest seed
+           (1e-1, 0): 0.0, (1e-1, 1): float("nan"), (1e-1, 2): 0.0}  # diverged in one seed
+    write_sweep(tmp_path / "sweep", ("flora",), lambda method, lr, seed: (2.0, val[lr, seed]))
+    entry = build_comparison(tmp_path / "sweep")["settings"]["hom"]["methods"]["flora"]
+    assert entry["chosen"] == {"lr": 1e-2} and entry["at_grid_edge"] == []
+    assert [c["val_loss"]["mean"] for c in entry["tuning"]][:2] == [pytest.approx(2.2), pytest.approx(2.1)]
+
+
+FLORA = (2.0, 2.1, 2.3)
+FEDIT = (1.9, 2.05, 2.1)  # differences −0.10, −0.05, −0.20: not significant with 3 seeds
+FEDEX = (1.89, 1.99, 2.18)  # differences −0.11, −0.11, −0.12: significant
+
+
+def three_methods(method, lr, seed):
+    final = {"flora": FLORA, "fedit": FEDIT, "fedex": FEDEX}[method][seed]
+    return (final if lr == 1e-2 else final + 1.0), (1.0 if lr == 1e-2 else 2.0)
+
+
+def hand_interval(values):
+    """mean ± t(0.975, 2)·s/√3, written out."""
+    mean = sum(values) / 3
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = T_975_DF2 * s / math.sqrt(3)
+    return mean, mean - half, mean + half
+
+
+def test_intervals_and_paired_differences_match_a_hand_computation(tmp_path):
+    write_sweep(tmp_path / "sweep", ("flora", "fedit", "fedex"), three_methods)
+    setting = build_comparison(tmp_path / "sweep")["settings"]["hom"]
+    assert setting["reference"] == "flora"
+    methods = setting["methods"]
+    for name, finals in (("flora", FLORA), ("fedit", FEDIT), ("fedex", FEDEX)):
+        mean, low, high = hand_interval(finals)
+        assert methods[name]["test_loss"]["mean"] == pytest.approx(mean, abs=1e-12)
+        assert methods[name]["test_loss"]["ci95"] == pytest.approx([low, high], abs=1e-12)
+        assert methods[name]["seeds"] == 3
+
+    mean, low, high = hand_interval([a - b for a, b in zip(FEDIT, FLORA)])
+    assert (mean, low, high) == pytest.approx((-0.35 / 3, -0.30640, 0.07306), abs=1e-5)
+    fedit = methods["fedit"]["vs_reference"]
+    assert fedit["mean"] == pytest.approx(mean, abs=1e-12) and fedit["ci95"] == pytest.approx([low, high], abs=1e-12)
+    assert fedit["significant"] is False
+
+    mean, low, high = hand_interval([a - b for a, b in zip(FEDEX, FLORA)])
+    fedex = methods["fedex"]["vs_reference"]
+    assert fedex["ci95"] == pytest.approx([low, high], abs=1e-12) and high < 0 and fedex["significant"] is True
+    assert methods["flora"]["vs_reference"] is None
+
+    # per round: the band of round r is the interval over seeds of that round's losses
+    mean, low, high = hand_interval([f + 0.1 for f in FLORA])
+    assert methods["flora"]["test_loss_per_round"][1] == {"mean": pytest.approx(mean),
+                                                          "ci95": pytest.approx([low, high])}
+
+    paths = write_comparison(tmp_path / "sweep")
+    markdown = paths[1].read_text()
+    assert "Significantly lower final test loss than flora (interval below 0): fedex" in markdown
+    assert "Not significantly different from flora (interval contains 0): fedit" in markdown
+    assert "**flora does not have the lowest mean final test loss here**" in markdown
+    assert json.loads(paths[0].read_text())["settings"]["hom"]["methods"]["fedex"]["vs_reference"]["significant"]
+    assert paths[2].stat().st_size > 0
+
+
+def test_a_method_with_unfinished_runs_is_listed_and_left_out(tmp_path):
+    write_sweep(tmp_path / "sweep", ("flora", "fedit"), three_methods, missing=("hom/fedit/lr=0.1,seed=2",))
+    setting = build_comparison(tmp_path / "sweep")["settings"]["hom"]
+    assert list(setting["methods"]) == ["flora"] and setting["pending"] == {"fedit": "8 of 9 runs finished"}
+    assert "not finished, left out: fedit (8 of 9 runs finished)" in write_comparison(tmp_path / "sweep")[1].read_text()
+
+
+def test_t_quantiles_match_closed_forms_and_tables():
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-12)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-12)
+        alpha = 4 * p * (1 - p)  # df = 4 closed form
+        q = math.cos(math.acos(math.sqrt(alpha)) / 3) / math.sqrt(alpha)
+        assert t_quantile(p, 4) == pytest.approx(2 * math.sqrt(q - 1), rel=1e-10)
+        assert t_quantile(1 - p, 7) == pytest.approx(-t_quantile(p, 7), rel=1e-12)
+    # printed t tables (two-sided 95 %)
+    for df, table in ((3, 3.182446), (5, 2.570582), (9, 2.262157), (29, 2.045230), (120, 1.979930)):
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=5e-7)
+    assert t_quantile(0.975, 1e7) == pytest.approx(statistics.NormalDist().inv_cdf(0.975), rel=1e-6)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_mean_intervals_and_the_wilson_interval_by_hand():
+    estimate = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284 * math.sqrt(5 / 3) / 2  # t(0.975, 3)·s/√n
+    assert (estimate.mean, estimate.low, estimate.high) == pytest.approx((2.5, 2.5 - half, 2.5 + half), rel=1e-9)
+    assert mean_interval([2.0]).to_json() == {"mean": 2.0, "ci95": None}
+    assert not mean_interval([2.0]).significant
+    assert paired_difference([3.0, 4.0], [1.0, 2.0]).to_json() == {"mean": 2.0, "ci95": [2.0, 2.0]}
+
+    z = statistics.NormalDist().inv_cdf(0.975)
+    p, n = 90 / 300, 300
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert wilson_interval(90, 300) == pytest.approx((0.3, center - half, center + half), rel=1e-12)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.0, abs=1e-15)
+    assert wilson_interval(10, 10)[2] == pytest.approx(1.0)
