@@ -137,6 +137,9 @@ def report(step: dict, quality: list[dict], load: float, minutes: float) -> str:
 
 def main() -> None:
     require_shared_data()
+    # one thread, as in benchmarks/perf.py: on a small shared machine a second OpenMP thread
+    # spins while another process holds the core, which inflates both arms' times unevenly
+    torch.set_num_threads(1)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     print("(a) step time", file=sys.stderr, flush=True)
