@@ -118,6 +118,16 @@ def test_result_round_trips_with_metrics_and_replica_round():
     assert_factors_identical(decoded.update.factors, result.update.factors)
 
 
+def test_a_withheld_train_loss_round_trips_as_none_and_a_nan_one_is_refused():
+    result = ClientResult(ClientUpdate(random_factors(HETEROGENEOUS), 3, "c"), None, 1, 0.0)
+    content = encode_result(result, replica_round=0)
+    assert "train-loss" not in content.metric_records["metrics"]
+    assert decode_result(over_the_wire(content))[0].train_loss is None
+    content.metric_records["metrics"]["train-loss"] = float("nan")
+    with pytest.raises(CodecError, match="train-loss must be a finite number"):
+        decode_result(content)
+
+
 def test_node_state_round_trips():
     assert decode_node_state(over_the_wire(encode_node_state(2, 7))) == (2, 7)
 

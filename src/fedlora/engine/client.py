@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -120,7 +119,7 @@ class LocalTrainer:
             self.model = remove_lora(peft_model)
         update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
         # DP-SGD's losses are not privatised: they stay with the client (on_step) and none is sent
-        train_loss = math.nan if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
+        train_loss = None if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
         return ClientResult(update=update, train_loss=train_loss, steps=len(losses),
                             seconds=time.perf_counter() - started)
 

@@ -45,7 +45,7 @@ class Contribution:
 
     client_id: str
     num_examples: int
-    train_loss: float
+    train_loss: float | None
     seconds: float
 
 
@@ -241,7 +241,7 @@ class Federation:
         else:
             self._apply(server_round, update)
         server_seconds += time.perf_counter() - started
-        reported = [c for c in accepted if not math.isnan(c.train_loss)]  # DP-SGD clients withhold theirs
+        reported = [c for c in accepted if c.train_loss is not None]  # DP-SGD clients withhold theirs
         examples = sum(c.num_examples for c in reported)
         row = {
             "round": server_round, "method": self.config.method,

@@ -46,6 +46,7 @@ class ClientResult:
     """One client's answer: its update and how training went."""
 
     update: ClientUpdate
-    train_loss: float
+    #: mean training loss; None when the client withholds it (DP-SGD: the loss is not privatised)
+    train_loss: float | None
     steps: int
     seconds: float

@@ -300,14 +300,12 @@ def encode_result(result: ClientResult, *, replica_round: int,
                   uploads: frozenset[str] = frozenset(FACTOR_NAMES)) -> RecordDict:
     """A train reply: the update's ``uploads`` factors (the others come back as zeros, for the
     server to take from the start it sent), its metrics and the replica's merged round."""
+    metrics = {"num-examples": result.update.num_examples, "steps": result.steps,
+               "seconds": float(result.seconds), "replica-round": replica_round}
+    if result.train_loss is not None:  # a withheld loss is sent as no key at all
+        metrics["train-loss"] = float(result.train_loss)
     content = RecordDict({
-        METRICS_KEY: MetricRecord({
-            "num-examples": result.update.num_examples,
-            "train-loss": float(result.train_loss),
-            "steps": result.steps,
-            "seconds": float(result.seconds),
-            "replica-round": replica_round,
-        }),
+        METRICS_KEY: MetricRecord(metrics),
         RESULT_KEY: ConfigRecord({"client-id": result.update.client_id}),
     })
     put_factors(content, UPDATE_KEY, result.update.factors, uploads)
@@ -316,7 +314,8 @@ def encode_result(result: ClientResult, *, replica_round: int,
 
 def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     """(the :class:`ClientResult`, the round the sender's replica is merged through)."""
-    metric = _reader(_record(content.metric_records, METRICS_KEY), f"record {METRICS_KEY!r}")
+    metrics = _record(content.metric_records, METRICS_KEY)
+    metric = _reader(metrics, f"record {METRICS_KEY!r}")
     client_id = _reader(_record(content.config_records, RESULT_KEY), f"record {RESULT_KEY!r}")("client-id")
     factors = get_factors(content, UPDATE_KEY)
     if factors is None:
@@ -324,7 +323,8 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     # num-examples may be any integer: the update's checks reject a bad count under their rule
     update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
                           client_id=_str(client_id, "client-id"))
-    result = ClientResult(update=update, train_loss=_float(metric("train-loss"), "train-loss"),
+    train_loss = _float(metric("train-loss"), "train-loss") if "train-loss" in metrics else None
+    result = ClientResult(update=update, train_loss=train_loss,
                           steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
     return result, _int(metric("replica-round"), "replica-round")
 
