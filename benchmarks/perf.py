@@ -1,11 +1,19 @@
 """Performance benchmark: fedlora's costs as ratios measured side by side in one run.
 
-(a) client training step: fedlora's LocalTrainer.train ÷ a bare PEFT + torch AdamW loop on the
-    same SmolLM2-135M and the same fixed batches, interleaved A B A B … to cancel drift;
+(a) client training step at max_length 128 and 512: fedlora's LocalTrainer.train (packed rows,
+    LM head only where labels are) ÷ a bare PEFT + torch AdamW loop on the same SmolLM2-135M
+    and the same fixed padded batches, interleaved A B A B … to cancel drift: step time, and
+    useful (non-pad) tokens per second;
 (b) server time per round ÷ client compute per round, from a real in-process FLoRA run of
     SmolLM2 with heterogeneous ranks on the Dolly clients (evaluation reported apart);
 (c) peak RSS of K tiny-llama clients in one process, against the base model and K adapters;
-(d) the aggregation table of benchmarks/aggregation.py.
+(d) held-out loss: fedlora's (packed, logits only where labelled) ÷ the padded full-logits
+    computation it replaced, interleaved, and the two values;
+(e) MMLU on all 1,444 questions: fedlora's packed scoring and the left-padded scoring it
+    replaced, their times and whether every choice is the same;
+(f) the `make demo` config over ``--runtime flower`` ÷ in-process: wall time, and whether every
+    metric is bit-identical;
+(g) the aggregation table of benchmarks/aggregation.py.
 
 Every measurement runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own.
 Run from the repository root: ``make bench-perf``. Writes benchmarks/results/perf.md and prints it.
@@ -18,6 +26,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,13 +35,15 @@ from pathlib import Path
 import torch
 
 import aggregation
-from common import DOLLY, dolly_client_files, environment_line, markdown_table, \
+from common import DOLLY, DOLLY_TEST, MMLU, RESULTS, dolly_client_files, environment_line, markdown_table, \
     measure_in_subprocess, peak_rss_mb, pool_dolly, prepare, require_shared_data, run_federation, spread, \
     spread_text, write_result
 
 # (a) client training step
 STEP_MODEL = "smollm2-135m"
-STEP_RANK, STEP_TARGETS, STEP_BATCH, STEP_MAX_LENGTH, STEP_LR = 16, ("q_proj", "v_proj"), 4, 128, 3e-4
+STEP_RANK, STEP_TARGETS, STEP_BATCH, STEP_LR = 16, ("q_proj", "v_proj"), 4, 3e-4
+#: max_length → goal of useful tokens per second, fedlora ÷ PEFT
+STEP_TOKENS_GOALS = {128: 1.25, 512: 1.8}
 STEPS_PER_TRIAL = 6
 WARMUP_STEPS = 2  # excluded from every trial: first-call allocations and caches
 PAIRS = 3  # timed (fedlora, PEFT) pairs, after one untimed warm-up pair
@@ -54,6 +65,23 @@ MEMORY_RUN = {"model": "tiny-llama", "method": "flora", "ranks": [8], "rounds": 
               "batch_size": 2, "max_length": 64, "seed": 0}
 MEMORY_REPEATS = 3  # each K, interleaved: K=1, 10, 50, 100, K=1, 10, …
 MODEL_COPIES_ALLOWED = 2
+
+# (d) held-out loss: the run defaults (max_length 256, eval_batch_size 8) on Dolly's test records
+HELDOUT_RECORDS, HELDOUT_MAX_LENGTH, HELDOUT_BATCH = 64, 256, 8
+HELDOUT_PAIRS = 3  # timed (new, old) pairs, after one untimed warm-up pair
+HELDOUT_GOAL = 0.6
+HELDOUT_VALUE_GOAL = 1e-6  # relative difference of the two values
+
+# (e) MMLU, every question, with every core (as `fedlora eval` runs it)
+MMLU_BATCH = 8
+MMLU_GOAL_SECONDS = 180.0
+
+# (f) the demo on both runtimes
+DEMO_CONFIG = Path("configs/demo.toml")
+DEMO_GOAL = 1.5
+DEMO_KEYS = ("round", "eval_loss", "perplexity", "mmlu_acc", "train_loss", "bytes_up", "bytes_down", "clients")
+
+PARTS = ("step", "server", "memory", "heldout", "mmlu", "demo", "aggregation")
 
 
 # --- (a) client training step ---------------------------------------------------------------
@@ -98,23 +126,26 @@ def peft_adamw_loop(model, batches, pad_id: int, clock: StepClock):
     return peft_model.unload()
 
 
-def part_step() -> dict:
+def part_step(max_length: int) -> dict:
+    from fedlora.attention import enable_packing
     from fedlora.data import load_records, tokenize_records
     from fedlora.engine.client import LocalTrainer, batch_stream
     from fedlora.engine.task import ClientTask
-    from fedlora.eval.loss import pad_token_id
-    from fedlora.models import load_model
+    from fedlora.models import load_model, pad_token_id
 
     model, tokenizer = load_model(STEP_MODEL)
     pad_id = pad_token_id(tokenizer)
     records = load_records(dolly_client_files()[0])[:STEPS_PER_TRIAL * STEP_BATCH]
-    examples, _ = tokenize_records(tokenizer, records, STEP_MAX_LENGTH)
+    examples, _ = tokenize_records(tokenizer, records, max_length)
     task = ClientTask(client_id="0", server_round=1, rank=STEP_RANK, alpha=2 * STEP_RANK,
                       trainable=frozenset("AB"), init_seed=0, data_seed=0, local_steps=STEPS_PER_TRIAL,
                       start=None)
     # the batches LocalTrainer draws for this task, in its order, given to the reference as a list
     batches = list(itertools.islice(batch_stream(examples, STEP_BATCH, task.data_seed), STEPS_PER_TRIAL))
-    trainer = LocalTrainer(model, pad_id, target_modules=STEP_TARGETS, batch_size=STEP_BATCH, lr=STEP_LR)
+    # varlen SDPA computes the reference's padded batches exactly as plain SDPA (its own test says so)
+    packing = enable_packing(model)
+    trainer = LocalTrainer(model, pad_id, target_modules=STEP_TARGETS, batch_size=STEP_BATCH, lr=STEP_LR,
+                           packing=packing)
 
     def fedlora_trial() -> dict:
         clock = StepClock()
@@ -132,8 +163,10 @@ def part_step() -> dict:
         trials["fedlora"].append(fedlora_trial())
         trials["peft"].append(peft_trial())
     padded_tokens = sum(max(len(e.input_ids) for e in batch) * len(batch) for batch in batches)
-    return {"trials": trials, "padded_tokens_per_step": padded_tokens / len(batches),
-            "peak_rss_mb": peak_rss_mb()}
+    useful_tokens = sum(len(e.input_ids) for batch in batches for e in batch)
+    return {"max_length": max_length, "packing": packing, "trials": trials,
+            "padded_tokens_per_step": padded_tokens / len(batches),
+            "useful_tokens_per_step": useful_tokens / len(batches), "peak_rss_mb": peak_rss_mb()}
 
 
 # --- (b) server time per round ----------------------------------------------------------------
@@ -205,62 +238,213 @@ def measure_memory(threads: list[str]) -> tuple[dict[int, list[dict]], int]:
     return results, tiny_llama_bytes()
 
 
-# --- (d) aggregation --------------------------------------------------------------------------
+# --- (d) held-out loss ------------------------------------------------------------------------
 
 
-def aggregation_section(mode: str, threads: int) -> list[str]:
+def padded_full_logits_loss(model, examples, pad_id: int, batch_size: int) -> float:
+    """The reference: the held-out loss as fedlora computed it before packing – length-sorted
+    right-padded batches, logits at every position, cross-entropy over the labelled ones."""
+    from fedlora.data import IGNORE_INDEX, collate
+    from fedlora.forward import eval_mode
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total_nll, total_tokens = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predicted, targets = logits[:, :-1, :].float(), batch["labels"][:, 1:]
+            total_nll += torch.nn.functional.cross_entropy(
+                predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                reduction="sum").item()
+            total_tokens += int((targets != IGNORE_INDEX).sum())
+    return total_nll / total_tokens
+
+
+def timed(function) -> dict:
+    """CPU and wall seconds of one call, and what it returned."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    value = function()
+    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "value": value}
+
+
+def part_heldout() -> dict:
+    from fedlora.attention import enable_packing
+    from fedlora.data import load_records, tokenize_records
+    from fedlora.eval.loss import evaluate_loss_tokenized
+    from fedlora.models import load_model, pad_token_id
+
+    model, tokenizer = load_model(STEP_MODEL)
+    pad_id = pad_token_id(tokenizer)
+    examples, _ = tokenize_records(tokenizer, load_records(DOLLY_TEST)[:HELDOUT_RECORDS], HELDOUT_MAX_LENGTH)
+    packing = enable_packing(model)  # padded batches are computed exactly as by plain SDPA
+
+    def new() -> float:
+        return evaluate_loss_tokenized(model, examples, pad_id, batch_size=HELDOUT_BATCH, packed=packing)["eval_loss"]
+
+    def old() -> float:
+        return padded_full_logits_loss(model, examples, pad_id, HELDOUT_BATCH)
+
+    timed(new), timed(old)  # warm-up pair, not timed
+    trials = {"new": [], "old": []}
+    for _ in range(HELDOUT_PAIRS):
+        trials["new"].append(timed(new))
+        trials["old"].append(timed(old))
+    lengths = sorted(len(e.input_ids) for e in examples)
+    padded = sum(max(lengths[i:i + HELDOUT_BATCH]) * len(lengths[i:i + HELDOUT_BATCH])
+                 for i in range(0, len(lengths), HELDOUT_BATCH))
+    labelled = sum(label != -100 for e in examples for label in e.labels[1:])
+    return {"packing": packing, "trials": trials, "real_tokens": sum(lengths), "padded_tokens": padded,
+            "labelled_tokens": labelled, "peak_rss_mb": peak_rss_mb()}
+
+
+# --- (e) MMLU ---------------------------------------------------------------------------------
+
+
+def left_padded_mmlu_scores(model, tokenizer, questions, batch_size: int) -> torch.Tensor:
+    """The reference: MMLU letter scores as fedlora computed them before packing – length-sorted
+    batches, left-padded with explicit position ids, logits of the last position only."""
+    from fedlora.data.mmlu import LETTERS, mmlu_prompt
+    from fedlora.forward import eval_mode
+    from fedlora.eval.mmlu import answer_tokens
+    from fedlora.models import pad_token_id
+
+    prompts = [mmlu_prompt(question) for question in questions]
+    form = answer_tokens(tokenizer, prompts[0])
+    contexts = [tokenizer(form.context(prompt))["input_ids"] for prompt in prompts]
+    letter_ids = torch.tensor(form.letter_ids)
+    scores = torch.empty(len(questions), len(LETTERS))
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            width = max(len(contexts[i]) for i in indices)
+            input_ids = torch.full((len(indices), width), pad_token_id(tokenizer), dtype=torch.long)
+            attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, i in enumerate(indices):
+                input_ids[row, width - len(contexts[i]):] = torch.tensor(contexts[i])
+                attention_mask[row, width - len(contexts[i]):] = 1
+            position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+            last = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         logits_to_keep=1).logits[:, -1, :].float()
+            scores[indices] = last.log_softmax(dim=-1)[:, letter_ids]
+    return scores
+
+
+def part_mmlu() -> dict:
+    from fedlora.attention import enable_packing
+    from fedlora.data import load_mmlu
+    from fedlora.eval.mmlu import answer_log_likelihoods
+    from fedlora.models import load_model
+
+    model, tokenizer = load_model(STEP_MODEL)
+    questions = load_mmlu(MMLU)
+    packing = enable_packing(model)
+    answer_log_likelihoods(model, tokenizer, questions[:MMLU_BATCH], batch_size=MMLU_BATCH, packed=packing)  # warm-up
+    new = timed(lambda: answer_log_likelihoods(model, tokenizer, questions, batch_size=MMLU_BATCH, packed=packing))
+    old = timed(lambda: left_padded_mmlu_scores(model, tokenizer, questions, MMLU_BATCH))
+    new_scores, old_scores = new.pop("value"), old.pop("value")
+    new_choices, old_choices = new_scores.argmax(dim=-1), old_scores.argmax(dim=-1)
+    answers = torch.tensor(["ABCD".index(question.answer) for question in questions])
+    return {"packing": packing, "questions": len(questions), "threads": torch.get_num_threads(),
+            "new": new, "old": old, "same_choices": int((new_choices == old_choices).sum()),
+            "max_score_difference": float((new_scores - old_scores).abs().max()),
+            "accuracy_new": float((new_choices == answers).float().mean()),
+            "accuracy_old": float((old_choices == answers).float().mean()), "peak_rss_mb": peak_rss_mb()}
+
+
+# --- (f) the demo on Flower -----------------------------------------------------------------
+
+
+def run_demo(out: Path, runtime: str) -> dict:
+    """Wall seconds of ``fedlora run configs/demo.toml`` on ``runtime``, and its metrics rows."""
+    from fedlora.report import read_metrics
+
+    command = [str(Path(sys.executable).parent / "fedlora"), "run", str(DEMO_CONFIG), "--out", str(out),
+               "--runtime", runtime]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout + completed.stderr)
+        raise SystemExit(f"{' '.join(command)} failed (exit {completed.returncode})")
+    return {"seconds": seconds, "rows": [{key: row.get(key) for key in DEMO_KEYS} for row in read_metrics(out)]}
+
+
+def part_demo() -> dict:
+    with tempfile.TemporaryDirectory(prefix="fedlora-perf-") as folder:
+        inprocess = run_demo(Path(folder) / "inprocess", "inprocess")
+        flower = run_demo(Path(folder) / "flower", "flower")
+    return {"inprocess": inprocess, "flower": flower, "identical": inprocess["rows"] == flower["rows"]}
+
+
+# --- (g) aggregation --------------------------------------------------------------------------
+
+
+def aggregation_section(mode: str, threads: int, load: float) -> list[str]:
     """The aggregation benchmark's table, measured now (``run``) or read from its results file."""
     if mode == "latest":
-        text = aggregation.RESULTS.read_text(encoding="utf-8")
-        source = f"read from `{aggregation.RESULTS.name}` as last written, not re-measured in this run"
+        text = (RESULTS / aggregation.RESULTS_FILE).read_text(encoding="utf-8")
+        source = f"read from `{aggregation.RESULTS_FILE}` as last written, not re-measured in this run"
     else:
         results = {}
         for name, memory in aggregation.MEASUREMENTS:
-            progress(f"(d) aggregation: {name}, {memory} memory")
-            results[f"{name}, {memory}"] = aggregation.measure(name, threads, memory)
-        text = aggregation.report(results, threads)
+            progress(f"(g) aggregation: {name}, {memory} memory")
+            results[f"{name}, {memory}"] = measure_in_subprocess(
+                aggregation.__file__, ["--case", name, "--threads", str(threads)], env=aggregation.MEMORY[memory])
+        text = aggregation.report(results, threads, load)
         source = "measured in this run with `benchmarks/aggregation.py`'s measurement code"
     body = text.split("\n", 1)[1].strip()  # without its title: it becomes a section here
-    return [f"## (d) Aggregation: {source}", "", body, ""]
+    return [f"## (g) Aggregation: {source}", "", body, ""]
 
 
 # --- report -----------------------------------------------------------------------------------
 
 
-def step_ratios(trials: dict, key: str) -> list[float]:
-    return [a[key] / b[key] for a, b in zip(trials["fedlora"], trials["peft"], strict=True)]
-
-
-def met(value: float, goal: float) -> str:
-    return "yes" if value <= goal else "no"
+def ratio_cells(values: list[float], goal: float | None, *, at_least: bool = False, digits: str = ".3f") -> list[str]:
+    """min, median, max, the goal and whether the median meets it (≤ goal, or ≥ with ``at_least``)."""
+    low, middle, high = spread(values)
+    if goal is None:
+        goal_cells = ["—", "—"]
+    else:
+        meets = middle >= goal if at_least else middle <= goal
+        goal_cells = [f"{'≥' if at_least else '≤'} {goal:.3g}", "yes" if meets else "no"]
+    return [f"{low:{digits}}", f"{middle:{digits}}", f"{high:{digits}}", *goal_cells]
 
 
 def step_section(result: dict) -> tuple[list[str], list[list]]:
-    trials = result["trials"]
+    trials, length = result["trials"], result["max_length"]
+    useful = result["useful_tokens_per_step"]
     rows = [[arm, *(spread_text([t[key] for t in trials[arm]]) for key in
-                    ("step_cpu", "step_wall", "call_cpu", "call_wall"))] for arm in ("fedlora", "peft")]
+                    ("step_cpu", "step_wall", "call_cpu", "call_wall")),
+             f"{useful / statistics.median(t['step_cpu'] for t in trials[arm]):.0f}"] for arm in ("fedlora", "peft")]
     lines = [
-        "## (a) Client training step", "",
+        f"## (a) Client training step, max_length {length}", "",
         f"{STEP_MODEL}, LoRA rank {STEP_RANK} on {', '.join(STEP_TARGETS)}, batch {STEP_BATCH}, max_length "
-        f"{STEP_MAX_LENGTH} ({result['padded_tokens_per_step']:.0f} padded tokens per step), AdamW lr {STEP_LR}. "
-        f"One model in one process; the same {STEPS_PER_TRIAL} batches (the ones LocalTrainer draws) per "
-        f"trial; one untimed warm-up pair, then {PAIRS} pairs fedlora, PEFT, fedlora, PEFT, … A trial's "
-        f"step time is its mean after {WARMUP_STEPS} warm-up steps; the whole call adds attaching, "
-        "unwrapping and (fedlora) extracting the factors. fedlora: `LocalTrainer.train`; PEFT: "
-        "`get_peft_model` + `torch.optim.AdamW` loop + `unload`. Seconds, min / median / max over trials; "
-        f"peak RSS {result['peak_rss_mb']:.0f} MB.", "",
-        *markdown_table(["arm", "step CPU s", "step wall s", "whole call CPU s", "whole call wall s"], rows), ""]
-    summary = [[f"(a) step time, fedlora ÷ PEFT ({clock})", *ratio_cells(step_ratios(trials, key), STEP_GOAL)]
+        f"{length}: {useful:.0f} useful (non-pad) tokens per step, {result['padded_tokens_per_step']:.0f} "
+        f"once padded; AdamW lr {STEP_LR}. One model in one process; the same {STEPS_PER_TRIAL} batches (the "
+        f"ones LocalTrainer draws) per trial; one untimed warm-up pair, then {PAIRS} pairs fedlora, PEFT, "
+        f"fedlora, PEFT, … A trial's step time is its mean after {WARMUP_STEPS} warm-up steps; the whole call "
+        "adds attaching, unwrapping and (fedlora) extracting the factors. fedlora: `LocalTrainer.train`, "
+        f"{'each batch packed in one row (varlen SDPA)' if result['packing'] else 'padded batches (no packing)'}, "
+        "the LM head only where a label is; PEFT: `get_peft_model` + `torch.optim.AdamW` loop + `unload` on "
+        "the padded batches, transformers' own loss. Both arms train on the same tokens, so useful tokens per "
+        "second fedlora ÷ PEFT is PEFT's step time ÷ fedlora's (the former goal, step time ≤ 1.05 × PEFT's, "
+        "is ≥ 0.95 on it). Seconds, min / median / max over trials; peak RSS "
+        f"{result['peak_rss_mb']:.0f} MB.", "",
+        *markdown_table(["arm", "step CPU s", "step wall s", "whole call CPU s", "whole call wall s",
+                         "useful tokens / CPU s"], rows), ""]
+    goal = STEP_TOKENS_GOALS[length]
+    summary = [[f"(a) useful tokens/s, fedlora ÷ PEFT ({clock}), max_length {length}",
+                *ratio_cells([1 / r for r in step_ratios(trials, key)], goal, at_least=True)]
                for key, clock in (("step_cpu", "CPU"), ("step_wall", "wall"))]
-    summary.append(["(a) whole train call incl. setup, fedlora ÷ PEFT (CPU)",
+    summary.append([f"(a) whole train call incl. setup, fedlora ÷ PEFT (CPU), max_length {length}",
                     *ratio_cells(step_ratios(trials, "call_cpu"), None)])
     return lines, summary
 
 
-def ratio_cells(values: list[float], goal: float | None) -> list[str]:
-    low, middle, high = spread(values)
-    goal_cells = [f"≤ {goal:.3g}", met(middle, goal)] if goal is not None else ["—", "—"]
-    return [f"{low:.3f}", f"{middle:.3f}", f"{high:.3f}", *goal_cells]
+def step_ratios(trials: dict, key: str) -> list[float]:
+    return [a[key] / b[key] for a, b in zip(trials["fedlora"], trials["peft"], strict=True)]
 
 
 def server_section(result: dict) -> tuple[list[str], list[list]]:
@@ -334,16 +518,84 @@ def memory_section(results: dict[int, list[dict]], model_bytes: int) -> tuple[li
     return lines, summary
 
 
-def report(step: dict, server: dict, memory: tuple[dict[int, list[dict]], int], aggregation_lines: list[str],
-           threads: int, load: float, seconds: float) -> str:
+def heldout_section(result: dict) -> tuple[list[str], list[list]]:
+    trials = result["trials"]
+    labels = {"new": "fedlora (packed, logits where labelled)", "old": "padded, full logits (before)"}
+    rows = [[labels[arm], spread_text([t["cpu"] for t in trials[arm]]), spread_text([t["wall"] for t in trials[arm]]),
+             f"{trials[arm][0]['value']:.8f}"] for arm in ("new", "old")]
+    ratios = [n["cpu"] / o["cpu"] for n, o in zip(trials["new"], trials["old"], strict=True)]
+    differences = [abs(n["value"] - o["value"]) / abs(o["value"]) for n, o in zip(trials["new"], trials["old"])]
+    lines = [
+        "## (d) Held-out loss", "",
+        f"{STEP_MODEL} on the first {HELDOUT_RECORDS} records of Dolly's `global_test.json`, max_length "
+        f"{HELDOUT_MAX_LENGTH}, {HELDOUT_BATCH} records per batch (the run defaults), sorted by length: "
+        f"{result['real_tokens']} tokens ({result['padded_tokens']} once padded), {result['labelled_tokens']} of "
+        "them predict a label. fedlora: `evaluate_loss_tokenized` with "
+        f"{'packed rows (varlen SDPA)' if result['packing'] else 'padded batches (no packing)'} and the LM "
+        "head only at those positions; before: right-padded batches, logits at every position, cross-entropy "
+        f"over the labelled ones (the code this replaced). One untimed warm-up pair, then {HELDOUT_PAIRS} "
+        f"pairs. Seconds, min / median / max; peak RSS {result['peak_rss_mb']:.0f} MB.", "",
+        *markdown_table(["computation", "CPU s", "wall s", "held-out loss"], rows), ""]
+    return lines, [["(d) held-out loss time, fedlora ÷ before (CPU)", *ratio_cells(ratios, HELDOUT_GOAL)],
+                   ["(d) held-out loss value, |fedlora − before| ÷ before",
+                    *ratio_cells(differences, HELDOUT_VALUE_GOAL, digits=".1e")]]
+
+
+def mmlu_section(result: dict) -> tuple[list[str], list[list]]:
+    total = result["questions"]
+    rows = [[name, f"{result[arm]['wall']:.1f}", f"{result[arm]['cpu']:.1f}", f"{result[f'accuracy_{arm}']:.4f}"]
+            for arm, name in (("new", "fedlora (packed, last position only)"),
+                              ("old", "left-padded, last position only (before)"))]
+    lines = [
+        "## (e) MMLU, every question", "",
+        f"{STEP_MODEL}, all {total} questions of `mmlu_test_1444.json`, {MMLU_BATCH} per batch sorted by "
+        f"length, {result['threads']} intra-op threads (every core, as `fedlora eval` runs). fedlora: "
+        f"`answer_log_likelihoods` with {'packed rows (varlen SDPA)' if result['packing'] else 'padded batches'}; "
+        "before: left padding with explicit position ids (the code this replaced). Both apply the LM head to "
+        f"the last position only. {result['same_choices']} of {total} choices are the same; the largest "
+        f"difference of a letter's log-probability is {result['max_score_difference']:.1e}. Peak RSS "
+        f"{result['peak_rss_mb']:.0f} MB.", "",
+        *markdown_table(["scoring", "wall s", "CPU s", "accuracy"], rows), ""]
+    return lines, [[f"(e) MMLU, all {total} questions, fedlora wall s", *ratio_cells([result["new"]["wall"]],
+                                                                                  MMLU_GOAL_SECONDS, digits=".0f")],
+                   ["(e) MMLU choices equal to the left-padded path's", *ratio_cells(
+                       [result["same_choices"] / total], 1.0, at_least=True)]]
+
+
+def demo_section(result: dict) -> tuple[list[str], list[list]]:
+    inprocess, flower = result["inprocess"], result["flower"]
+    rows = [[row["round"], f"{row['eval_loss']:.4f}", f"{other['eval_loss']:.4f}",
+             "—" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
+             "—" if row.get("mmlu_acc") is None else f"{row['mmlu_acc']:.3f}"]
+            for row, other in zip(inprocess["rows"], flower["rows"], strict=True)]
+    lines = [
+        "## (f) The demo on Flower's Deployment Engine", "",
+        f"`fedlora run {DEMO_CONFIG}` (the `make demo` run) once in-process and once with `--runtime flower` "
+        "(a SuperLink and one SuperNode per client on 127.0.0.1, started and stopped by the run), each in a "
+        f"fresh run folder, every core: {inprocess['seconds']:.0f} s in-process, {flower['seconds']:.0f} s on "
+        f"Flower. Every metric of every round ({', '.join(DEMO_KEYS)}) is "
+        f"{'bit-identical' if result['identical'] else 'NOT identical'} between the two.", "",
+        *markdown_table(["round", "eval loss in-process", "eval loss Flower", "train loss", "MMLU acc"], rows), ""]
+    return lines, [["(f) demo wall time, Flower ÷ in-process",
+                    *ratio_cells([flower["seconds"] / inprocess["seconds"]], DEMO_GOAL)],
+                   ["(f) demo metrics bit-identical (1 = yes)", *ratio_cells([float(result["identical"])], 1.0,
+                                                                             at_least=True, digits=".0f")]]
+
+
+def report(results: dict, aggregation_lines: list[str], threads: int, load: float, seconds: float) -> str:
+    """``results``: part → its result (``step``: one per max_length, ``memory``: (repeats, model bytes))."""
     sections, summary = [], []
-    for lines, rows in (step_section(step), server_section(server), memory_section(*memory)):
-        sections += lines
-        summary += rows
+    builders = {"step": lambda steps: [step_section(step) for step in steps], "server": lambda r: [server_section(r)],
+                "memory": lambda r: [memory_section(*r)], "heldout": lambda r: [heldout_section(r)],
+                "mmlu": lambda r: [mmlu_section(r)], "demo": lambda r: [demo_section(r)]}
+    for part, result in results.items():
+        for lines, rows in builders[part](result):
+            sections += lines
+            summary += rows
     head = [
         "# Performance benchmark", "", environment_line(threads, load), "",
-        "Every figure is a ratio of two measurements taken side by side in this run. Each part runs in its "
-        "own subprocess. Generated by `benchmarks/perf.py` (`make bench-perf`) in "
+        "Every figure is a ratio of two measurements taken side by side in this run, or a time against its "
+        "goal. Each part runs in its own subprocess. Generated by `benchmarks/perf.py` (`make bench-perf`) in "
         f"{seconds / 60:.1f} min.", "",
         *markdown_table(["figure", "min", "median", "max", "goal", "met (median)"], summary), ""]
     return "\n".join(head + sections + aggregation_lines)
@@ -356,38 +608,59 @@ def progress(message: str) -> None:
     print(f"[perf] {message}", file=sys.stderr, flush=True)
 
 
-def run_part(part: str, threads: int, data: str | None) -> dict:
-    torch.set_num_threads(threads)
-    if part == "step":
-        return part_step()
-    if part == "server":
-        return part_server()
-    return part_memory(data)
+def run_part(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.part == "step":
+        return part_step(args.max_length)
+    if args.part == "memory":
+        return part_memory(args.data)
+    return {"server": part_server, "heldout": part_heldout, "mmlu": part_mmlu, "demo": part_demo}[args.part]()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("step", "server", "memory"), help="one measurement, as JSON (internal)")
+    parser.add_argument("--part", choices=PARTS[:-1], help="one measurement, as JSON (internal)")
     parser.add_argument("--data", help="client folder for --part memory (internal)")
+    parser.add_argument("--max-length", type=int, help="max_length for --part step (internal)")
     # One thread, as in benchmarks/aggregation.py: on a small shared machine OpenMP threads
-    # spin against other processes and timings become erratic.
+    # spin against other processes and timings become erratic. MMLU and the demo use every core.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     parser.add_argument("--aggregation", choices=("run", "latest"), default="run",
-                        help="(d): re-run the aggregation measurements (default, ~3 min) or read their results file")
+                        help="(g): re-run the aggregation measurements (default, ~3 min) or read their results file")
     args = parser.parse_args()
     if args.part:
-        print(json.dumps(run_part(args.part, args.threads, args.data)))
+        print(json.dumps(run_part(args)))
         return
+    parts = [part for part in PARTS if part in args.parts.split(",")]
     require_shared_data()
     started, load = time.perf_counter(), os.getloadavg()[0]
     threads = ["--threads", str(args.threads)]
-    progress(f"(a) step time: {1 + PAIRS} pairs × {STEPS_PER_TRIAL} steps")
-    step = measure_in_subprocess(__file__, ["--part", "step", *threads])
-    progress(f"(b) server time: FLoRA run, {SERVER_RUN['rounds']} rounds")
-    server = measure_in_subprocess(__file__, ["--part", "server", *threads])
-    memory = measure_memory(threads)
-    aggregation_lines = aggregation_section(args.aggregation, args.threads)
-    text = report(step, server, memory, aggregation_lines, args.threads, load, time.perf_counter() - started)
+    every_core = ["--threads", str(os.cpu_count() or 1)]
+    results: dict = {}
+    if "step" in parts:
+        results["step"] = []
+        for length in STEP_TOKENS_GOALS:
+            progress(f"(a) step time at max_length {length}: {1 + PAIRS} pairs × {STEPS_PER_TRIAL} steps")
+            results["step"].append(measure_in_subprocess(__file__, ["--part", "step", "--max-length", str(length),
+                                                                    *threads]))
+    if "server" in parts:
+        progress(f"(b) server time: FLoRA run, {SERVER_RUN['rounds']} rounds")
+        results["server"] = measure_in_subprocess(__file__, ["--part", "server", *threads])
+    if "memory" in parts:
+        results["memory"] = measure_memory(threads)
+    if "heldout" in parts:
+        progress(f"(d) held-out loss: {1 + HELDOUT_PAIRS} pairs")
+        results["heldout"] = measure_in_subprocess(__file__, ["--part", "heldout", *threads])
+    if "mmlu" in parts:
+        progress("(e) MMLU: every question, fedlora's scoring and the one before")
+        results["mmlu"] = measure_in_subprocess(__file__, ["--part", "mmlu", *every_core])
+    if "demo" in parts:
+        progress("(f) the demo, in-process and on Flower")
+        results["demo"] = measure_in_subprocess(__file__, ["--part", "demo"])
+    aggregation_lines = aggregation_section(args.aggregation, args.threads, load) if "aggregation" in parts else []
+    text = report(results, aggregation_lines, args.threads, load, time.perf_counter() - started)
     write_result("perf.md", text)
     print(text)
 

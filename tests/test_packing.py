@@ -15,8 +15,9 @@ from fedlora.data.batches import packed_batch, padded_batch
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import RunConfig
 from fedlora.engine.task import ClientTask
-from fedlora.eval.loss import evaluate_loss_tokenized, summed_nll
+from fedlora.eval.loss import evaluate_loss_tokenized
 from fedlora.eval.mmlu import answer_log_likelihoods
+from fedlora.forward import summed_nll
 from fedlora.lora import attach_lora, remove_lora
 from fedlora.models import load_model
 

@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from fedlora.data.batches import packed_batch, padded_batch
 from fedlora.data.prompts import TokenizedExample
-from fedlora.eval.loss import eval_mode, labelled_logits
+from fedlora.forward import eval_mode, labelled_logits
 
 #: the attention implementation name an SDPA model is switched to for packed batches
 VARLEN_SDPA = "fedlora_varlen_sdpa"

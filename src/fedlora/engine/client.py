@@ -15,7 +15,7 @@ from fedlora.data.batches import token_batch
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.eval.loss import summed_nll
+from fedlora.forward import summed_nll
 from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
     set_trainable

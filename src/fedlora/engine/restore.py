@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from fedlora.aggregation import LoraFactors, RunContext, get_aggregator
+from fedlora.attention import enable_packing
 from fedlora.data import load_mmlu, load_records, tokenize_records
 from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_saved_config
@@ -60,8 +61,9 @@ def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
         raise ConfigError("nothing to evaluate: give --test-data and/or --mmlu")
     pad_id = pad_token_id(restored.tokenizer)
     examples, _ = tokenize_records(restored.tokenizer, test_records, config.max_length)
+    packed = config.packing and enable_packing(restored.global_model.model)
     evaluator = Evaluator(restored.tokenizer, pad_id, examples, questions, final_round=restored.completed_round,
-                          batch_size=config.eval_batch_size)
+                          batch_size=config.eval_batch_size, packed=packed)
     with restored.model() as model:
         return {"round": restored.completed_round, **evaluator(model, restored.completed_round)}
 

@@ -3,39 +3,22 @@
 The loss is the exact token-weighted mean NLL of the whole set: summed cross-entropy over
 every response token divided by their count, so it does not depend on the batch size or on
 how lengths fall into batches (a mean of batch means would). The LM head is applied only to
-the positions that predict a response token (:func:`labelled_logits`), and with ``packed``
+the positions that predict a response token (:func:`fedlora.forward.summed_nll`), and with ``packed``
 a batch's sequences share one row without padding (:mod:`fedlora.data.batches`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from fedlora.data.batches import TokenBatch, token_batch
+from fedlora.data.batches import token_batch
 from fedlora.data.prompts import TokenizedExample, tokenize_records
 from fedlora.data.records import Record
+from fedlora.forward import eval_mode, summed_nll
 from fedlora.models import model_device, pad_token_id
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the block; restores the previous train/eval mode after.
-
-    Shared by every evaluator in :mod:`fedlora.eval`: a client may be evaluated mid-training
-    and must come back in training mode (dropout on) exactly as it was.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def evaluate_loss(model: nn.Module, tokenizer, records: Sequence[Record], *, max_length: int = 512,
@@ -76,15 +59,3 @@ def evaluate_loss_tokenized(model: nn.Module, examples: Sequence[TokenizedExampl
         return {"eval_loss": math.nan, "perplexity": math.nan, "eval_tokens": 0}
     loss = total_nll / total_tokens
     return {"eval_loss": loss, "perplexity": math.exp(loss), "eval_tokens": total_tokens}
-
-
-def labelled_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """(labelled positions, vocabulary) logits: the LM head applied only where a target is set."""
-    return model(**batch.inputs, logits_to_keep=batch.labelled, use_cache=False).logits
-
-
-def summed_nll(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, int]:
-    """(summed NLL, number of targets) of one batch, differentiable."""
-    targets = batch.targets[batch.labelled]
-    logits = labelled_logits(model, batch).float()  # float32 softmax even for bf16/fp16 models
-    return nn.functional.cross_entropy(logits, targets, reduction="sum"), targets.numel()

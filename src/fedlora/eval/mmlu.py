@@ -25,7 +25,7 @@ from torch import nn
 from fedlora.data.batches import token_batch
 from fedlora.data.mmlu import LETTERS, MMLUQuestion, mmlu_prompt
 from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample
-from fedlora.eval.loss import eval_mode
+from fedlora.forward import eval_mode
 from fedlora.models import ModelError, model_device, pad_token_id
 
 
