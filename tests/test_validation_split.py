@@ -13,6 +13,7 @@ from fedlora.engine.config import ConfigError, build_config, save_config
 from fedlora.engine.setup import prepare_run
 from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
+from support import run_tiny
 
 
 def records(count: int, client: int = 0) -> list[Record]:
@@ -114,3 +115,13 @@ def test_a_client_of_the_shared_fixture_keeps_all_but_one_record_by_default(clie
     config = build_config({"model": "tiny-llama", "data": str(client_dir), "ranks": [2], "max_length": 32})
     setup = prepare_run(config, tmp_path, log=lambda message: None)
     assert {cid: len(e) for cid, e in setup.client_examples.items()} == {"0": 7, "1": 11, "2": 19}
+
+
+def test_eval_every_scores_the_test_set_on_round_0_every_kth_and_the_last_round_and_validation_always(
+        client_dir, tmp_path):
+    every_round = run_tiny(client_dir, tmp_path / "every", rounds=4, validation_fraction=0.2)
+    sparse = run_tiny(client_dir, tmp_path / "sparse", rounds=4, validation_fraction=0.2, eval_every=3)
+    assert [row["round"] for row in sparse if "eval_loss" in row] == [0, 3, 4]
+    for dense, row in zip(every_round, sparse):  # skipping an evaluation changes no training
+        assert row["val_loss"] == dense["val_loss"] and row["train_loss"] == dense["train_loss"]
+        assert row.get("eval_loss", dense["eval_loss"]) == dense["eval_loss"]

@@ -1,4 +1,4 @@
-"""Per-round evaluation of the global model: test and validation loss every round, MMLU when due."""
+"""Per-round evaluation of the global model: validation loss every round, test loss and MMLU when due."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ class Evaluator:
     """Evaluates with test examples tokenised once, since the same set is scored every round.
 
     MMLU costs ~0.4 s a question on a small CPU model, so it runs on the final round and every
-    ``mmlu_every`` rounds (round 0 included) when that is set.
+    ``mmlu_every`` rounds (round 0 included) when that is set. The test loss runs on round 0, the
+    final round and every ``eval_every`` rounds: a sweep of many short runs needs only the
+    ends, and the small validation set (what tuning reads) is scored every round regardless.
     """
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
+                 eval_every: int = 1,
                  batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
                  validation_examples: Sequence[TokenizedExample] = (), packed: bool = False):
         self.tokenizer = tokenizer
@@ -30,6 +33,7 @@ class Evaluator:
         self.questions = questions
         self.final_round = final_round
         self.mmlu_every = mmlu_every
+        self.eval_every = eval_every
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
         self.packed = packed  # batches packed in one row (the model computes them apart)
@@ -39,9 +43,13 @@ class Evaluator:
             return False
         return server_round == self.final_round or bool(self.mmlu_every and server_round % self.mmlu_every == 0)
 
+    def test_due(self, server_round: int) -> bool:
+        return bool(self.test_examples) and (server_round in (0, self.final_round)
+                                             or server_round % self.eval_every == 0)
+
     def __call__(self, model: nn.Module, server_round: int) -> dict:
         metrics: dict = {}
-        if self.test_examples:
+        if self.test_due(server_round):
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
                                                    batch_size=self.batch_size, packed=self.packed))
         if self.validation_examples:
@@ -72,5 +80,5 @@ def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
     validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
-                     mmlu_every=config.mmlu_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
+                     mmlu_every=config.mmlu_every, eval_every=config.eval_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
                      validation_examples=validation_examples, packed=packed)
