@@ -25,7 +25,9 @@ def invoke(*args: str):
 def one_line_error(result) -> str:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    return " ".join(result.output.split())
+    error_lines = result.output[result.output.index("error:"):].splitlines()
+    assert len(error_lines) == 1, f"the error is wrapped: {error_lines}"  # a long path must not break it
+    return error_lines[0]
 
 
 @pytest.fixture
@@ -78,7 +80,8 @@ def test_output_that_is_not_a_terminal_gets_the_whole_table(monkeypatch):
      "local_epochs = 1.0\n", ["bad.toml", "'local_epochs'", "'local_steps'"]),
 ])
 def test_bad_config_file_is_one_clear_line(tmp_path, no_model_loading, toml, expected):
-    config = tmp_path / "bad.toml"
+    config = tmp_path / ("a-long-folder-name-" * 6) / "bad.toml"  # the line is wider than the console
+    config.parent.mkdir()
     config.write_text(toml)
     message = one_line_error(invoke("run", config, "--out", tmp_path / "run"))
     for piece in expected:

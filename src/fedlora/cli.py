@@ -45,7 +45,8 @@ Opt = typer.Option
 
 
 def _fail(error: Exception) -> None:
-    console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False)
+    # soft_wrap: one line however long (rich would break a long path inside a word)
+    console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
