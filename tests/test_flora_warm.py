@@ -222,21 +222,11 @@ def test_export_and_restore_include_the_global_adapter(client_dir, tmp_path):
 def test_a_run_over_flower_equals_the_in_process_run(client_dir, tmp_path, server_identity):
     """Flower's strategy and ClientApp, every message serialised as Flower does (support's
     in-memory grid); the rank-2 client, not sampled in round 1, catches up on its residual."""
-    from fedlora.runtime.flower import runner, server_factory
-    from fedlora.runtime.flower.strategy import FedLoraStrategy
-
     settings = {"rounds": 2, "clients": 2, "ranks": [4, 2], "clients_per_round": 1, "local_steps": 1, "seed": 0}
     expected = run(tiny_config(client_dir, tmp_path / "inprocess", **settings), tmp_path / "inprocess")
     assert [row["clients"] for row in expected] == [[], ["0"], ["1"]] and expected[1]["residual_rank"] == 2
     out = tmp_path / "flower"
-    out.mkdir()
-    config = tiny_config(client_dir, out, runtime="flower", **settings)
-    save_config(config, out / "config.json")
-    nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
-                                        "state-dir": str(tmp_path / "nodes" / str(node.partition_id))}
-             for node in runner.node_settings(config)}
-    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
-    strategy.run(support.InMemoryGrid(nodes, runner.app_settings(config, out).to_run_config()))
+    support.run_on_in_memory_flower(tiny_config(client_dir, out, runtime="flower", **settings), tmp_path / "nodes")
 
     def timeless(rows):
         return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]

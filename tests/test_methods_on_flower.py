@@ -25,11 +25,9 @@ from fedlora.engine.federation import BASE_LOG_DIR
 from fedlora.engine.ledger import BYTES_PER_PARAM
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
-from fedlora.runtime.flower import runner, server_factory
-from fedlora.runtime.flower.strategy import FedLoraStrategy
 from fedlora.runtime.inprocess import run_inprocess
 
-from support import InMemoryGrid, tiny_config
+from support import run_on_in_memory_flower, tiny_config
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1]}
@@ -51,14 +49,7 @@ def in_process(client_dir: Path, out: Path, method: str) -> list[dict]:
 
 
 def over_flower(client_dir: Path, out: Path, nodes_dir: Path, method: str) -> tuple[list[dict], dict]:
-    out.mkdir(parents=True)
-    config = config_for(client_dir, out, method, runtime="flower")
-    save_config(config, out / "config.json")
-    nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
-                                        "state-dir": str(nodes_dir / str(node.partition_id))}
-             for node in runner.node_settings(config)}
-    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
-    report = strategy.run(InMemoryGrid(nodes, runner.app_settings(config, out).to_run_config()))
+    _, report = run_on_in_memory_flower(config_for(client_dir, out, method, runtime="flower"), nodes_dir)
     return read_metrics(out), report
 
 

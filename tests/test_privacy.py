@@ -23,7 +23,7 @@ from fedlora.models import load_model, pad_token_id
 from fedlora.report import write_report
 from fedlora.runtime.inprocess import run_inprocess
 
-from support import DOLLY
+from support import DOLLY, run_on_in_memory_flower
 
 TARGETS = ["q_proj", "v_proj"]
 SIZES = {"0": 8, "1": 12, "2": 20}  # conftest's client_dir
@@ -252,17 +252,15 @@ def test_dp_with_data_on_the_nodes_is_refused(client_dir, tmp_path):
 
 # --- slow: Flower processes, SmolLM2 ---------------------------------------------------------------
 
-@pytest.mark.slow
-def test_flower_run_with_both_dp_levels_equals_the_in_process_run(client_dir, tmp_path):
-    from fedlora.runtime.flower import runner
-
+def test_flower_run_with_both_dp_levels_equals_the_in_process_run(client_dir, tmp_path, server_identity):
+    """Over Flower's strategy and ClientApp, every message serialised (support's in-memory grid):
+    a DP-SGD client withholds its train loss and the server still accounts both levels alike."""
     values = tiny_values(client_dir, tmp_path / "flower", rounds=2, clients_per_round=1, local_steps=1)
-    config = build_config({**values, "runtime": "flower"})
-    (tmp_path / "flower").mkdir()
-    save_config(config, tmp_path / "flower" / "config.json")
-    flower_summary = runner.run_flower(config, tmp_path / "flower")
+    flower_summary, _ = run_on_in_memory_flower(build_config({**values, "runtime": "flower"}), tmp_path / "nodes")
     rows, summary = run({**values, "out": str(tmp_path / "inprocess")})
-    assert privacy_view(read_metrics(tmp_path / "flower")) == privacy_view(rows)
+    flower_rows = read_metrics(tmp_path / "flower")
+    assert [row["clients"] for row in flower_rows] == [row["clients"] for row in rows] == [[], ["0"], ["1"]]
+    assert privacy_view(flower_rows) == privacy_view(rows)
     assert flower_summary["privacy"] == summary["privacy"]
     assert any(entry["epsilon"] > 0 for entry in summary["client_privacy"].values())
 
