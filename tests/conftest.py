@@ -28,14 +28,25 @@ def module_client_dir(tmp_path_factory) -> Path:
     return write_clients(tmp_path_factory.mktemp("clients"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_model_cache(tmp_path_factory) -> Path:
+    """The tests' own user cache (FEDLORA_CACHE, inherited by the processes they start): the
+    user's is never written, and SmolLM2 is dequantised once for the whole session."""
+    from fedlora.models import CACHE_ENV
+
+    cache = tmp_path_factory.mktemp("user-model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory) -> Path:
-    """A model cache holding the embedded SmolLM2 dequantised: tests load it in 0.3 s, not 22 s."""
+def smollm2_cache(user_model_cache) -> Path:
+    """The user cache, holding the embedded SmolLM2 dequantised: tests load it in 0.2 s, not 15 s."""
     from fedlora.models import load_model
 
-    cache = tmp_path_factory.mktemp("model-cache")
-    load_model("smollm2-135m", device="cpu", gguf_cache=cache)
-    return cache
+    load_model("smollm2-135m", device="cpu")
+    return user_model_cache
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

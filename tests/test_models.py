@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from fedlora.models import ModelError, adapted_shapes, load_model
+from fedlora import models
+from fedlora.models import CACHE_ENV, ModelError, adapted_shapes, load_model, user_cache
 
 
 def test_tiny_llama_is_deterministic_per_seed():
@@ -88,7 +89,7 @@ def test_a_gguf_model_dequantised_once_into_the_cache_loads_back_bit_exact(smoll
     written = (copy / "model.safetensors").stat().st_mtime_ns
     cached, cached_tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=smollm2_cache)
     assert list(smollm2_cache.iterdir()) == [copy] and (copy / "model.safetensors").stat().st_mtime_ns == written
-    direct, direct_tokenizer = load_model("smollm2-135m", device="cpu")
+    direct, direct_tokenizer = load_model("smollm2-135m", device="cpu", gguf_cache=None)
     expected, loaded = direct.state_dict(), cached.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())
@@ -96,3 +97,33 @@ def test_a_gguf_model_dequantised_once_into_the_cache_loads_back_bit_exact(smoll
     assert cached_tokenizer(text)["input_ids"] == direct_tokenizer(text)["input_ids"]
     assert (cached_tokenizer.pad_token_id, cached_tokenizer.eos_token_id) == \
         (direct_tokenizer.pad_token_id, direct_tokenizer.eos_token_id)
+
+
+def test_the_user_cache_is_fedlora_cache_else_xdg_else_home(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert user_cache() == tmp_path / "mine"
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert user_cache() is None
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache() == tmp_path / "xdg" / "fedlora" / "models"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache() == tmp_path / "home" / ".cache" / "fedlora" / "models"
+
+
+def test_an_unwritable_user_cache_loads_the_gguf_directly_and_an_explicit_one_raises(monkeypatch, tmp_path):
+    loads = []
+
+    def from_pretrained(source, gguf_file, *args):  # stands in for transformers' 15 s GGUF load
+        loads.append((source, gguf_file))
+        return load_model("tiny-llama", device="cpu")
+
+    monkeypatch.setattr(models, "_from_pretrained", from_pretrained)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocked / "cache"))
+    load_model("smollm2-135m", device="cpu")
+    assert [gguf_file for _, gguf_file in loads] == [models.SMOLLM2_GGUF]  # the GGUF itself, once
+    with pytest.raises(OSError):
+        load_model("smollm2-135m", device="cpu", gguf_cache=blocked / "cache")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedlora.data import Record, load_clients
 from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_ranks_fit
-from fedlora.models import load_model, model_shapes
+from fedlora.models import USER_CACHE, load_model, model_shapes
 
 Log = Callable[[str], None]
 
@@ -47,6 +47,6 @@ def check_model_fits(config: RunConfig) -> list[str]:
     return list(shapes)
 
 
-def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = None):
+def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = USER_CACHE):
     return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
                       seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache)

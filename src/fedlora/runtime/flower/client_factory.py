@@ -17,7 +17,7 @@ from fedlora.data import LazyTokenizedRecords, hold_out, load_records, split_cli
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import ConfigError, RunConfig, build_config
 from fedlora.engine.inputs import load_client_records, load_run_model, resolve_data_paths
-from fedlora.models import pad_token_id
+from fedlora.models import USER_CACHE, pad_token_id
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 
 
@@ -28,7 +28,7 @@ def _run_config(settings: AppSettings) -> RunConfig:
 
 def _trainer(config: RunConfig, node: NodeSettings) -> tuple[LocalTrainer, object]:
     """A trainer on the pristine base model, and the tokenizer."""
-    model, tokenizer = load_run_model(config, gguf_cache=node.model_cache or None)
+    model, tokenizer = load_run_model(config, gguf_cache=node.model_cache or USER_CACHE)
     return LocalTrainer.from_config(model, pad_token_id(tokenizer), config), tokenizer
 
 
