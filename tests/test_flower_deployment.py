@@ -90,6 +90,7 @@ class FakeFederation:
         self.base_log: dict[int, GlobalUpdate] = {}
         self.rows: list[dict] = []
         self.synced = dict.fromkeys(self.client_ids, 0)  # what the strategy reported of each replica
+        self.runtime_state: dict = {}
 
     def start(self) -> int:
         return 0
@@ -322,6 +323,56 @@ def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_ident
     (row,) = federation.rows
     assert row["skipped"] and [f["client_id"] for f in row["failures"]] == ["client-0", "client-1"]
     assert "out of memory on client-0" in row["failures"][0]["reason"]
+
+
+# --- the real factories ------------------------------------------------------------------------
+
+def test_a_reply_replayed_after_the_server_resumed_is_still_a_replay(client_dir, tmp_path, server_identity,
+                                                                      monkeypatch):
+    """The digests of received updates are checkpointed: client 0 sends its round-1 reply again
+    in round 2, after the server crashed between the rounds and resumed from round 1."""
+    from fedlora.engine.config import save_config
+    from fedlora.engine.metrics import read_metrics
+    from fedlora.runtime.flower import runner, server_factory
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = tiny_config(client_dir, run_dir, runtime="flower", rounds=2, fraction=1.0, local_steps=1)
+    save_config(config, run_dir / "config.json")
+    nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
+                                        "state-dir": str(tmp_path / "nodes" / str(node.partition_id))}
+             for node in runner.node_settings(config)}
+    honest_encode, first_replies = client_app.encode_result, {}
+
+    def replaying_encode(result, *, replica_round, **options):
+        client = result.update.client_id
+        if client == "0" and client in first_replies:
+            return first_replies[client]
+        content = honest_encode(result, replica_round=replica_round, **options)
+        first_replies.setdefault(client, content)
+        return content
+    monkeypatch.setattr(client_app, "encode_result", replaying_encode)
+
+    def strategy() -> FedLoraStrategy:
+        return FedLoraStrategy(server_factory.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
+
+    configure = FedLoraStrategy.configure_train
+
+    def killed_before_round_2(self, server_round, *args):
+        if server_round == 2:
+            raise SystemExit("the server is killed")
+        return configure(self, server_round, *args)
+    with monkeypatch.context() as patch:
+        patch.setattr(FedLoraStrategy, "configure_train", killed_before_round_2)
+        with pytest.raises(SystemExit):
+            strategy().run(InMemoryGrid(nodes, runner.app_settings(config, run_dir).to_run_config()))
+    assert [row["round"] for row in read_metrics(run_dir)] == [0, 1]
+
+    strategy().run(InMemoryGrid(nodes, runner.app_settings(config, run_dir).to_run_config()))
+    rows = read_metrics(run_dir)
+    assert rows[1]["clients"] == ["0", "1", "2"] and rows[2]["clients"] == ["1", "2"]
+    assert [(r["client_id"], r["rule"]) for r in rows[2]["rejected"]] == [("0", "replay")]
+    assert "the one it sent in round 1" in rows[2]["rejected"][0]["reason"]
 
 
 # --- the real factories, with the clients' records only on the nodes ------------------------

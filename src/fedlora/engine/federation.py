@@ -108,6 +108,9 @@ class Federation:
         #: (round, {client: its adapter as the server has it}) → {client: metrics}: set by the
         #: runtime holding the clients where a method keeps factors on them (see :meth:`evaluate`)
         self.evaluate_clients: EvaluateClients | None = None
+        #: what the runtime driving the federation must keep across a resume (JSON; the Flower
+        #: strategy's digests of the updates it received), saved with every checkpoint
+        self.runtime_state: dict = {}
         self._tasks: dict[str, ClientTask] = {}
         self._round_started = time.perf_counter()
 
@@ -364,6 +367,7 @@ class Federation:
                  "ledger": self.ledger.state_dict(), "synced": self.synced,
                  "base_log_params": {str(r): p for r, p in self.base_log_params.items()},
                  "method": method_meta, "context": asdict(self.aggregator.context),
+                 "runtime": self.runtime_state,
                  "privacy": self.privacy.state_dict() if self.privacy is not None else None}
         save_checkpoint(self.run_dir, self.completed_round, state, tensors)
 
@@ -380,6 +384,7 @@ class Federation:
         self.ledger = Ledger.from_state_dict(state["ledger"])
         self.synced = {cid: int(r) for cid, r in state["synced"].items()}
         self.base_log_params = {int(r): p for r, p in state["base_log_params"].items()}
+        self.runtime_state = state.get("runtime", {})
         self.aggregator.load_state_dict((state["method"], with_prefix("method/", tensors)))
         if self.privacy is not None:
             self.privacy.load_state_dict(state.get("privacy"))

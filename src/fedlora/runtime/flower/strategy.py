@@ -81,8 +81,6 @@ class FedLoraStrategy(Strategy):
         self._open: dict[str, str] = {}  # message id → client of the exchange under way
         self._order: list[str] = []  # the round's clients in task order
         self._unsent: list[ClientFailure] = []
-        #: digest of every (client, update) received (see _check_fresh) → its round
-        self._received: dict[str, int] = {}
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
@@ -235,10 +233,12 @@ class FedLoraStrategy(Strategy):
         arrays = content.array_records[UPDATE_KEY]
         digest = hashlib.sha256(json.dumps([client, sorted((key, array.object_id) for key, array in arrays.items())])
                                 .encode()).hexdigest()
-        if digest in self._received:
-            raise AggregationError(f"update identical to the one it sent in round {self._received[digest]}",
+        # digest → round, checkpointed with the Federation: a resumed server still knows them
+        received = self.federation.runtime_state.setdefault("received_updates", {})
+        if digest in received:
+            raise AggregationError(f"update identical to the one it sent in round {received[digest]}",
                                    client_id=client, rule="replay")
-        self._received[digest] = server_round
+        received[digest] = server_round
 
     def _match(self, replies: Iterable[Message]) -> Iterable[tuple[str, Message]]:
         """(client, reply) for replies to the open exchange; stale replies are dropped."""
