@@ -185,7 +185,7 @@ def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(client_dir,
             time.sleep(0.2)
         deployments[0].kill_node(2)
 
-    flower_run(client_dir, run_dir, on_started=kill_node_2_after_round_1, fraction=1.0, client_timeout=40.0)
+    flower_run(client_dir, run_dir, on_started=kill_node_2_after_round_1, fraction=1.0, client_timeout=25.0)
     rows = read_metrics(run_dir)
     assert [row["round"] for row in rows] == [0, 1, 2]
     assert rows[1]["clients"] == ["0", "1", "2"]

@@ -153,6 +153,14 @@ def test_the_client_app_imports_neither_the_federation_nor_plotting():
     assert not {"matplotlib", "fedlora.engine.federation", "fedlora.engine.setup", "fedlora.report"} & modules
 
 
+def test_the_client_app_answers_identify_and_sync_without_importing_transformers_or_peft():
+    """Every Flower message runs in a process of its own: the node queries stay cheap."""
+    code = "import sys, json; import fedlora.runtime.flower.client_app; print(json.dumps(sorted(sys.modules)))"
+    modules = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                            text=True).stdout))
+    assert not {"transformers", "peft"} & modules
+
+
 def test_listing_methods_and_building_the_cli_import_no_torch():
     code = ("import sys; import fedlora.cli; from fedlora.aggregation.registry import method_summaries; "
             "method_summaries(); print('torch' in sys.modules)")

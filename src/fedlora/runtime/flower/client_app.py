@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from fedlora.aggregation import GlobalUpdate
 from fedlora.engine.checkpoint import atomic_save_tensors
 from fedlora.engine.client_state import CLIENT_STATE_DIR, ClientStore, train_from_store
-from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.engine.update_log import UpdateLog
 from fedlora.files import atomic_write_text
@@ -164,6 +163,10 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this node's client's own model: the replica, with the merges the server sent
     applied to it for this evaluation only (the replica's log stays as it is, as the ledger has
     it), and the adapter the server sent completed with the factors kept in the node's store."""
+    # imported here: transformers and PEFT cost ~2.5 s, which identify and sync messages, each
+    # in a process of its own, need not pay
+    from fedlora.engine.global_model import GlobalModel
+
     node, replica = node_replica(context)
     client_id, server_round, adapter, catchup = decode_evaluation(message.content)
     settings = AppSettings.from_run_config(context.run_config)
