@@ -80,5 +80,6 @@ def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
     validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
-                     mmlu_every=config.mmlu_every, eval_every=config.eval_every, batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
+                     mmlu_every=config.mmlu_every, eval_every=config.eval_every,
+                     batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
                      validation_examples=validation_examples, packed=packed)
