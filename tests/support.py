@@ -165,15 +165,22 @@ def run_on_in_memory_flower(config: RunConfig, nodes_dir: Path) -> tuple[dict, d
     """``config`` (runtime flower) run by fedlora's real strategy, ClientApp and factories over an
     :class:`InMemoryGrid`, one node per client with its state under ``nodes_dir``: (the
     Federation's summary, the strategy's report of the transport). Real SuperLink and SuperNode processes cost a minute a run here."""
-    from fedlora.runtime.flower import runner, server_factory
+    from fedlora.runtime.flower import server_factory
     from fedlora.runtime.flower.strategy import FedLoraStrategy
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.json")
+    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
+    report = strategy.run(in_memory_grid(config, nodes_dir))
+    return strategy.federation.summary(), report
+
+
+def in_memory_grid(config: RunConfig, nodes_dir: Path) -> InMemoryGrid:
+    """An :class:`InMemoryGrid` with one node per client of ``config``, its state under ``nodes_dir``."""
+    from fedlora.runtime.flower import runner
+
     nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
                                         "state-dir": str(nodes_dir / str(node.partition_id))}
              for node in runner.node_settings(config)}
-    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
-    report = strategy.run(InMemoryGrid(nodes, runner.app_settings(config, out).to_run_config()))
-    return strategy.federation.summary(), report
+    return InMemoryGrid(nodes, runner.app_settings(config, Path(config.out)).to_run_config())

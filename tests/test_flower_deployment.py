@@ -26,7 +26,7 @@ from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.codec import AppSettings, NodeSettings
 from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
 
-from support import InMemoryGrid, comparable, run_tiny, tiny_config
+from support import InMemoryGrid, comparable, in_memory_grid, run_tiny, tiny_config
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.1.v_proj": (8, 12)}
 PARAMS_FILE = "fake.json"
@@ -333,15 +333,12 @@ def test_a_reply_replayed_after_the_server_resumed_is_still_a_replay(client_dir,
     in round 2, after the server crashed between the rounds and resumed from round 1."""
     from fedlora.engine.config import save_config
     from fedlora.engine.metrics import read_metrics
-    from fedlora.runtime.flower import runner, server_factory
+    from fedlora.runtime.flower import server_factory
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     config = tiny_config(client_dir, run_dir, runtime="flower", rounds=2, fraction=1.0, local_steps=1)
     save_config(config, run_dir / "config.json")
-    nodes = {1000 + node.partition_id: {"partition-id": node.partition_id, "data": node.data,
-                                        "state-dir": str(tmp_path / "nodes" / str(node.partition_id))}
-             for node in runner.node_settings(config)}
     honest_encode, first_replies = client_app.encode_result, {}
 
     def replaying_encode(result, *, replica_round, **options):
@@ -365,10 +362,10 @@ def test_a_reply_replayed_after_the_server_resumed_is_still_a_replay(client_dir,
     with monkeypatch.context() as patch:
         patch.setattr(FedLoraStrategy, "configure_train", killed_before_round_2)
         with pytest.raises(SystemExit):
-            strategy().run(InMemoryGrid(nodes, runner.app_settings(config, run_dir).to_run_config()))
+            strategy().run(in_memory_grid(config, tmp_path / "nodes"))
     assert [row["round"] for row in read_metrics(run_dir)] == [0, 1]
 
-    strategy().run(InMemoryGrid(nodes, runner.app_settings(config, run_dir).to_run_config()))
+    strategy().run(in_memory_grid(config, tmp_path / "nodes"))
     rows = read_metrics(run_dir)
     assert rows[1]["clients"] == ["0", "1", "2"] and rows[2]["clients"] == ["1", "2"]
     assert [(r["client_id"], r["rule"]) for r in rows[2]["rejected"]] == [("0", "replay")]
