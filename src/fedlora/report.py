@@ -17,7 +17,6 @@ the latest row's, and its communication ledger summary
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,7 +27,6 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
 from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_metrics, read_summary
-from fedlora.files import atomic_write_text
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
@@ -198,6 +196,18 @@ def _scalar_text(value: Any) -> str:
 # --- plots ---------------------------------------------------------------------------------
 
 
+def finish_round_axis(ax, *, empty: str) -> None:
+    """A panel of curves against round: integer rounds, a grid, and a legend, or ``empty``
+    written across it when nothing was plotted."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+
+
 def _plot_curves(path: Path, runs: dict[str, list[dict]]) -> None:
     """eval_loss and mmlu_acc against round, one line per run, into a two-panel PNG.
 
@@ -214,13 +224,7 @@ def _plot_curves(path: Path, runs: dict[str, list[dict]]) -> None:
                 ax.plot(rounds, values, marker="o", markersize=3, color=color, label=label)
     for ax, title in ((loss_ax, "held-out loss"), (mmlu_ax, "MMLU accuracy")):
         ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        finish_round_axis(ax, empty="not measured")
     loss_ax.set_ylabel("eval_loss")
     mmlu_ax.set_ylabel("mmlu_acc")
     fig.savefig(path, dpi=120)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedlora.engine.config import ConfigError
 from fedlora.files import atomic_write_text
+from fedlora.report import finish_round_axis
 from fedlora.sweep.outcomes import RunOutcome, is_finished
 from fedlora.sweep.plan import SEED, point_name
 from fedlora.sweep.runner import PLAN_FILE
@@ -324,12 +324,7 @@ def plot_comparison(comparison: dict, path: Path) -> None:
             if banded:
                 ax.fill_between([r for r, _ in banded], [b[0] for _, b in banded], [b[1] for _, b in banded],
                                 color=f"C{index}", alpha=0.15, linewidth=0)
-        ax.set(title=name, xlabel="round", ylabel="test loss")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no finished method", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=name, ylabel="test loss")
+        finish_round_axis(ax, empty="no finished method")
     fig.savefig(path, dpi=120)
 
