@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 
 from fedlora import models
 from fedlora.models import CACHE_ENV, ModelError, adapted_shapes, load_model, user_cache
@@ -67,6 +68,23 @@ def test_adapted_shapes_lists_targets_and_rejects_unmatched():
     assert len(shapes) == 4
     with pytest.raises(ModelError, match="qkv_proj"):
         adapted_shapes(model, ["q_proj", "qkv_proj"])
+
+
+def test_model_shapes_reads_a_model_config_once_per_process(tmp_path, monkeypatch):
+    transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100).save_pretrained(tmp_path)
+    reads = []
+    original = models.AutoConfig.from_pretrained
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained",
+                        lambda *args, **kwargs: reads.append(args) or original(*args, **kwargs))
+    first = models.model_shapes(str(tmp_path), ["q_proj", "v_proj"])
+    first.clear()  # a caller's copy: changing it changes no later answer
+    second = models.model_shapes(str(tmp_path), ("q_proj", "v_proj"))
+    assert second == {f"model.layers.{i}.self_attn.{m}": shape for i in range(2)
+                      for m, shape in (("q_proj", (32, 32)), ("v_proj", (16, 32)))}
+    assert len(reads) == 1
+    models.model_shapes(str(tmp_path), ["q_proj"])  # other targets: another skeleton
+    assert len(reads) == 2
 
 
 @pytest.mark.slow

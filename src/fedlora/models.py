@@ -7,6 +7,7 @@ small randomly initialised Llama with a byte-level tokenizer, built in code for 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -119,8 +120,15 @@ def model_shapes(name: str, target_modules: list[str] | tuple[str, ...], *, gguf
     """:func:`adapted_shapes` of a model built on the meta device from its config alone.
 
     Reads no weights, so impossible settings (a rank above a module's min(d, n)) are caught
-    before the model itself is loaded.
+    before the model itself is loaded. Remembered per process: reading a GGUF file's config
+    takes seconds, and a sweep checks every run's model.
     """
+    return dict(_skeleton_shapes(name, tuple(target_modules), gguf_file, trust_remote_code))
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton_shapes(name: str, target_modules: tuple[str, ...], gguf_file: str | None,
+                     trust_remote_code: bool) -> dict[str, tuple[int, int]]:
     if name == TINY_LLAMA_NAME:
         config = _tiny_llama_config(_byte_tokenizer())
     else:
