@@ -337,11 +337,20 @@ def test_raflora_weights_each_rank_partition_by_its_holders_then_allocates_by_sv
         assert relative_error(result.delta(module), ideal(updates, module)) > 1e-2
 
 
-def test_raflora_with_one_rank_is_the_exact_average():
+def test_raflora_with_one_rank_is_the_exact_average_and_flexlora():
+    """At one rank raFLoRA is FlexLoRA, global update and client starts alike (the quality sweep
+    runs it in the heterogeneous setting only)."""
     updates = homogeneous()
     result = get_aggregator("raflora").aggregate(updates)
+    flexlora = get_aggregator("flexlora").aggregate(updates)
     for module in SHAPES:
         assert relative_error(result.delta(module), ideal(updates, module)) <= 1e-5
+        assert torch.equal(result.delta(module), flexlora.delta(module))
+    starts = [get_aggregator(name).client_start(update, "c0", 4) for name, update in
+              (("raflora", result), ("flexlora", flexlora))]
+    for module in SHAPES:
+        assert torch.equal(starts[0][module].A, starts[1][module].A)
+        assert torch.equal(starts[0][module].B, starts[1][module].B)
 
 
 def test_raflora_keeps_an_unchanged_allocation_where_flexlora_shrinks_it():
