@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-privacy clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ bench-rolora-scaling: install
 bench-flower: install
 	$(PY) benchmarks/flower_churn.py
 	$(PY) benchmarks/readme_tables.py flower_churn
+
+bench-flora-warm: install
+	$(PY) benchmarks/flora_warm_single_client.py
+	$(PY) benchmarks/readme_tables.py flora_warm_single_client
 
 bench-privacy: install
 	$(PY) benchmarks/privacy.py

@@ -26,7 +26,7 @@ import torch
 from common import DOLLY, environment_line, markdown_table, require_shared_data, run_federation, write_result
 
 SETTINGS = {"model": "smollm2-135m", "data": str(DOLLY), "clients": 1, "ranks": [16], "lr": 3e-4,
-            "batch_size": 4, "max_length": 128, "test_limit": 48, "seed": 0}
+            "batch_size": 4, "max_length": 128, "test_limit": 48, "mmlu_limit": 0, "seed": 0}
 #: (label, method, its options, rounds, local steps per round)
 RUNS = (("one round of 20 steps (no restart)", "flora", {}, 1, 20),
         ("FedIT: 4 rounds × 5, the same LoRA continued (optimizer reset)", "fedit", {}, 4, 5),
