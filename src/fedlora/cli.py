@@ -19,6 +19,7 @@ from rich.text import Text
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, load_config, load_saved_config, \
     save_config, with_absolute_paths
 from fedlora.errors import FedloraError
+from fedlora.files import folder_lock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated LoRA fine-tuning of LLMs with exact aggregation.")
@@ -60,7 +61,6 @@ def _prepare_run_dir(config: RunConfig) -> Path:
     if (run_dir / CONFIG_FILE).exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with `fedlora run --resume {run_dir}` "
                           "or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)  # before any work, so even round 0 can resume
     return run_dir
 
@@ -88,11 +88,14 @@ def run(config_file: Optional[Path] = None, resume: Optional[Path] = None, **fla
     flags = _given(flags)
     try:
         if resume is not None:
-            config, run_dir = _resume_config(resume, config_file, flags)
+            with folder_lock(resume):
+                _execute(*_resume_config(resume, config_file, flags))
         else:
             config = with_absolute_paths(load_config(config_file, flags))
-            run_dir = _prepare_run_dir(config)
-        _execute(config, run_dir)
+            run_dir = Path(config.out)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with folder_lock(run_dir):
+                _execute(config, _prepare_run_dir(config))
     except USER_ERRORS as error:
         _fail(error)
 

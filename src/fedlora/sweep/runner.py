@@ -29,7 +29,7 @@ from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
 from fedlora.engine.metrics import write_summary
 from fedlora.engine.setup import prepare_run
-from fedlora.files import atomic_write_text
+from fedlora.files import atomic_write_text, folder_lock
 from fedlora.lora.merge import base_weight
 from fedlora.models import pad_token_id, weights_depend_on_seed
 from fedlora.report import write_report
@@ -55,12 +55,18 @@ def with_out(run: PlannedRun, out_dir: Path) -> RunConfig:
 
 
 def run_sweep(plan: SweepPlan, out_dir: str | Path, observer: SweepObserver | None = None) -> SweepResult:
-    """Run (or continue) every planned run, then score the final MMLU of the chosen ones."""
+    """Run (or continue) every planned run, then score the final MMLU of the chosen ones; one
+    sweep at a time in ``out_dir`` (:func:`fedlora.files.folder_lock`)."""
     out_dir = Path(out_dir)
     observer = observer or SweepObserver()
     check_unchanged(plan, out_dir)
     preflight(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        return _run_planned(plan, out_dir, observer)
+
+
+def _run_planned(plan: SweepPlan, out_dir: Path, observer: SweepObserver) -> SweepResult:
     atomic_write_text(out_dir / PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
     result = SweepResult()
     models = ModelCache()
