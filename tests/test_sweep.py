@@ -201,6 +201,29 @@ def test_the_final_mmlu_scores_only_the_chosen_runs(client_dir, tmp_path):
         "acc": 0, "ci95": 0, "questions": 3, "runs": 1}
 
 
+def test_a_test_set_scored_on_the_chosen_runs_only_gives_the_comparison_of_scoring_every_run(client_dir, tmp_path):
+    """[tune] test = "chosen": the runs score the test set on round 0 alone; once a group is tuned,
+    its chosen runs' final models (the local baseline's every client's) are scored after the run,
+    to the same numbers, and the runs tuning passed over have no final test loss at all."""
+    # both score the test set at the ends (eval_every = rounds): rounds 0 and 2
+    doc = document(client_dir, methods=("flora", "local"), ranks=(2,), lrs=(1e-3, 3e-2), eval_every=2)
+    run_sweep(plan_of(doc), tmp_path / "every")
+    doc["tune"]["test"] = "chosen"
+    out = tmp_path / "chosen"
+    result = run_sweep(plan_of(doc), out)
+    comparison = build_comparison(out)
+    assert deterministic(comparison) == deterministic(build_comparison(tmp_path / "every"))
+    chosen = [run for entry in comparison["settings"]["het"]["methods"].values() for run in entry["runs"]]
+    assert sorted(result.scored) == sorted(chosen) and len(chosen) == 4
+    for run in (run.folder for run in plan_of(doc).runs):
+        last = read_metrics(out / run)[-1]
+        assert "eval_loss" not in last and "val_loss" in last  # tuning's data, every round
+        assert (out / run / "final-test.json").is_file() == (run in chosen)
+    assert json.loads((out / chosen[0] / "final-test.json").read_text())["round"] == 2
+    again = run_sweep(plan_of(doc), out)  # scored once
+    assert again.ran == [] and again.scored == []
+
+
 def test_the_eta_costs_each_pending_run_by_its_method():
     done = [("flora", 10.0), ("flora", 20.0), ("local", 90.0)]
     # flora 15 s each, local 90 s, a method not seen yet the mean of all (40 s)
@@ -221,6 +244,9 @@ def test_the_eta_costs_each_pending_run_by_its_method():
     (lambda d: d["run"].update(validation_fraction=0.0) or d.update(tune={"keys": ["lr"]})
      or d["grid"].update(lr=[1e-3, 1e-2]), "'validation_fraction' 0, but tuning needs val_loss"),
     (lambda d: d.update(compare={"reference": "fedavg"}), "must be a method of some setting"),
+    (lambda d: d.update(tune={"keys": [], "test": "chosen"}), "no keys are tuned: every run is chosen"),
+    (lambda d: d["grid"].update(lr=[1e-3, 1e-2]) or d.update(tune={"keys": ["lr"], "test": "best"}),
+     "[tune] 'test' must be \"all\""),
     (lambda d: d["run"].update(runtime="flower"), "a sweep shares one loaded model"),
 ])
 def test_sweep_file_mistakes_are_named_before_anything_runs(client_dir, doc_change, expected):

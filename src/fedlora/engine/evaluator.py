@@ -18,13 +18,16 @@ class Evaluator:
     ``mmlu_every`` rounds (round 0 included) when that is set. The test loss runs on round 0, the
     final round and every ``eval_every`` rounds: a sweep of many short runs needs only the
     ends, and the small validation set (what tuning reads) is scored every round regardless.
+    With ``deferred_test`` the test loss runs on round 0 alone: a sweep scores the last round's
+    on the runs tuning chose only, afterwards.
     """
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
                  eval_every: int = 1,
                  batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
-                 validation_examples: Sequence[TokenizedExample] = (), packed: bool = False):
+                 validation_examples: Sequence[TokenizedExample] = (), packed: bool = False,
+                 deferred_test: bool = False):
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
         self.test_examples = test_examples
@@ -37,6 +40,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
         self.packed = packed  # batches packed in one row (the model computes them apart)
+        self.deferred_test = deferred_test
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.questions:
@@ -44,8 +48,9 @@ class Evaluator:
         return server_round == self.final_round or bool(self.mmlu_every and server_round % self.mmlu_every == 0)
 
     def test_due(self, server_round: int) -> bool:
-        return bool(self.test_examples) and (server_round in (0, self.final_round)
-                                             or server_round % self.eval_every == 0)
+        if not self.test_examples or (self.deferred_test and server_round > 0):
+            return False
+        return server_round in (0, self.final_round) or server_round % self.eval_every == 0
 
     def __call__(self, model: nn.Module, server_round: int) -> dict:
         metrics: dict = {}

@@ -11,6 +11,8 @@ from fedlora.engine.metrics import read_metrics, read_summary
 
 #: MMLU scored on a chosen run after tuning (``[final]`` of the sweep file)
 FINAL_MMLU_FILE = "final-mmlu.json"
+#: the last round's test loss of a chosen run, scored after tuning (``[tune] test = "chosen"``)
+FINAL_TEST_FILE = "final-test.json"
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -18,9 +20,16 @@ def is_finished(run_dir: Path) -> bool:
     return bool(read_summary(run_dir))
 
 
-def read_final_mmlu(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / FINAL_MMLU_FILE
+def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_final_mmlu(run_dir: Path) -> dict | None:
+    return _read_json(Path(run_dir) / FINAL_MMLU_FILE)
+
+
+def read_final_test(run_dir: Path) -> dict | None:
+    return _read_json(Path(run_dir) / FINAL_TEST_FILE)
 
 
 @dataclass(frozen=True)
@@ -28,22 +37,27 @@ class RunOutcome:
     rows: list[dict]
     summary: dict
     final_mmlu: dict | None
+    #: the test loss of round ``final_test["round"]``, scored after the run (None: in the run, if at all)
+    final_test: dict | None = None
 
     @classmethod
     def read(cls, run_dir: Path) -> RunOutcome:
-        return cls(read_metrics(run_dir), read_summary(run_dir), read_final_mmlu(run_dir))
+        return cls(read_metrics(run_dir), read_summary(run_dir), read_final_mmlu(run_dir), read_final_test(run_dir))
 
     @property
     def final_val_loss(self) -> float | None:
         return self.rows[-1].get("val_loss")
 
     def test_losses(self) -> list[float | None]:
-        """The test loss of every round, round 0 (the untrained model) first."""
-        return [row.get("eval_loss") for row in self.rows]
+        """The test loss of every round, round 0 (the untrained model) first; a round scored
+        after the run (:data:`FINAL_TEST_FILE`) has that loss."""
+        later = self.final_test or {}
+        return [later["eval_loss"] if row["round"] == later.get("round") else row.get("eval_loss")
+                for row in self.rows]
 
     @property
     def final_test_loss(self) -> float | None:
-        return self.rows[-1].get("eval_loss")
+        return self.test_losses()[-1]
 
     @property
     def best_test_loss(self) -> float | None:

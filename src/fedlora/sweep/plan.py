@@ -10,6 +10,7 @@ A sweep file is TOML::
     lr = [3e-4, 1e-3, 3e-3]
     [tune]
     keys = ["lr"]                # chosen per (setting, method) on the mean final val_loss over seeds
+    test = "chosen"              # the last round's test loss only of the chosen runs (default "all")
     [settings.homogeneous]       # RunConfig keys of this setting, and its methods
     ranks = [16]
     methods = ["flora", "fedit"]
@@ -93,12 +94,16 @@ class SweepPlan:
     reference: str
     final: FinalMMLU | None
     runs: list[PlannedRun]
+    #: score the test set after round 0 only on the chosen runs, once their group is tuned
+    #: (``[tune] test = "chosen"``); every run scores round 0, the untrained model, shared
+    test_chosen_only: bool = False
 
     def to_json(self) -> dict:
         """What `fedlora compare` needs to know of the plan (written to the sweep folder)."""
         return {"source": self.source, "grid": self.grid, "tune": list(self.tune),
                 "settings": {name: list(methods) for name, methods in self.settings.items()},
                 "reference": self.reference, "final": self.final.to_json() if self.final else None,
+                "test_chosen_only": self.test_chosen_only,
                 "runs": [{"folder": run.folder, "setting": run.setting, "method": run.method, "point": run.point}
                          for run in self.runs]}
 
@@ -127,7 +132,7 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
     base = load_config(document["base"]) if "base" in document else RunConfig()
     base = build_config(shared, source=f"{source}: [run]", base=base)
     settings, setting_values = _settings(_table(document, "settings", fail), grid, base, fail)
-    tune = _tune(_table(document, "tune", fail), grid, fail)
+    tune, test_chosen_only = _tune(_table(document, "tune", fail), grid, fail)
     reference = _reference(_table(document, "compare", fail), settings, fail)
     final = _final(_table(document, "final", fail), fail)
 
@@ -147,7 +152,7 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
     folders = [run.folder for run in runs]
     if len(set(folders)) != len(folders):
         raise fail("[grid]", "has values that name the same run folder; make them distinct")
-    return SweepPlan(source, grid, tune, settings, reference, final, runs)
+    return SweepPlan(source, grid, tune, settings, reference, final, runs, test_chosen_only)
 
 
 def _settings(table: dict, grid: dict[str, list], base: RunConfig,
@@ -173,14 +178,20 @@ def _settings(table: dict, grid: dict[str, list], base: RunConfig,
     return methods_of, values_of
 
 
-def _tune(table: dict, grid: dict[str, list], fail) -> tuple[str, ...]:
+def _tune(table: dict, grid: dict[str, list], fail) -> tuple[tuple[str, ...], bool]:
+    """(the tuned keys, whether only the chosen runs score the test set after round 0)."""
     keys = table.get("keys", [])
-    if set(table) - {"keys"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise fail("[tune]", "takes 'keys', a list of grid axes")
+    if set(table) - {"keys", "test"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise fail("[tune]", "takes 'keys', a list of grid axes, and optionally 'test'")
     for key in keys:
         if key not in grid or key in (SEED, "method"):
             raise fail(f"[tune] {key!r}", "must be a grid axis other than seed and method")
-    return _unique(keys, "[tune] keys", fail)
+    test = table.get("test", "all")
+    if test not in ("all", "chosen"):
+        raise fail("[tune] 'test'", f"must be \"all\" (every run scores the test set) or \"chosen\", got {test!r}")
+    if test == "chosen" and not keys:
+        raise fail("[tune] 'test'", "is \"chosen\", but no keys are tuned: every run is chosen")
+    return _unique(keys, "[tune] keys", fail), test == "chosen"
 
 
 def _reference(table: dict, settings: dict[str, tuple[str, ...]], fail) -> str:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from fedlora.runtime.observer import RichObserver, RunObserver
 from fedlora.sweep.outcomes import RunOutcome
-from fedlora.sweep.plan import FinalMMLU, PlannedRun
+from fedlora.sweep.plan import PlannedRun
 
 
 class SweepObserver:
@@ -24,7 +24,7 @@ class SweepObserver:
 
     def run_finished(self, run: PlannedRun, outcome: RunOutcome, seconds: float, resumed: bool) -> None: ...
 
-    def final_started(self, run: PlannedRun, final: FinalMMLU) -> None: ...
+    def final_started(self, run: PlannedRun, what: str) -> None: ...
 
     def mmlu_progress(self, done: int, total: int) -> None: ...
 
@@ -113,8 +113,8 @@ class RichSweepObserver(SweepObserver):
                            if value is not None)
         self.console.print(f"done {run.folder}: {losses} ({format_duration(seconds)})")
 
-    def final_started(self, run: PlannedRun, final: FinalMMLU) -> None:
-        self.progress.update(self.sweep, description=f"final MMLU: {run.folder}")
+    def final_started(self, run: PlannedRun, what: str) -> None:
+        self.progress.update(self.sweep, description=f"final {what}: {run.folder}")
 
     def mmlu_progress(self, done: int, total: int) -> None:
         self.progress.update(self.mmlu, completed=done, total=total, visible=done < total)

@@ -28,14 +28,15 @@ from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
 from fedlora.engine.metrics import write_summary
-from fedlora.engine.setup import prepare_run
+from fedlora.engine.setup import RunSetup, prepare_run
 from fedlora.files import atomic_write_text, folder_lock
 from fedlora.lora.merge import base_weight
 from fedlora.models import pad_token_id, weights_depend_on_seed
 from fedlora.report import write_report
 from fedlora.runtime.inprocess import evaluate_clients_in_process, run_inprocess
-from fedlora.sweep.outcomes import FINAL_MMLU_FILE, RunOutcome, is_finished, read_final_mmlu
-from fedlora.sweep.plan import FinalMMLU, PlannedRun, SweepPlan
+from fedlora.sweep.outcomes import FINAL_MMLU_FILE, FINAL_TEST_FILE, RunOutcome, is_finished, read_final_mmlu, \
+    read_final_test
+from fedlora.sweep.plan import PlannedRun, SweepPlan
 from fedlora.sweep.progress import SweepObserver
 from fedlora.sweep.tuning import choose, groups
 
@@ -47,7 +48,7 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    scored: list[str] = field(default_factory=list)  # runs whose final MMLU was scored now
+    scored: list[str] = field(default_factory=list)  # runs given a final test loss or MMLU now
 
 
 def with_out(run: PlannedRun, out_dir: Path) -> RunConfig:
@@ -78,10 +79,10 @@ def _run_planned(plan: SweepPlan, out_dir: Path, observer: SweepObserver) -> Swe
     for runs in grouped.values():
         for run in runs:
             if run in pending:
-                resumed = _execute(run, out_dir, models, evaluations, observer)
+                resumed = _execute(run, out_dir, models, evaluations, observer, plan.test_chosen_only)
                 (result.resumed if resumed else result.ran).append(run.folder)
-        if plan.final is not None:  # the group is complete: its choice is known
-            result.scored += _score_final(plan, runs, out_dir, models, evaluations, observer)
+        # the group is complete: its choice is known
+        result.scored += _score_chosen(plan, runs, out_dir, models, evaluations, observer)
     return result
 
 
@@ -132,8 +133,9 @@ def preflight(plan: SweepPlan) -> None:
 # -- one run ---------------------------------------------------------------------------------------
 
 def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: ExactEvaluations,
-             observer: SweepObserver) -> bool:
-    """Run or resume one run to its end; True when it resumed an interrupted one."""
+             observer: SweepObserver, deferred_test: bool) -> bool:
+    """Run or resume one run to its end; True when it resumed an interrupted one. With
+    ``deferred_test`` the run scores the test set on round 0 only (:func:`_score_chosen`)."""
     config = with_out(run, out_dir)
     run_dir = Path(config.out)
     resumed = (run_dir / CONFIG_FILE).is_file()
@@ -145,6 +147,7 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
     started = time.perf_counter()
     setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded)
     federation = setup.federation
+    federation.evaluate_model.deferred_test = deferred_test  # the run's own Evaluator
     federation.evaluate_model = evaluations.wrap(federation.evaluate_model, models.key,
                                                  federation.global_model.adapted_modules)
     with restored_afterwards(federation.global_model):
@@ -157,44 +160,75 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
     return resumed
 
 
-# -- the final MMLU of the chosen runs ----------------------------------------------------------------
+# -- what only the chosen runs are scored on ---------------------------------------------------------
 
-def _score_final(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models: ModelCache,
-                 evaluations: ExactEvaluations, observer: SweepObserver) -> list[str]:
-    final = plan.final
+def _score_chosen(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models: ModelCache,
+                  evaluations: ExactEvaluations, observer: SweepObserver) -> list[str]:
+    """The chosen runs of a complete group: the last round's test loss where the plan defers it
+    (every seed), the final MMLU where ``[final]`` asks for it (its seeds). Each score is written
+    beside the run once; a sweep run again scores only what is missing."""
+    if plan.final is None and not plan.test_chosen_only:
+        return []
     val_losses = {run.folder: RunOutcome.read(out_dir / run.folder).final_val_loss for run in runs}
     scored = []
-    for run in filter(final.scores, choose(runs, val_losses, plan.tune, plan.grid).runs):
-        run_dir = out_dir / run.folder
-        spec = {**final.question_set(), "round": run.config.rounds}
-        previous = read_final_mmlu(run_dir)
-        if previous is not None and all(previous.get(key) == value for key, value in spec.items()):
-            continue
-        observer.final_started(run, final)
-        started = time.perf_counter()
-        metrics = _final_mmlu(with_out(run, out_dir), final, models, evaluations, observer)
-        metrics["seconds"] = time.perf_counter() - started
-        atomic_write_text(run_dir / FINAL_MMLU_FILE, json.dumps({**spec, **metrics}, indent=2) + "\n")
-        scored.append(run.folder)
-    return scored
+    for run in choose(runs, val_losses, plan.tune, plan.grid).runs:
+        config, run_dir = with_out(run, out_dir), out_dir / run.folder
+        if plan.test_chosen_only and read_final_test(run_dir) is None:
+            scored.append(_write_final(run_dir / FINAL_TEST_FILE, {"round": config.rounds}, "test loss", run,
+                                       config, _test_evaluator, models, evaluations, observer))
+        if plan.final is not None and plan.final.scores(run):
+            spec = {**plan.final.question_set(), "round": config.rounds}
+            previous = read_final_mmlu(run_dir)
+            if previous is None or any(previous.get(key) != value for key, value in spec.items()):
+                questions = plan.final.select(load_mmlu(plan.final.path))
+                scored.append(_write_final(run_dir / FINAL_MMLU_FILE, spec, "MMLU", run, config,
+                                           _mmlu_evaluator(questions, observer), models, evaluations, observer))
+    return list(dict.fromkeys(scored))
 
 
-def _final_mmlu(config: RunConfig, final: FinalMMLU, models: ModelCache, evaluations: ExactEvaluations,
-                observer: SweepObserver) -> dict:
-    """MMLU of a finished run's final model (each client's own, averaged, for the local baseline)."""
-    questions = final.select(load_mmlu(final.path))
+#: what a final score keeps of the evaluation (the local baseline's per-client results are dropped)
+FINAL_KEYS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject")
+
+
+def _write_final(path: Path, spec: dict, what: str, run: PlannedRun, config: RunConfig,
+                 make_evaluator: Callable[[RunSetup], Evaluator], models: ModelCache,
+                 evaluations: ExactEvaluations, observer: SweepObserver) -> str:
+    observer.final_started(run, what)
+    started = time.perf_counter()
+    metrics = _evaluate_final_model(config, make_evaluator, models, evaluations, observer)
+    metrics["seconds"] = time.perf_counter() - started
+    atomic_write_text(path, json.dumps({**spec, **metrics}, indent=2) + "\n")
+    return run.folder
+
+
+def _test_evaluator(setup: RunSetup) -> Evaluator:
+    """The run's own evaluator (its test examples, batching and packing), scoring the test set alone."""
+    evaluator = copy.copy(setup.federation.evaluate_model)
+    evaluator.validation_examples, evaluator.questions = (), []
+    return evaluator
+
+
+def _mmlu_evaluator(questions: list, observer: SweepObserver) -> Callable[[RunSetup], Evaluator]:
+    def make(setup: RunSetup) -> Evaluator:
+        return Evaluator(setup.tokenizer, pad_token_id(setup.tokenizer), [], questions,
+                         final_round=setup.config.rounds, batch_size=setup.config.eval_batch_size,
+                         mmlu_progress=observer.mmlu_progress)
+    return make
+
+
+def _evaluate_final_model(config: RunConfig, make_evaluator: Callable[[RunSetup], Evaluator], models: ModelCache,
+                          evaluations: ExactEvaluations, observer: SweepObserver) -> dict:
+    """``make_evaluator``'s scores of a finished run's final model (each client's own, averaged,
+    for the local baseline), without what the evaluator does not score this round."""
     setup = prepare_run(config, Path(config.out), log=observer.log, loaded=models.get(config, observer.log))
     federation = setup.federation
-    evaluator = Evaluator(setup.tokenizer, pad_token_id(setup.tokenizer), [], questions,
-                          final_round=config.rounds, batch_size=config.eval_batch_size,
-                          mmlu_progress=observer.mmlu_progress)
+    evaluator = make_evaluator(setup)
     federation.evaluate_model = evaluations.wrap(evaluator, models.key, federation.global_model.adapted_modules)
     evaluate_clients_in_process(federation)
     with restored_afterwards(federation.global_model):
         federation.restore()
         metrics = federation.evaluate(federation.completed_round)
-    keep = ("mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject")
-    return {key: value for key, value in metrics.items() if key in keep}
+    return {key: value for key, value in metrics.items() if key in FINAL_KEYS}
 
 
 # -- one model for many runs ---------------------------------------------------------------------------
@@ -249,7 +283,8 @@ class ExactEvaluations:
         inputs = _evaluator_digest(evaluator)
 
         def evaluate(model: nn.Module, server_round: int) -> dict:
-            key = (model_key, inputs, evaluator.mmlu_due(server_round), _weights_digest(model, modules))
+            key = (model_key, inputs, evaluator.test_due(server_round), evaluator.mmlu_due(server_round),
+                   _weights_digest(model, modules))
             if key not in self._results:
                 self._results[key] = evaluator(model, server_round)
             return copy.deepcopy(self._results[key])
@@ -260,7 +295,7 @@ def _evaluator_digest(evaluator: Evaluator) -> str:
     examples = [[[e.input_ids, e.labels] for e in evaluator.test_examples],
                 [[e.input_ids, e.labels] for e in evaluator.validation_examples]]
     questions = [[q.question, q.choices, q.answer, q.subject] for q in evaluator.questions]
-    text = json.dumps([examples, questions, evaluator.batch_size])
+    text = json.dumps([examples, questions, evaluator.batch_size, evaluator.packed])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
