@@ -271,7 +271,7 @@ def test_a_dp_run_on_smollm2_still_lowers_the_held_out_loss(smollm2_cache, tmp_p
     loaded = load_model("smollm2-135m", device="cpu", gguf_cache=smollm2_cache)
     config = build_config({"model": "smollm2-135m", "data": str(DOLLY), "clients": 1, "method": "ffa", "rounds": 1,
                            "local_steps": 3, "batch_size": 8, "max_length": 64, "ranks": [8], "lr": 5e-3,
-                           "test_limit": 8, "mmlu_limit": 1, "out": str(tmp_path),
+                           "test_limit": 8, "mmlu_limit": 1, "validation_fraction": 0.001, "out": str(tmp_path),
                            "dp": {"noise_multiplier": 0.5, "max_grad_norm": 1.0, "delta": 1e-4, "seed": 0}})
     summary = run_inprocess(prepare_run(config, tmp_path, log=lambda message: None, loaded=loaded))
     rows = read_metrics(tmp_path)
