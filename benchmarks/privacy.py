@@ -24,7 +24,7 @@ import torch
 from common import DOLLY, DOLLY_TEST, dolly_client_files, environment_line, markdown_table, require_shared_data, \
     run_federation, spread, spread_text, write_result
 from perf import PAIRS, STEP_BATCH, STEP_LR, STEP_MAX_LENGTH, STEP_MODEL, STEP_RANK, STEP_TARGETS, STEPS_PER_TRIAL, \
-    StepClock
+    WARMUP_STEPS, StepClock
 
 SEED = 0
 DELTA = 1e-4  # below 1/N for every Dolly client (the smallest holds 826 records)
@@ -103,7 +103,7 @@ def report(step: dict, quality: list[dict], load: float, minutes: float) -> str:
              f"exactly {STEP_BATCH} Dolly examples ({step['tokens']} tokens, max_length {STEP_MAX_LENGTH}), so "
              f"DP-SGD's Poisson batch (rate 1) and the plain batch are the same {STEP_BATCH} examples at every step. "
              f"DP: Opacus per-example gradients, clipping to {MAX_GRAD_NORM}, noise multiplier 1. "
-             f"{STEPS_PER_TRIAL} steps per trial, the first 2 not timed; one untimed warm-up pair, then "
+             f"{STEPS_PER_TRIAL} steps per trial, the first {WARMUP_STEPS} not timed; one untimed warm-up pair, then "
              f"{PAIRS} pairs plain, DP, plain, … Seconds per step, min / median / max over trials.", "",
              *markdown_table(["arm", "step CPU s", "step wall s"],
                              [[arm, spread_text([t["step_cpu"] for t in trials[arm]]),
