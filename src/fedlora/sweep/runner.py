@@ -173,17 +173,22 @@ def _score_chosen(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models
     scored = []
     for run in choose(runs, val_losses, plan.tune, plan.grid).runs:
         config, run_dir = with_out(run, out_dir), out_dir / run.folder
-        if plan.test_chosen_only and read_final_test(run_dir) is None:
-            scored.append(_write_final(run_dir / FINAL_TEST_FILE, {"round": config.rounds}, "test loss", run,
+        spec = {"round": config.rounds}
+        if plan.test_chosen_only and not _already_scored(read_final_test(run_dir), spec):
+            scored.append(_write_final(run_dir / FINAL_TEST_FILE, spec, "test loss", run,
                                        config, _test_evaluator, models, evaluations, observer))
         if plan.final is not None and plan.final.scores(run):
             spec = {**plan.final.question_set(), "round": config.rounds}
-            previous = read_final_mmlu(run_dir)
-            if previous is None or any(previous.get(key) != value for key, value in spec.items()):
+            if not _already_scored(read_final_mmlu(run_dir), spec):
                 questions = plan.final.select(load_mmlu(plan.final.path))
                 scored.append(_write_final(run_dir / FINAL_MMLU_FILE, spec, "MMLU", run, config,
                                            _mmlu_evaluator(questions, observer), models, evaluations, observer))
     return list(dict.fromkeys(scored))
+
+
+def _already_scored(previous: dict | None, spec: dict) -> bool:
+    """Whether a score on disk was made as ``spec`` says (the round, the questions)."""
+    return previous is not None and all(previous.get(key) == value for key, value in spec.items())
 
 
 #: what a final score keeps of the evaluation (the local baseline's per-client results are dropped)
