@@ -13,6 +13,8 @@
     replaced, their times and whether every choice is the same;
 (f) the `make demo` config over ``--runtime flower`` ÷ in-process: wall time, and whether every
     metric is bit-identical;
+(h) CLI start-up: wall time of ``fedlora --help`` and ``fedlora methods``, and which of torch,
+    transformers, peft and flwr each imports;
 (g) the aggregation table of benchmarks/aggregation.py.
 
 Every measurement runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own.
@@ -81,7 +83,13 @@ DEMO_CONFIG = Path("configs/demo.toml")
 DEMO_GOAL = 1.5
 DEMO_KEYS = ("round", "eval_loss", "perplexity", "mmlu_acc", "train_loss", "bytes_up", "bytes_down", "clients")
 
-PARTS = ("step", "server", "memory", "heldout", "mmlu", "demo", "aggregation")
+# (h) CLI start-up: a fresh interpreter per call, as a user's shell starts it
+CLI_COMMANDS = (("--help",), ("methods",))
+CLI_REPEATS = 5
+CLI_GOAL_SECONDS = 1.0
+HEAVY_MODULES = ("torch", "transformers", "peft", "flwr")
+
+PARTS = ("step", "server", "memory", "heldout", "mmlu", "demo", "cli", "aggregation")
 
 
 # --- (a) client training step ---------------------------------------------------------------
@@ -381,6 +389,34 @@ def part_demo() -> dict:
     return {"inprocess": inprocess, "flower": flower, "identical": inprocess["rows"] == flower["rows"]}
 
 
+# --- (h) CLI start-up ---------------------------------------------------------------------------
+
+# Runs the CLI in this interpreter as its console script does, then names the heavy modules loaded.
+CLI_PROBE = ("import sys\n"
+             "sys.argv = ['fedlora', *sys.argv[1:]]\n"
+             "from fedlora.cli import app\n"
+             "try:\n    app()\n"
+             "except SystemExit:\n    pass\n"
+             f"print('HEAVY', *[m for m in {HEAVY_MODULES!r} if m in sys.modules], file=sys.stderr)\n")
+
+
+def part_cli() -> dict:
+    """Wall seconds of each command from a fresh process (repeats), and the heavy modules it imported."""
+    script = Path(sys.executable).parent / "fedlora"
+    results = {}
+    for command in CLI_COMMANDS:
+        seconds = []
+        for _ in range(CLI_REPEATS):
+            started = time.perf_counter()
+            subprocess.run([str(script), *command], capture_output=True, check=True)
+            seconds.append(time.perf_counter() - started)
+        probe = subprocess.run([sys.executable, "-c", CLI_PROBE, *command], capture_output=True, text=True,
+                               check=True)
+        heavy = next(line for line in probe.stderr.splitlines() if line.startswith("HEAVY")).split()[1:]
+        results[" ".join(command)] = {"seconds": seconds, "heavy_imports": heavy}
+    return results
+
+
 # --- (g) aggregation --------------------------------------------------------------------------
 
 
@@ -585,12 +621,26 @@ def demo_section(result: dict) -> tuple[list[str], list[list]]:
                                                                              at_least=True, digits=".0f")]]
 
 
+def cli_section(result: dict) -> tuple[list[str], list[list]]:
+    rows = [[f"`fedlora {command}`", spread_text(entry["seconds"], 2),
+             ", ".join(entry["heavy_imports"]) or "none"] for command, entry in result.items()]
+    lines = ["## (h) CLI start-up", "",
+             f"Each command run {CLI_REPEATS} times from a fresh process (the installed console script, "
+             f"output discarded); heavy modules: which of {', '.join(HEAVY_MODULES)} the command imported "
+             "(checked once, in a process that runs the CLI and then lists them). Wall seconds, min / median / max.",
+             "", *markdown_table(["command", "wall s", "heavy modules imported"], rows), ""]
+    return lines, [[f"(h) `fedlora {command}` wall s", *ratio_cells(entry["seconds"], CLI_GOAL_SECONDS,
+                                                                      digits=".2f")]
+                   for command, entry in result.items()]
+
+
 def report(results: dict, aggregation_lines: list[str], threads: int, load: float, seconds: float) -> str:
     """``results``: part → its result (``step``: one per max_length, ``memory``: (repeats, model bytes))."""
     sections, summary = [], []
     builders = {"step": lambda steps: [step_section(step) for step in steps], "server": lambda r: [server_section(r)],
                 "memory": lambda r: [memory_section(*r)], "heldout": lambda r: [heldout_section(r)],
-                "mmlu": lambda r: [mmlu_section(r)], "demo": lambda r: [demo_section(r)]}
+                "mmlu": lambda r: [mmlu_section(r)], "demo": lambda r: [demo_section(r)],
+                "cli": lambda r: [cli_section(r)]}
     for part, result in results.items():
         for lines, rows in builders[part](result):
             sections += lines
@@ -617,7 +667,8 @@ def run_part(args: argparse.Namespace) -> dict:
         return part_step(args.max_length)
     if args.part == "memory":
         return part_memory(args.data)
-    return {"server": part_server, "heldout": part_heldout, "mmlu": part_mmlu, "demo": part_demo}[args.part]()
+    return {"server": part_server, "heldout": part_heldout, "mmlu": part_mmlu, "demo": part_demo,
+            "cli": part_cli}[args.part]()
 
 
 def main() -> None:
@@ -662,6 +713,9 @@ def main() -> None:
     if "demo" in parts:
         progress("(f) the demo, in-process and on Flower")
         results["demo"] = measure_in_subprocess(__file__, ["--part", "demo"])
+    if "cli" in parts:
+        progress(f"(h) CLI start-up: {len(CLI_COMMANDS)} commands × {CLI_REPEATS}")
+        results["cli"] = measure_in_subprocess(__file__, ["--part", "cli"])
     aggregation_lines = aggregation_section(args.aggregation, args.threads, load) if "aggregation" in parts else []
     text = report(results, aggregation_lines, args.threads, load, time.perf_counter() - started)
     write_result("perf.md", text)
