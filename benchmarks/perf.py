@@ -405,11 +405,8 @@ def part_cli() -> dict:
     script = Path(sys.executable).parent / "fedlora"
     results = {}
     for command in CLI_COMMANDS:
-        seconds = []
-        for _ in range(CLI_REPEATS):
-            started = time.perf_counter()
-            subprocess.run([str(script), *command], capture_output=True, check=True)
-            seconds.append(time.perf_counter() - started)
+        seconds = [timed(lambda: subprocess.run([str(script), *command], capture_output=True, check=True))["wall"]
+                   for _ in range(CLI_REPEATS)]
         probe = subprocess.run([sys.executable, "-c", CLI_PROBE, *command], capture_output=True, text=True,
                                check=True)
         heavy = next(line for line in probe.stderr.splitlines() if line.startswith("HEAVY")).split()[1:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,17 @@ def test_every_command_reports_a_bad_input_as_one_line(tmp_path, no_model_loadin
     message = one_line_error(invoke(*command(tmp_path)))
     for part in expected:
         assert part in message.replace(f"{tmp_path}/", ""), (part, message)
+
+
+@pytest.mark.parametrize("command", [["--help"], ["methods"]])
+def test_help_and_methods_import_no_heavy_library(command):
+    """`fedlora --help` and `fedlora methods` start fast because torch, transformers, PEFT and
+    Flower are imported only by the commands that use them."""
+    probe = ("import sys\n"
+             "sys.argv = ['fedlora', *sys.argv[1:]]\n"
+             "from fedlora.cli import app\n"
+             "try:\n    app()\n"
+             "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'flwr') if m in sys.modules))\n")
+    completed = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
