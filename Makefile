@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-flora-warm bench-privacy clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ bench-rolora-scaling: install
 bench-flower: install
 	$(PY) benchmarks/flower_churn.py
 	$(PY) benchmarks/readme_tables.py flower_churn
+
+# the demo's Flower overhead taken apart: evaluation beside idle SuperNodes, per-message start-up
+bench-flower-overhead: install
+	$(PY) benchmarks/flower_overhead.py
+	$(PY) benchmarks/readme_tables.py flower_overhead
 
 bench-flora-warm: install
 	$(PY) benchmarks/flora_warm_single_client.py

@@ -63,7 +63,7 @@ def update(readme: str, name: str) -> str:
 def main() -> None:
     path = ROOT / "README.md"
     readme = path.read_text(encoding="utf-8")
-    names = sys.argv[1:] or ("aggregation", "perf", "quality", "flora_warm_single_client", "privacy")
+    names = sys.argv[1:] or ("aggregation", "perf", "flower_overhead", "quality", "flora_warm_single_client", "privacy")
     if "quality" in names and not compose_quality():
         print("no quality sweep has a comparison.md yet; README's quality section left as it is")
     for name in names:
