@@ -5,9 +5,9 @@
     beside it (their SuperExecs poll every second). Alone and beside are interleaved.
 (2) Per-message start-up: Flower 1.41 starts a fresh ``flwr-clientapp`` process for every
     message. A fresh interpreter importing ``flwr.clientapp`` (Flower's own floor), fedlora's
-    ClientApp module (what an identify or sync message pays), and that plus what a train
-    message pays before it trains: transformers and PEFT, the model from the run's cache and
-    the packing probe.
+    ClientApp module (what an identify or sync message pays), and that plus the least a train
+    message pays before it trains (reading its records and replaying its replica come on top):
+    transformers and PEFT, the model from the run's cache and the packing probe.
 
 Writes benchmarks/results/flower_overhead.md and prints it. Run from the repository root:
 ``make bench-flower-overhead`` (about 5 minutes).
