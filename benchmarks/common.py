@@ -48,6 +48,17 @@ def pool_dolly(destination: Path) -> Path:
 # --- measurement ------------------------------------------------------------------------------
 
 
+#: the libraries whose import dominates a fresh process's start-up
+HEAVY_MODULES = ("torch", "transformers", "peft", "flwr")
+#: appended to a probe's Python source: it then names, on standard error, which of them it imported
+HEAVY_REPORT = f"\nimport sys\nprint('HEAVY', *[m for m in {HEAVY_MODULES!r} if m in sys.modules], file=sys.stderr)\n"
+
+
+def heavy_imports(stderr: str) -> list[str]:
+    """Which of HEAVY_MODULES a probe ending in HEAVY_REPORT imported, from its standard error."""
+    return next(line for line in stderr.splitlines() if line.startswith("HEAVY")).split()[1:]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import DOLLY_TEST, environment_line, markdown_table, require_shared_data, spread_text, write_result
+from common import DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, environment_line, heavy_imports, markdown_table, \
+    require_shared_data, spread_text, write_result
 
 MODEL = "smollm2-135m"
 NODES = 9  # configs/demo.toml: one SuperNode per client
@@ -35,7 +36,6 @@ REPEATS = 4  # evaluations per arm and round
 ROUNDS = 2  # of (alone, beside a fresh deployment)
 SETTLE_SECONDS = 20  # a fresh deployment's SuperNodes and SuperExecs finish starting
 STARTUP_REPEATS = 3
-HEAVY_MODULES = ("torch", "transformers", "peft", "flwr")
 
 # what each kind of message imports and loads before its handler's own work; {cache} is the model cache
 STARTUP_PROBES = {
@@ -93,18 +93,16 @@ def child_cpu() -> float:
 
 def measure_startup(cache: Path) -> dict:
     """Per probe: wall and CPU seconds of a fresh interpreter running it, and its heavy imports."""
-    report = f"\nimport sys\nprint('HEAVY', *[m for m in {HEAVY_MODULES!r} if m in sys.modules])"
     results = {label: {"wall": [], "cpu": []} for label in STARTUP_PROBES}
     for repeat in range(STARTUP_REPEATS):
         progress(f"(2) message start-up, repeat {repeat + 1}/{STARTUP_REPEATS}")
         for label, code in STARTUP_PROBES.items():
-            source = code.format(model=MODEL, cache=str(cache)) + report
+            source = code.format(model=MODEL, cache=str(cache)) + HEAVY_REPORT
             cpu, wall = child_cpu(), time.perf_counter()
             done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True)
             results[label]["wall"].append(time.perf_counter() - wall)
             results[label]["cpu"].append(child_cpu() - cpu)
-            results[label]["heavy"] = next(line for line in done.stdout.splitlines()
-                                           if line.startswith("HEAVY")).split()[1:]
+            results[label]["heavy"] = heavy_imports(done.stderr)
     return results
 
 

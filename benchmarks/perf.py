@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 import aggregation
-from common import DOLLY, DOLLY_TEST, MMLU, RESULTS, dolly_client_files, environment_line, markdown_table, \
-    measure_in_subprocess, peak_rss_mb, pool_dolly, prepare, require_shared_data, run_federation, spread, \
-    spread_text, write_result
+from common import DOLLY, DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, MMLU, RESULTS, dolly_client_files, \
+    environment_line, heavy_imports, markdown_table, measure_in_subprocess, peak_rss_mb, pool_dolly, prepare, \
+    require_shared_data, run_federation, spread, spread_text, write_result
 
 # (a) client training step
 STEP_MODEL = "smollm2-135m"
@@ -87,7 +87,6 @@ DEMO_KEYS = ("round", "eval_loss", "perplexity", "mmlu_acc", "train_loss", "byte
 CLI_COMMANDS = (("--help",), ("methods",))
 CLI_REPEATS = 5
 CLI_GOAL_SECONDS = 1.0
-HEAVY_MODULES = ("torch", "transformers", "peft", "flwr")
 
 PARTS = ("step", "server", "memory", "heldout", "mmlu", "demo", "cli", "aggregation")
 
@@ -396,8 +395,7 @@ CLI_PROBE = ("import sys\n"
              "sys.argv = ['fedlora', *sys.argv[1:]]\n"
              "from fedlora.cli import app\n"
              "try:\n    app()\n"
-             "except SystemExit:\n    pass\n"
-             f"print('HEAVY', *[m for m in {HEAVY_MODULES!r} if m in sys.modules], file=sys.stderr)\n")
+             "except SystemExit:\n    pass\n" + HEAVY_REPORT)
 
 
 def part_cli() -> dict:
@@ -409,8 +407,7 @@ def part_cli() -> dict:
                    for _ in range(CLI_REPEATS)]
         probe = subprocess.run([sys.executable, "-c", CLI_PROBE, *command], capture_output=True, text=True,
                                check=True)
-        heavy = next(line for line in probe.stderr.splitlines() if line.startswith("HEAVY")).split()[1:]
-        results[" ".join(command)] = {"seconds": seconds, "heavy_imports": heavy}
+        results[" ".join(command)] = {"seconds": seconds, "heavy_imports": heavy_imports(probe.stderr)}
     return results
 
 
