@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
+.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ bench-perf: install
 bench-quality: install
 	$(VENV)/bin/fedlora sweep benchmarks/quality.toml --out benchmarks/runs/quality
 	$(PY) benchmarks/readme_tables.py quality
+
+# when exactness pays: the headline with 10 seeds, client drift, a long horizon (≈ 5.5 h, resumable)
+bench-exactness: install
+	$(VENV)/bin/fedlora sweep benchmarks/headline.toml --out benchmarks/runs/headline
+	$(VENV)/bin/fedlora sweep benchmarks/drift.toml --out benchmarks/runs/drift
+	$(VENV)/bin/fedlora sweep benchmarks/horizon.toml --out benchmarks/runs/horizon
+	$(PY) benchmarks/readme_tables.py exactness
 
 bench-rolora-scaling: install
 	$(PY) benchmarks/pool_dolly.py benchmarks/runs/dolly-pooled.json

@@ -19,7 +19,7 @@ from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
 from fedlora.runtime.observer import RunObserver
 from fedlora.sweep import SweepObserver, load_sweep, run_sweep
-from fedlora.sweep.compare import build_comparison
+from fedlora.sweep.compare import build_comparison, comparison_markdown
 from fedlora.sweep.plan import plan_sweep
 from fedlora.sweep.progress import remaining_seconds
 
@@ -224,6 +224,40 @@ def test_a_test_set_scored_on_the_chosen_runs_only_gives_the_comparison_of_scori
     assert again.ran == [] and again.scored == []
 
 
+def test_tuning_reads_its_seeds_and_the_other_seeds_run_at_the_choice_only(client_dir, tmp_path):
+    """[tune] seeds: the runs of the other seeds are run once their group is tuned, at its
+    chosen values; [method_grid]: a method tunes over values of its own; val_every = 0: the
+    validation loss only where tuning reads it, the final round."""
+    doc = document(client_dir, methods=("flora", "fedit"), seeds=(0, 1, 2), ranks=(2,), lrs=(1e-3, 3e-2),
+                   val_every=0)
+    doc["tune"]["seeds"] = [0]
+    doc["method_grid"] = {"fedit": {"lr": [1e-2, 2e-2, 3e-2]}}
+    plan = plan_of(doc)
+    assert len(plan.runs) == 2 * 3 + 3 * 3
+    out = tmp_path / "sweep"
+    result = run_sweep(plan, out)
+    comparison = build_comparison(out)
+    assert comparison["measured"] == {**comparison["measured"], "runs": 2 + 2 + 3 + 2, "planned": 9}
+    for method, grid in (("flora", [1e-3, 3e-2]), ("fedit", [1e-2, 2e-2, 3e-2])):
+        entry = comparison["settings"]["het"]["methods"][method]
+        assert [c["values"]["lr"] for c in entry["tuning"]] == grid and all(c["seeds"] == 1 for c in entry["tuning"])
+        seed0 = {c["values"]["lr"]: c["val_loss"]["mean"] for c in entry["tuning"]}
+        assert entry["chosen"]["lr"] == min(seed0, key=seed0.get)
+        chosen = [f"het/{method}/lr={entry['chosen']['lr']!r},seed={seed}" for seed in (0, 1, 2)]
+        assert entry["runs"] == chosen and entry["seeds"] == 3
+        ran = [folder for folder in result.ran if folder.startswith(f"het/{method}/")]
+        assert ran == [f"het/{method}/lr={lr!r},seed=0" for lr in grid] + chosen[1:]
+        for folder in ran:
+            rows = read_metrics(out / folder)
+            assert [row["round"] for row in rows if "val_loss" in row] == [2]
+    described = " ".join(comparison_markdown(comparison).split())
+    assert "over seeds 0 (the other seeds run at the chosen values only)" in described
+    assert "(fedit: lr ∈ {0.01, 0.02, 0.03} instead)" in described
+    # nothing left to run, and the comparison stands as it was
+    again = run_sweep(plan, out)
+    assert again.ran == [] and len(again.skipped) == 9
+
+
 def test_the_eta_costs_each_pending_run_by_its_method():
     done = [("flora", 10.0), ("flora", 20.0), ("local", 90.0)]
     # flora 15 s each, local 90 s, a method not seen yet the mean of all (40 s)
@@ -316,7 +350,7 @@ reference = "fedit"
     assert "'rounds' was 2" in " ".join(refused.output.split())
 
 
-@pytest.mark.parametrize("name", ["quality", "rolora_scaling"])
+@pytest.mark.parametrize("name", ["quality", "rolora_scaling", "headline", "drift", "horizon"])
 def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     if not (root.parent / "shared" / "data" / "mmlu").is_dir():
@@ -325,8 +359,28 @@ def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
     plan = load_sweep(root / "benchmarks" / f"{name}.toml")
     assert len(plan.grid["seed"]) >= 3
     assert all(run.config.mmlu_limit == 0 for run in plan.runs)  # no MMLU inside the runs
+    if name in ("headline", "drift"):  # tuning reads ≥ 100 validation records, scored where it reads them
+        from fedlora.data import split_clients
+        from fedlora.engine.inputs import load_client_records, resolve_data_paths
+        config = resolve_data_paths(plan.runs[0].config, log=lambda message: None)
+        assert len(split_clients(load_client_records(config), config.validation_fraction, 0)[1]) >= 100
+        assert {run.config.val_every for run in plan.runs} == {0} and plan.tuning.keys == ("lr",)
+    if name == "headline":  # ≥ 10 seeds at quality.toml's budget; centralized tuned below 1e-3 too
+        assert len(plan.grid["seed"]) >= 10 and len(plan.grid["lr"]) >= 3
+        assert {(r.config.rounds, r.config.local_steps, r.config.clients_per_round) for r in plan.runs} == {(2, 3, 2)}
+        assert min(plan.tuning.grid_of("centralized")["lr"]) < 1e-3
+        assert set(plan.settings["homogeneous"]) >= {"flora", "fedit", "ffa", "flora-warm"}
+        assert set(plan.settings["heterogeneous"]) >= {"flora", "zeropad", "flexlora", "flora-warm"}
+    if name == "drift":  # ≥ 30 local steps and one level between, ≥ 4 rounds, ≥ 5 seeds, ≥ 2 rates
+        steps = plan.grid["local_steps"]
+        assert max(steps) >= 30 and any(3 < s < 30 for s in steps) and len(plan.grid["seed"]) >= 5
+        assert len(plan.grid["lr"]) >= 2 and {run.config.rounds for run in plan.runs} == {4}
+    if name == "horizon":  # ≥ 30 rounds of ≥ 5 steps, ≥ 3 seeds, a test loss to draw every few rounds
+        assert {(run.config.rounds, run.config.local_steps) for run in plan.runs} == {(30, 5)}
+        assert len(plan.grid["seed"]) >= 3 and {run.config.eval_every for run in plan.runs} == {3}
+        assert set(plan.settings["homogeneous"]) == {"flora", "fedit", "ffa", "flora-warm"}
     if name == "quality":
-        assert len(plan.grid["lr"]) >= 3 and plan.tune == ("lr",) and plan.final.questions >= 300
+        assert len(plan.grid["lr"]) >= 3 and plan.tuning.keys == ("lr",) and plan.final.questions >= 300
         assert {run.config.test_limit for run in plan.runs} == {None}  # the whole test set
         # every method and baseline; those that mix ranks in the heterogeneous setting too; raflora
         # there only, as at one rank it is flexlora (test_aggregation_2026.py)

@@ -32,7 +32,7 @@ def make_console() -> Console:
     metrics table's cells; it gets room for the whole table unless COLUMNS says otherwise."""
     console = Console(markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(markup=False, width=120)
+        console = Console(markup=False, width=160)
     return console
 
 
@@ -248,14 +248,20 @@ def sweep(
     """Run every combination of a sweep file on one loaded model; again on OUT: continue it."""
     from fedlora.sweep import RichSweepObserver, load_sweep, run_sweep, write_comparison
     from fedlora.sweep.outcomes import is_finished
+    from fedlora.sweep.tuning import groups
 
     try:
         plan = load_sweep(sweep_file)
         if dry_run:
             finished = sum(is_finished(out / run.folder) for run in plan.runs)
             for run in plan.runs:
-                console.print(f"{'done' if is_finished(out / run.folder) else 'todo'}  {run.folder}")
-            console.print(f"{len(plan.runs)} runs, {finished} finished, every configuration valid")
+                state = ("done" if is_finished(out / run.folder) else
+                         "todo" if plan.tuning.tunes_on(run) else "if chosen")
+                console.print(f"{state:<9} {run.folder}")
+            expected = sum(plan.tuning.expected_runs(runs) for runs in groups(plan.runs, plan.tuning.keys).values())
+            conditional = expected < len(plan.runs)
+            console.print(f"{expected} runs, {finished} finished, every configuration valid"
+                          + ("; an 'if chosen' run runs only where tuning chooses its values" if conditional else ""))
             return
         with RichSweepObserver(console) as observer:
             result = run_sweep(plan, out, observer)

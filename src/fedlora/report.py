@@ -6,8 +6,9 @@ replaced atomically) and, once :func:`write_report` runs, ``report.md`` and ``cu
 :func:`compare_runs` draws several run folders side by side.
 
 Row keys understood here (all optional except ``round``): ``round``, ``method``,
-``eval_loss``, ``perplexity``, ``mmlu_acc``, ``mmlu_per_subject`` (``{subject: {"acc", "n"}}``),
-``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds``; others are kept but not shown.
+``eval_loss``, ``perplexity``, ``val_loss``, ``mmlu_acc``, ``mmlu_per_subject`` (``{subject: {"acc", "n"}}``),
+``train_loss``, ``aggregation_error``, ``broadcast_error``, ``bytes_up``, ``bytes_down``, ``seconds``;
+others are kept but not shown.
 summary.json's scalars are listed as they are; its ``mmlu_per_subject``, when given, replaces
 the latest row's, and its communication ledger summary
 (``fedlora.engine.ledger.Ledger.summary``: ``bytes_up``, ``bytes_down``,
@@ -53,14 +54,22 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _significant(value: float) -> str:
+    """Three significant digits: an exact method's 3e-08 beside an inexact one's 0.412."""
+    return f"{value:.3g}"
+
+
 #: row key (also the column header) → its formatter, for the per-round tables (markdown, console)
 ROUND_COLUMNS: dict[str, Callable[[Any], str]] = {
     "round": str,
     "method": str,
     "eval_loss": _fixed(4),
     "perplexity": _fixed(2),
+    "val_loss": _fixed(4),
     "mmlu_acc": _percent,
     "train_loss": _fixed(4),
+    "aggregation_error": _significant,
+    "broadcast_error": _significant,
     "bytes_up": format_bytes,
     "bytes_down": format_bytes,
     "seconds": _fixed(1),
@@ -86,13 +95,16 @@ def rounds_markdown(rows: list[dict]) -> list[str]:
 
 
 def console_table(rows: list[dict], title: str | None = None) -> Table:
-    """The per-round metrics as a rich table for the CLI (same columns as report.md)."""
+    """The per-round metrics as a rich table for the CLI: report.md's columns, but for those no
+    row has a value in (a run without MMLU, a method without a global model to compare)."""
     table = Table(title=title)
-    for key in ROUND_COLUMNS:
+    shown = {key: fmt for key, fmt in ROUND_COLUMNS.items()
+             if key in ("round", "method") or any(row.get(key) is not None for row in rows)}
+    for key in shown:
         # headers break at "_" (eval / loss): narrow terminals cut fewer columns
         table.add_column(key.replace("_", "\n"), justify="left" if key == "method" else "right")
     for row in rows:
-        table.add_row(*(_cell(row, key, fmt) for key, fmt in ROUND_COLUMNS.items()))
+        table.add_row(*(_cell(row, key, fmt) for key, fmt in shown.items()))
     return table
 
 

@@ -420,3 +420,13 @@ class Accumulator:
     def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
         return self.aggregator.combine([self.filled[slot] for slot in sorted(self.filled)], weights,
                                        server_round=server_round)
+
+    def exact_sum(self, weights: list[float] | Tensor | None = None) -> dict[str, LoraFactors]:
+        """``Σ_k p_k s_k B_k A_k`` of the updates added and not dropped, per module, factored
+        (FLoRA's stack): what exact aggregation gives, for the engine's aggregation error; ``p_k``
+        are ``weights``, by default the example shares. Only the accumulator still holds what
+        the uploads were, so it is asked, after :meth:`result`."""
+        from fedlora.aggregation.factored import stack  # factored builds on this module
+
+        updates = [self.filled[slot] for slot in sorted(self.filled)]
+        return stack(updates, example_weights(updates, weights))

@@ -81,6 +81,7 @@ class Stacking(Accumulator):
         self.B: dict[str, Tensor] = {}
         self.scales: dict[int, dict[str, float]] = {}  # slot → module → the client's scale
         self._taken = False
+        self.stacked: dict[str, LoraFactors] | None = None  # the stack, once the result is taken
 
     def add(self, update: ClientUpdate) -> None:
         """Copy a gate-checked update into its slot."""
@@ -124,7 +125,14 @@ class Stacking(Accumulator):
             B.mul_(torch.cat([torch.full((self.slots[slot][1][module],), weight * self.scales[slot][module],
                                          dtype=B.dtype, device=B.device) for slot, weight in blocks]))
             stacked[module] = LoraFactors(A=A, B=B, scale=1.0)
+        self.stacked = stacked
         return self.aggregator.broadcast(stacked)
+
+    def exact_sum(self, weights: list[float] | Tensor | None = None) -> dict[str, LoraFactors]:
+        """The stack :meth:`result` formed (the uploads themselves are gone), with its weights."""
+        if self.stacked is None or weights is not None:
+            raise RuntimeError("a Stacking's exact sum is the stack its result formed, with the same weights")
+        return self.stacked
 
     def _offset(self, module: str, slot: int) -> int:
         if module not in self.offsets:

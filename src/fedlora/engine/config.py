@@ -115,6 +115,8 @@ class RunConfig:
     eval_batch_size: int = option(8, "examples per evaluation batch", minimum=1)
     test_limit: int | None = option(None, "evaluate loss on the first N test records", positive=True)
     eval_every: int = option(1, "test loss every K rounds (round 0 and the final round always)", minimum=1)
+    val_every: int = option(1, "validation loss every K rounds (0: the final round only, where tuning reads it)",
+                            minimum=0)
     mmlu_limit: int | None = option(None, "score the first N MMLU questions (0: no MMLU)", minimum=0)
     mmlu_every: int = option(0, "MMLU every K rounds (default: final round only)", minimum=0)
     # runtime and outputs

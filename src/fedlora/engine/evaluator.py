@@ -17,14 +17,15 @@ class Evaluator:
     MMLU costs ~0.4 s a question on a small CPU model, so it runs on the final round and every
     ``mmlu_every`` rounds (round 0 included) when that is set. The test loss runs on round 0, the
     final round and every ``eval_every`` rounds: a sweep of many short runs needs only the
-    ends, and the small validation set (what tuning reads) is scored every round regardless.
+    ends. The validation loss runs every ``val_every`` rounds (round 0 included) and on the
+    final round; with ``val_every`` 0 on the final round alone, the one tuning reads.
     With ``deferred_test`` the test loss runs on round 0 alone: a sweep scores the last round's
     on the runs tuning chose only, afterwards.
     """
 
     def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
                  questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 eval_every: int = 1,
+                 eval_every: int = 1, val_every: int = 1,
                  batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
                  validation_examples: Sequence[TokenizedExample] = (), packed: bool = False,
                  deferred_test: bool = False):
@@ -37,6 +38,7 @@ class Evaluator:
         self.final_round = final_round
         self.mmlu_every = mmlu_every
         self.eval_every = eval_every
+        self.val_every = val_every
         self.batch_size = batch_size
         self.mmlu_progress = mmlu_progress
         self.packed = packed  # batches packed in one row (the model computes them apart)
@@ -52,12 +54,17 @@ class Evaluator:
             return False
         return server_round in (0, self.final_round) or server_round % self.eval_every == 0
 
+    def validation_due(self, server_round: int) -> bool:
+        if not self.validation_examples:
+            return False
+        return server_round == self.final_round or bool(self.val_every and server_round % self.val_every == 0)
+
     def __call__(self, model: nn.Module, server_round: int) -> dict:
         metrics: dict = {}
         if self.test_due(server_round):
             metrics.update(evaluate_loss_tokenized(model, self.test_examples, self.pad_token_id,
                                                    batch_size=self.batch_size, packed=self.packed))
-        if self.validation_examples:
+        if self.validation_due(server_round):
             metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
                                                           batch_size=self.batch_size, packed=self.packed)["eval_loss"]
         if self.mmlu_due(server_round):
@@ -85,6 +92,6 @@ def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records:
         log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
     validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
-                     mmlu_every=config.mmlu_every, eval_every=config.eval_every,
+                     mmlu_every=config.mmlu_every, eval_every=config.eval_every, val_every=config.val_every,
                      batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,
                      validation_examples=validation_examples, packed=packed)

@@ -19,6 +19,7 @@ from torch import nn
 from fedlora.aggregation import Accumulator, AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, RunContext, \
     get_aggregator
 from fedlora.aggregation.base import FACTOR_NAMES
+from fedlora.aggregation.error import FactoredSum, relative_error
 from fedlora.aggregation.validation import validate_update
 from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint, with_prefix
 from fedlora.engine.config import RunConfig
@@ -41,12 +42,14 @@ EvaluateClients = Callable[[int, dict[str, dict[str, LoraFactors]]], dict[str, d
 
 @dataclass(frozen=True)
 class Contribution:
-    """What a round keeps of an accepted reply once its factors are in the aggregate."""
+    """What a round keeps of an accepted reply once its factors are in the aggregate (the start
+    it was sent is the server's own: the aggregation error subtracts it)."""
 
     client_id: str
     num_examples: int
     train_loss: float | None
     seconds: float
+    start: dict[str, LoraFactors] | None
 
 
 @dataclass
@@ -228,7 +231,8 @@ class Federation:
                     result = replace(result, update=received(result.update, task))
                 self._check(result, task)
                 accumulator.add(result.update)
-                accepted.append(Contribution(cid, result.update.num_examples, result.train_loss, result.seconds))
+                accepted.append(Contribution(cid, result.update.num_examples, result.train_loss, result.seconds,
+                                             task.start))
             except AggregationError as error:
                 reject(error)
             del result  # the accumulator holds what it needs of the upload
@@ -236,13 +240,16 @@ class Federation:
         for failure in failures:
             self.log(f"round {server_round}: client {failure.client_id} failed: {failure.reason}")
         started = time.perf_counter()
+        before = self.aggregator.evaluation_adapters()
         update = self._aggregate(server_round, accumulator, accepted, reject)
         skipped = update is None
+        errors = {}
         if skipped:
             self.log(f"round {server_round}: only {len(accepted)} usable updates (< min_clients "
                      f"{self.config.min_clients}); round skipped, global model kept")
         else:
             self._apply(server_round, update)
+            errors = self._errors(server_round, before, update, accepted, accumulator)
         server_seconds += time.perf_counter() - started
         reported = [c for c in accepted if c.train_loss is not None]  # DP-SGD clients withhold theirs
         examples = sum(c.num_examples for c in reported)
@@ -253,7 +260,7 @@ class Federation:
             **self.ledger.round_totals(server_round),
             "client_seconds": sum(c.seconds for c in accepted), "server_seconds": server_seconds,
             "rejected": rejected, "failures": [asdict(f) for f in failures], "skipped": skipped,
-            **(dict(update.info) if not skipped else {}),
+            **errors, **(dict(update.info) if not skipped else {}),
         }
         return self._finish_round(server_round, row)
 
@@ -294,6 +301,40 @@ class Federation:
             if self.base_log is not None:
                 self.base_log.write(server_round, base_part)
         self.aggregator.commit(server_round, update)
+
+    def _errors(self, server_round: int, before: dict, update: GlobalUpdate, accepted: list[Contribution],
+                accumulator: Accumulator) -> dict[str, float | None]:
+        """The round's ``aggregation_error`` and ``broadcast_error`` (see
+        :mod:`fedlora.aggregation.error`), against the example-weighted average of the aggregated
+        clients' changes: what they uploaded (the accumulator's ``Σ p_k s_k B_k A_k``) minus
+        where they started.
+        A method whose clients keep models of their own has no global model to compare: both
+        are None."""
+        after = self.aggregator.evaluation_adapters()
+        if list(before) != [None] or list(after) != [None]:
+            return {"aggregation_error": None, "broadcast_error": None}
+        total = sum(c.num_examples for c in accepted)
+        exact = FactoredSum().add(accumulator.exact_sum())
+        for contribution in accepted:
+            exact.add(contribution.start, -contribution.num_examples / total)
+        achieved = (FactoredSum().add(update.factors if update.merge else None).add(update.residual)
+                    .add(after[None]).add(before[None], -1.0))
+        return {"aggregation_error": relative_error(achieved, exact),
+                "broadcast_error": self._broadcast_error(server_round + 1, after[None])}
+
+    def _broadcast_error(self, next_round: int, adapter: dict[str, LoraFactors] | None) -> float | None:
+        """How far the adapters clients would start ``next_round`` from are from the global
+        ``adapter``, example-weighted over every client (uniformly where sizes are unknown)."""
+        sizes = (self.client_sizes if None not in self.client_sizes.values()
+                 else dict.fromkeys(self.client_sizes, 1))
+        weighted = 0.0
+        for cid, size in sizes.items():
+            start = self.aggregator.start_adapter(cid, next_round)
+            error = relative_error(FactoredSum().add(start), FactoredSum().add(adapter))
+            if error is None:
+                return None
+            weighted += size * error
+        return weighted / sum(sizes.values())
 
     # -- evaluate, record, checkpoint -----------------------------------------------------
     def evaluate(self, server_round: int) -> dict:

@@ -24,7 +24,7 @@ from fedlora.engine.config import ConfigError
 from fedlora.files import atomic_write_text
 from fedlora.report import finish_round_axis
 from fedlora.sweep.outcomes import RunOutcome, is_finished
-from fedlora.sweep.plan import SEED, point_name
+from fedlora.sweep.plan import SEED, TuningRule, point_name
 from fedlora.sweep.runner import PLAN_FILE
 from fedlora.sweep.stats import CONFIDENCE, mean_interval, paired_difference, wilson_interval
 from fedlora.sweep.tuning import Choice, choose, groups
@@ -64,29 +64,37 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
     runs = [RecordedRun(**entry) for entry in plan["runs"]]
     reference = reference or plan["reference"]
     tune, grid = plan["tune"], plan["grid"]
+    seeds = plan.get("tune_seeds")
+    rule = TuningRule(tuple(tune), grid, plan.get("method_grids", {}), tuple(seeds) if seeds is not None else None)
     final = plan["final"]
     question_set = None if final is None else {key: final[key] for key in ("mmlu", "questions", "sample_seed")}
     outcomes = {run.folder: RunOutcome.read(sweep_dir / run.folder) for run in runs
                 if is_finished(sweep_dir / run.folder)}
     settings: dict[str, dict] = {}
+    planned = 0
     for group, group_runs in groups(runs, tune).items():
         variant = settings.setdefault(group.variant, {"reference": None, "methods": {}, "pending": {}})
-        finished = [run for run in group_runs if run.folder in outcomes]
-        if len(finished) < len(group_runs):
-            variant["pending"][group.method] = f"{len(finished)} of {len(group_runs)} runs finished"
+        expected = rule.expected_runs(group_runs)
+        planned += expected
+        finished = sum(run.folder in outcomes for run in group_runs)
+        tuning = [run for run in group_runs if rule.tunes_on(run)]
+        choice = None
+        if all(run.folder in outcomes for run in tuning):
+            choice = choose(group_runs, {run.folder: outcomes[run.folder].final_val_loss for run in tuning}, rule)
+        if choice is None or not all(run.folder in outcomes for run in choice.runs):
+            variant["pending"][group.method] = f"{finished} of {expected} runs finished"
             continue
-        choice = choose(group_runs, {run.folder: outcomes[run.folder].final_val_loss for run in group_runs},
-                        tune, grid)
         variant["methods"][group.method] = _method_entry(choice, outcomes, question_set)
     for variant in settings.values():
         if reference in variant["methods"]:
             variant["reference"] = reference
             for method, entry in variant["methods"].items():
                 entry["vs_reference"] = None if method == reference else _versus(entry, variant["methods"][reference])
-    measured = {"runs": len(outcomes), "planned": len(runs),
+    measured = {"runs": len(outcomes), "planned": planned,
                 "run_seconds": sum(o.summary.get("wall_seconds", 0.0) for o in outcomes.values()),
                 "final_mmlu_seconds": sum((o.final_mmlu or {}).get("seconds", 0.0) for o in outcomes.values())}
     return {"sweep": str(sweep_dir), "source": plan["source"], "grid": grid, "tune": tune,
+            "method_grids": rule.method_grids, "tune_seeds": seeds,
             "final": final, "confidence": CONFIDENCE, "reference": reference, "measured": measured,
             "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "settings": settings}
 
@@ -102,6 +110,8 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         "best_test_loss": _interval([o.best_test_loss for o in chosen]),
         "val_loss": _interval([o.final_val_loss for o in chosen]),
         "mmlu": _mmlu([o.mmlu(question_set) for o in chosen]),
+        "aggregation_error": _interval([o.mean_over_rounds("aggregation_error") for o in chosen]),
+        "broadcast_error": _interval([o.mean_over_rounds("broadcast_error") for o in chosen]),
         "upload_per_round_vs_full": _communication(chosen, "up_vs_full_finetuning"),
         "download_per_round_vs_full": _communication(chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
@@ -196,9 +206,15 @@ def comparison_markdown(comparison: dict) -> str:
              f"`{comparison['source']}`.", ""]
     described = []
     if tune:
-        described.append("Tuned per (setting, method) on the mean final validation loss over seeds (records "
-                         "held out of the clients' training; the test set is not looked at): "
-                         + "; ".join(f"{key} ∈ {{{', '.join(map(str, grid[key]))}}}" for key in tune) + ".")
+        own = "; ".join(f"{method}: " + ", ".join(f"{key} ∈ {{{', '.join(map(str, values))}}}"
+                                                   for key, values in axes.items())
+                        for method, axes in comparison["method_grids"].items())
+        described.append("Tuned per (setting, method) on the mean final validation loss over "
+                         + (f"seeds {', '.join(map(str, comparison['tune_seeds']))} (the other seeds run at the "
+                            "chosen values only)" if comparison["tune_seeds"] else "seeds")
+                         + " (records held out of the clients' training; the test set is not looked at): "
+                         + "; ".join(f"{key} ∈ {{{', '.join(map(str, grid[key]))}}}" for key in tune)
+                         + (f" ({own} instead)" if own else "") + ".")
     if seeds:
         described.append(f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: a seed fixes the "
                          "validation split, client "
@@ -211,6 +227,12 @@ def comparison_markdown(comparison: dict) -> str:
                          f"{comparison['final']['questions'] or 'all'} questions each; the interval is Wilson's "
                          "over the questions of all seeds' runs pooled (the same questions every seed, so it "
                          "is narrower than independent questions would give).")
+    described.append("Aggregation error: ‖Δ_global − Σ_k p_k Δ_k‖_F / ‖Σ_k p_k Δ_k‖_F over all adapted modules, "
+                     "the round's change of the global model against the example-weighted average of the "
+                     "clients' changes of the model each started from; broadcast error: how far the adapters "
+                     "clients are sent are from the global one (relative, example-weighted); both the mean "
+                     "over the trained rounds, then over seeds with a 95 % t-interval; — for the personalised "
+                     "methods, which have no global model to compare.")
     described.append("Communication: the ledger's, per client and round, as a fraction of full fine-tuning "
                      "(every participating client sending / receiving all model parameters); for the "
                      "baselines, which exchange nothing, it counts what their clients' updates would be.")
@@ -231,13 +253,14 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
     lines = [f"## {name}", ""]
     if methods:
         lines += ["| method | chosen | seeds | final test loss [95 % CI] | best test loss | final val loss | "
-                  f"MMLU acc [95 % CI] | up / round vs full FT | down / round vs full FT | "
-                  f"Δ vs {reference or 'reference'} [95 % CI] | significant |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  f"MMLU acc [95 % CI] | aggregation error | broadcast error | up / round vs full FT | "
+                  f"down / round vs full FT | Δ vs {reference or 'reference'} [95 % CI] | significant |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for method, entry in methods.items():
             cells = [method, point_name(entry["chosen"]) if entry["chosen"] else "—", str(entry["seeds"]),
                      _interval_text(entry["test_loss"]), _interval_text(entry["best_test_loss"]),
                      _interval_text(entry["val_loss"]), _accuracy(entry["mmlu"]),
+                     _interval_text(entry["aggregation_error"], ".3g"), _interval_text(entry["broadcast_error"], ".3g"),
                      _fraction(entry["upload_per_round_vs_full"]), _fraction(entry["download_per_round_vs_full"]),
                      _interval_text(entry["vs_reference"], "+.4f"),
                      _verdict(entry["vs_reference"]) if reference else "—"]

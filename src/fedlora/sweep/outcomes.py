@@ -65,6 +65,12 @@ class RunOutcome:
         losses = [loss for loss in self.test_losses()[1:] if loss is not None and not math.isnan(loss)]
         return min(losses, default=None)
 
+    def mean_over_rounds(self, key: str) -> float | None:
+        """The mean of ``key`` over the trained rounds that report it (``aggregation_error``,
+        ``broadcast_error``); None where none does (a personalised method)."""
+        values = [row[key] for row in self.rows[1:] if row.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
     def mmlu(self, question_set: dict | None) -> tuple[float, int] | None:
         """(correct answers, questions): the final MMLU scored on ``question_set`` (the sweep's
         ``[final]``), or without one the last round's."""

@@ -11,6 +11,9 @@ A sweep file is TOML::
     [tune]
     keys = ["lr"]                # chosen per (setting, method) on the mean final val_loss over seeds
     test = "chosen"              # the last round's test loss only of the chosen runs (default "all")
+    seeds = [0, 1]               # tuning reads these seeds' runs; the others run at the chosen values only
+    [method_grid.centralized]    # a method's own values of grid axes (here: lower learning rates)
+    lr = [1e-4, 3e-4, 1e-3]
     [settings.homogeneous]       # RunConfig keys of this setting, and its methods
     ranks = [16]
     methods = ["flora", "fedit"]
@@ -30,13 +33,14 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlora.engine.config import ConfigError, RunConfig, build_config, load_config, read_toml, with_absolute_paths
 
-SECTIONS = ("base", "run", "grid", "tune", "settings", "compare", "final")
+SECTIONS = ("base", "run", "grid", "method_grid", "tune", "settings", "compare", "final")
 SEED = "seed"
 DEFAULT_SETTING = "default"
 DEFAULT_REFERENCE = "flora"
@@ -54,6 +58,34 @@ class PlannedRun:
     folder: str
     #: its configuration; ``out`` is set when the sweep's output folder is known
     config: RunConfig
+
+
+@dataclass(frozen=True)
+class TuningRule:
+    """How a sweep tunes: which grid axes, over which grid per method, read from which seeds."""
+
+    #: the tuned grid axes (typically ``lr``); empty: nothing is tuned, every run is chosen
+    keys: tuple[str, ...]
+    #: the sweep's grid
+    grid: dict[str, list]
+    #: a method's own values of some axes (``[method_grid.centralized]``), replacing the grid's
+    method_grids: dict[str, dict[str, list]]
+    #: the seeds whose runs tuning reads; the other seeds run only at the chosen values (None: all)
+    seeds: tuple[int, ...] | None = None
+
+    def grid_of(self, method: str) -> dict[str, list]:
+        return {**self.grid, **self.method_grids.get(method, {})}
+
+    def tunes_on(self, run: PlannedRun) -> bool:
+        """Whether the choice reads ``run``: every run of a tuned seed (or of any seed, without
+        ``seeds``); the runs of the other seeds run only where their values are chosen."""
+        return not self.keys or self.seeds is None or run.point.get(SEED) in self.seeds
+
+    def expected_runs(self, runs: Sequence[PlannedRun]) -> int:
+        """How many of one group's planned ``runs`` will run: those tuning reads, plus one per
+        other seed (at the chosen values)."""
+        tuning = [run for run in runs if self.tunes_on(run)]
+        return len(tuning) + len({run.point.get(SEED) for run in runs if not self.tunes_on(run)})
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,8 @@ class SweepPlan:
     source: str
     #: grid axis → its values, in file order
     grid: dict[str, list]
-    tune: tuple[str, ...]
+    #: the tuned axes, per-method grids and tuning seeds
+    tuning: TuningRule
     #: setting → its methods
     settings: dict[str, tuple[str, ...]]
     reference: str
@@ -100,7 +133,9 @@ class SweepPlan:
 
     def to_json(self) -> dict:
         """What `fedlora compare` needs to know of the plan (written to the sweep folder)."""
-        return {"source": self.source, "grid": self.grid, "tune": list(self.tune),
+        return {"source": self.source, "grid": self.grid, "tune": list(self.tuning.keys),
+                "method_grids": self.tuning.method_grids,
+                "tune_seeds": list(self.tuning.seeds) if self.tuning.seeds is not None else None,
                 "settings": {name: list(methods) for name, methods in self.settings.items()},
                 "reference": self.reference, "final": self.final.to_json() if self.final else None,
                 "test_chosen_only": self.test_chosen_only,
@@ -132,15 +167,18 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
     base = load_config(document["base"]) if "base" in document else RunConfig()
     base = build_config(shared, source=f"{source}: [run]", base=base)
     settings, setting_values = _settings(_table(document, "settings", fail), grid, base, fail)
-    tune, test_chosen_only = _tune(_table(document, "tune", fail), grid, fail)
+    tune, tune_seeds, test_chosen_only = _tune(_table(document, "tune", fail), grid, fail)
+    method_grids = _method_grids(_table(document, "method_grid", fail), grid, settings, fail)
+    tuning = TuningRule(tune, grid, method_grids, tune_seeds)
     reference = _reference(_table(document, "compare", fail), settings, fail)
     final = _final(_table(document, "final", fail), fail)
 
     runs = []
     for setting, methods in settings.items():
         for method in methods:
-            for values in itertools.product(*grid.values()):
-                point = dict(zip(grid, values))
+            method_grid = tuning.grid_of(method)
+            for values in itertools.product(*method_grid.values()):
+                point = dict(zip(method_grid, values))
                 folder = "/".join((setting, method, point_name(point)))
                 config = build_config({**setting_values[setting], "method": method, **point},
                                       source=f"{source}: {folder}", base=base)
@@ -152,7 +190,7 @@ def plan_sweep(document: dict, source: str) -> SweepPlan:
     folders = [run.folder for run in runs]
     if len(set(folders)) != len(folders):
         raise fail("[grid]", "has values that name the same run folder; make them distinct")
-    return SweepPlan(source, grid, tune, settings, reference, final, runs, test_chosen_only)
+    return SweepPlan(source, grid, tuning, settings, reference, final, runs, test_chosen_only)
 
 
 def _settings(table: dict, grid: dict[str, list], base: RunConfig,
@@ -178,11 +216,12 @@ def _settings(table: dict, grid: dict[str, list], base: RunConfig,
     return methods_of, values_of
 
 
-def _tune(table: dict, grid: dict[str, list], fail) -> tuple[tuple[str, ...], bool]:
-    """(the tuned keys, whether only the chosen runs score the test set after round 0)."""
+def _tune(table: dict, grid: dict[str, list], fail) -> tuple[tuple[str, ...], tuple[int, ...] | None, bool]:
+    """(the tuned keys, the seeds tuning reads (None: all), whether only the chosen runs score
+    the test set after round 0)."""
     keys = table.get("keys", [])
-    if set(table) - {"keys", "test"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise fail("[tune]", "takes 'keys', a list of grid axes, and optionally 'test'")
+    if set(table) - {"keys", "test", "seeds"} or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise fail("[tune]", "takes 'keys', a list of grid axes, and optionally 'test' and 'seeds'")
     for key in keys:
         if key not in grid or key in (SEED, "method"):
             raise fail(f"[tune] {key!r}", "must be a grid axis other than seed and method")
@@ -191,7 +230,31 @@ def _tune(table: dict, grid: dict[str, list], fail) -> tuple[tuple[str, ...], bo
         raise fail("[tune] 'test'", f"must be \"all\" (every run scores the test set) or \"chosen\", got {test!r}")
     if test == "chosen" and not keys:
         raise fail("[tune] 'test'", "is \"chosen\", but no keys are tuned: every run is chosen")
-    return _unique(keys, "[tune] keys", fail), test == "chosen"
+    seeds = table.get("seeds")
+    if seeds is not None:
+        if not keys:
+            raise fail("[tune] 'seeds'", "needs tuned 'keys'")
+        if (not isinstance(seeds, list) or not seeds
+                or any(seed not in grid.get(SEED, []) or isinstance(seed, bool) for seed in seeds)):
+            raise fail("[tune] 'seeds'", f"must be a non-empty list of the grid's seeds {grid.get(SEED, [])}, "
+                                         f"got {seeds!r}")
+        seeds = _unique(seeds, "[tune] seeds", fail)
+    return _unique(keys, "[tune] keys", fail), seeds, test == "chosen"
+
+
+def _method_grids(table: dict, grid: dict[str, list], settings: dict[str, tuple[str, ...]],
+                  fail) -> dict[str, dict[str, list]]:
+    """method → its own values of some grid axes (``[method_grid.<method>]``)."""
+    methods = {method for listed in settings.values() for method in listed}
+    grids = {}
+    for method, axes in table.items():
+        if method not in methods or not isinstance(axes, dict):
+            raise fail(f"[method_grid.{method}]", "must be a table of grid axes for a method of some setting")
+        for key, values in axes.items():
+            if key not in grid or key in (SEED, "method"):
+                raise fail(f"[method_grid.{method}] {key!r}", "must be a grid axis other than seed and method")
+        grids[method] = {key: _axis(key, values, fail) for key, values in axes.items()}
+    return grids
 
 
 def _reference(table: dict, settings: dict[str, tuple[str, ...]], fail) -> str:

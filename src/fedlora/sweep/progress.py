@@ -16,7 +16,9 @@ from fedlora.sweep.plan import PlannedRun
 class SweepObserver:
     """Callbacks of a sweep; the base class ignores them all (library use, tests)."""
 
-    def sweep_started(self, total: int, pending: Sequence[PlannedRun]) -> None: ...
+    def sweep_started(self, total: int, pending: Sequence[str]) -> None:
+        """``total`` runs will have run once the sweep is done; ``pending`` has the method of
+        every one still to run."""
 
     def run_started(self, run: PlannedRun, resumed: bool) -> RunObserver:
         """The observer of the run's rounds."""
@@ -79,7 +81,7 @@ class RichSweepObserver(SweepObserver):
         self.mmlu = self.progress.add_task("MMLU", total=None, note="", visible=False)
         self.sweep = self.progress.add_task("sweep", total=None, note="")
         self.done: list[tuple[str, float]] = []
-        self.pending: list[PlannedRun] = []
+        self.pending: list[str] = []  # the method of every run still to run
         self.logged: set[str] = set()
 
     def __enter__(self) -> RichSweepObserver:
@@ -89,7 +91,7 @@ class RichSweepObserver(SweepObserver):
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def sweep_started(self, total: int, pending: Sequence[PlannedRun]) -> None:
+    def sweep_started(self, total: int, pending: Sequence[str]) -> None:
         self.pending = list(pending)
         self.progress.update(self.sweep, total=total, completed=total - len(self.pending),
                              note="ETA after the first run" if self.pending else "")
@@ -100,10 +102,10 @@ class RichSweepObserver(SweepObserver):
         return self.run_display
 
     def run_finished(self, run: PlannedRun, outcome: RunOutcome, seconds: float, resumed: bool) -> None:
-        self.pending.remove(run)
+        self.pending.remove(run.method)
         if not resumed:  # a resumed run's time covers only part of it
             self.done.append((run.method, seconds))
-        remaining = remaining_seconds(self.done, [r.method for r in self.pending])
+        remaining = remaining_seconds(self.done, self.pending)
         note = "" if not self.pending else (
             f"ETA {format_duration(remaining)} (from {len(self.done)} runs)" if remaining is not None else
             "ETA after the first whole run")

@@ -36,9 +36,9 @@ from fedlora.report import write_report
 from fedlora.runtime.inprocess import evaluate_clients_in_process, run_inprocess
 from fedlora.sweep.outcomes import FINAL_MMLU_FILE, FINAL_TEST_FILE, RunOutcome, is_finished, read_final_mmlu, \
     read_final_test
-from fedlora.sweep.plan import PlannedRun, SweepPlan
+from fedlora.sweep.plan import SEED, PlannedRun, SweepPlan
 from fedlora.sweep.progress import SweepObserver
-from fedlora.sweep.tuning import choose, groups
+from fedlora.sweep.tuning import Choice, choose, groups
 
 PLAN_FILE = "sweep.json"
 
@@ -72,18 +72,42 @@ def _run_planned(plan: SweepPlan, out_dir: Path, observer: SweepObserver) -> Swe
     result = SweepResult()
     models = ModelCache()
     evaluations = ExactEvaluations()
-    grouped = groups(plan.runs, plan.tune)
-    pending = [run for run in plan.runs if not is_finished(out_dir / run.folder)]
-    result.skipped = [run.folder for run in plan.runs if run not in pending]
-    observer.sweep_started(len(plan.runs), pending)
-    for runs in grouped.values():
+    grouped = groups(plan.runs, plan.tuning.keys)
+    finished = {run.folder for run in plan.runs if is_finished(out_dir / run.folder)}
+    result.skipped = [run.folder for run in plan.runs if run.folder in finished]
+    pending = [method for runs in grouped.values() for method in _to_run(plan, runs, finished)]
+    observer.sweep_started(len(finished) + len(pending), pending)
+
+    def run_each(runs: list[PlannedRun]) -> None:
         for run in runs:
-            if run in pending:
+            if run.folder not in finished:
                 resumed = _execute(run, out_dir, models, evaluations, observer, plan.test_chosen_only)
                 (result.resumed if resumed else result.ran).append(run.folder)
-        # the group is complete: its choice is known
-        result.scored += _score_chosen(plan, runs, out_dir, models, evaluations, observer)
+                finished.add(run.folder)
+
+    for runs in grouped.values():
+        run_each([run for run in runs if plan.tuning.tunes_on(run)])
+        # the runs tuning reads are done: the choice is known, and the other seeds run at it
+        chosen = _choice(plan, runs, out_dir).runs
+        run_each(chosen)
+        result.scored += _score_chosen(plan, chosen, out_dir, models, evaluations, observer)
     return result
+
+
+def _to_run(plan: SweepPlan, runs: list[PlannedRun], finished: set[str]) -> list[str]:
+    """The method of each run of one group that is still to run: the unfinished runs tuning
+    reads, and one per other seed none of whose runs has finished."""
+    tuning = [run for run in runs if plan.tuning.tunes_on(run)]
+    done_seeds = {run.point.get(SEED) for run in runs if run.folder in finished}
+    other_seeds = {run.point.get(SEED) for run in runs if run not in tuning} - done_seeds
+    return [run.method for run in tuning if run.folder not in finished] + [runs[0].method] * len(other_seeds)
+
+
+def _choice(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path) -> Choice:
+    """The group's choice, from the final validation loss of the runs tuning reads."""
+    val_losses = {run.folder: RunOutcome.read(out_dir / run.folder).final_val_loss
+                  for run in runs if plan.tuning.tunes_on(run)}
+    return choose(runs, val_losses, plan.tuning)
 
 
 # -- refusing a changed sweep -------------------------------------------------------------------
@@ -162,16 +186,15 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
 
 # -- what only the chosen runs are scored on ---------------------------------------------------------
 
-def _score_chosen(plan: SweepPlan, runs: list[PlannedRun], out_dir: Path, models: ModelCache,
+def _score_chosen(plan: SweepPlan, chosen: list[PlannedRun], out_dir: Path, models: ModelCache,
                   evaluations: ExactEvaluations, observer: SweepObserver) -> list[str]:
-    """The chosen runs of a complete group: the last round's test loss where the plan defers it
-    (every seed), the final MMLU where ``[final]`` asks for it (its seeds). Each score is written
-    beside the run once; a sweep run again scores only what is missing."""
+    """The ``chosen`` runs of a complete group: the last round's test loss where the plan defers
+    it (every seed), the final MMLU where ``[final]`` asks for it (its seeds). Each score is
+    written beside the run once; a sweep run again scores only what is missing."""
     if plan.final is None and not plan.test_chosen_only:
         return []
-    val_losses = {run.folder: RunOutcome.read(out_dir / run.folder).final_val_loss for run in runs}
     scored = []
-    for run in choose(runs, val_losses, plan.tune, plan.grid).runs:
+    for run in chosen:
         config, run_dir = with_out(run, out_dir), out_dir / run.folder
         spec = {"round": config.rounds}
         if plan.test_chosen_only and not _already_scored(read_final_test(run_dir), spec):
@@ -289,7 +312,7 @@ class ExactEvaluations:
 
         def evaluate(model: nn.Module, server_round: int) -> dict:
             key = (model_key, inputs, evaluator.test_due(server_round), evaluator.mmlu_due(server_round),
-                   _weights_digest(model, modules))
+                   evaluator.validation_due(server_round), _weights_digest(model, modules))
             if key not in self._results:
                 self._results[key] = evaluator(model, server_round)
             return copy.deepcopy(self._results[key])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedlora.engine.config import ConfigError
-from fedlora.sweep.plan import SEED, point_name
+from fedlora.sweep.plan import SEED, TuningRule, point_name
 
 
 class SweptRun(Protocol):
@@ -72,17 +72,20 @@ class Choice:
     runs: list[SweptRun]
 
 
-def choose(runs: Sequence[SweptRun], final_val_loss: Mapping[str, float | None], tune: Sequence[str],
-           grid: dict[str, list]) -> Choice:
-    """The tuned values of one group with the lowest mean final validation loss over seeds.
+def choose(runs: Sequence[SweptRun], final_val_loss: Mapping[str, float | None], rule: TuningRule) -> Choice:
+    """The tuned values of one group with the lowest mean final validation loss over the seeds
+    tuning reads, and the group's runs at those values (of every seed).
 
-    ``final_val_loss`` maps each run folder to its final val_loss: the only measurement the
-    choice sees. Ties go to the earlier value in the grid. Without tuned keys every run is chosen.
+    ``final_val_loss`` maps the folder of every run tuning reads to its final val_loss: the
+    only measurement the choice sees. Ties go to the earlier value in the grid. Without tuned
+    keys every run is chosen.
     """
+    tune = rule.keys
     if not tune:
         return Choice({}, [], [], list(runs))
+    grid = rule.grid_of(runs[0].method)
     by_values: dict[tuple, list[float]] = {}
-    for run in runs:
+    for run in filter(rule.tunes_on, runs):
         loss = final_val_loss[run.folder]
         if loss is None:
             raise ConfigError(f"{run.folder}: no val_loss to tune {', '.join(tune)} on "
