@@ -117,13 +117,14 @@ def write_result(name: str, text: str) -> Path:
 # --- federated runs ---------------------------------------------------------------------------
 
 
-def prepare(values: dict, run_dir: Path, loaded: tuple | None = None):
-    """A fedlora RunSetup of the config ``values``; its log goes to stderr, indented."""
+def prepare(values: dict, run_dir: Path, loaded: tuple | None = None, **runtime):
+    """A fedlora RunSetup of the config ``values``; its log goes to stderr, indented; ``runtime``:
+    what :func:`fedlora.engine.setup.prepare_run` takes besides."""
     from fedlora.engine.config import build_config
     from fedlora.engine.setup import prepare_run
 
     return prepare_run(build_config(values, source="benchmark"), run_dir,
-                       log=lambda message: print(f"  {message}", file=sys.stderr), loaded=loaded)
+                       log=lambda message: print(f"  {message}", file=sys.stderr), loaded=loaded, **runtime)
 
 
 def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None,
@@ -137,14 +138,15 @@ def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None,
     """
     from fedlora.runtime.inprocess import run_inprocess
 
-    setup = prepare(values, run_dir, loaded)
-    if evaluated_rounds is not None:
-        evaluate = setup.federation.evaluate_model
-        setup.federation.evaluate_model = lambda model, server_round: \
-            evaluate(model, server_round) if server_round in evaluated_rounds else {}
+    def evaluation(evaluator, global_model):
+        if evaluated_rounds is None:
+            return evaluator
+        return lambda model, server_round: evaluator(model, server_round) if server_round in evaluated_rounds else {}
+
+    setup = prepare(values, run_dir, loaded, evaluation=evaluation)
     pristine = setup.federation.global_model.adapted_weights()
     try:
         summary = run_inprocess(setup)
     finally:
         setup.federation.global_model.load_adapted_weights(pristine)
-    return setup.federation.rows, summary
+    return [row.to_json() for row in setup.federation.rows], summary

@@ -378,7 +378,7 @@ def run_variant(model, tokenizer, model_dir: Path, data: Path, size: dict, check
     run_inprocess(setup)
     seconds = time.perf_counter() - started
     watch.fold()
-    row = setup.federation.rows[-1]
+    row = setup.federation.rows[-1].to_json()
     carry_bytes = sum(c.numel() * c.element_size() for c in global_model.carry.values())
     global_model.load_adapted_weights(pristine)
     global_model.carry.clear()

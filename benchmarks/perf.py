@@ -218,7 +218,7 @@ def part_memory(data: str) -> dict:
         setup_rss = aggregation.current_rss_mb()  # model, records and tokenizer cache loaded, nothing trained
         ledger = run_inprocess(setup)["communication"]
     # Every client takes part in every round, so what each downloads in round 2 is round 1's global adapter.
-    last = setup.federation.rows[-1]
+    last = setup.federation.rows[-1].to_json()
     return {"clients": len(setup.client_examples), "setup_rss_mb": setup_rss,
             "peak_rss_mb": peak_rss_mb(), "adapter_bytes": ledger["bytes_up"] / ledger["participations"],
             "global_bytes": last["bytes_down"] / len(last["clients"])}

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from fedlora.aggregation import ClientUpdate, LoraFactors, factors_to_tensors, tensors_to_factors
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.flower import client_app as fedlora_app
-from fedlora.runtime.flower.codec import IDENTIFY_ACTION, SYNC_ACTION, UPDATE_KEY, decode_result, decode_task, \
+from fedlora.runtime.flower.wire import IDENTIFY_ACTION, SYNC_ACTION, UPDATE_KEY, decode_result, decode_task, \
     encode_result, get_catchup
 
 PLAN_VARIABLE = "FEDLORA_TEST_HOSTILE"
@@ -77,21 +77,21 @@ def kept_reply(folder: Path) -> RecordDict:
 def made_up(task: ClientTask, shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, LoraFactors]:
     generator = torch.Generator().manual_seed(task.data_seed % 2**63)
     return {module: LoraFactors(0.01 * torch.randn(rank, n, generator=generator),
-                                0.01 * torch.randn(d, rank, generator=generator), task.alpha / task.rank)
+                                0.01 * torch.randn(d, rank, generator=generator), task.alpha / task.plan.rank)
             for module, (d, n) in shapes.items()}
 
 
 def hostile_reply(behaviour: str, task: ClientTask, shapes: dict[str, tuple[int, int]]) -> RecordDict:
-    factors = made_up(task, shapes, 10 * task.rank if behaviour == "rank-10x" else task.rank)
+    factors = made_up(task, shapes, 10 * task.plan.rank if behaviour == "rank-10x" else task.plan.rank)
     first = next(iter(factors))
     if behaviour == "nan":
         factors[first].A[0, 0] = float("nan")
     elif behaviour == "shape":
         f = factors[first]
-        factors[first] = LoraFactors(torch.zeros(task.rank, f.A.shape[1] + 1), f.B, f.scale)
+        factors[first] = LoraFactors(torch.zeros(task.plan.rank, f.A.shape[1] + 1), f.B, f.scale)
     elif behaviour == "extra-arrays":
         d, n = shapes[first]
-        factors[STRAY_MODULE] = LoraFactors(torch.zeros(task.rank, n), torch.zeros(d, task.rank), factors[first].scale)
+        factors[STRAY_MODULE] = LoraFactors(torch.zeros(task.plan.rank, n), torch.zeros(d, task.plan.rank), factors[first].scale)
     examples = 10**12 if behaviour == "examples-1e12" else 10
     content = encode_result(ClientResult(ClientUpdate(factors, examples, task.client_id), 1.0, task.local_steps, 0.1),
                             replica_round=task.server_round - 1)

@@ -4,6 +4,7 @@ tokenizer, Flower's serialisation and an in-memory Flower grid. Test modules imp
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -162,18 +163,19 @@ class InMemoryGrid(Grid):
 
 
 def run_on_in_memory_flower(config: RunConfig, nodes_dir: Path) -> tuple[dict, dict]:
-    """``config`` (runtime flower) run by fedlora's real strategy, ClientApp and factories over an
-    :class:`InMemoryGrid`, one node per client with its state under ``nodes_dir``: (the
-    Federation's summary, the strategy's report of the transport). Real SuperLink and SuperNode processes cost a minute a run here."""
-    from fedlora.runtime.flower import server_factory
-    from fedlora.runtime.flower.strategy import FedLoraStrategy
+    """``config`` (runtime flower) run by fedlora's real ServerApp loop, ClientApp and factories
+    over an :class:`InMemoryGrid`, one node per client with its state under ``nodes_dir``: (the
+    Federation's summary, the report of the transport). Real SuperLink and SuperNode processes
+    cost a minute a run here."""
+    from fedlora.runtime.flower import runner
+    from fedlora.runtime.flower.server_app import serve
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.json")
-    strategy = FedLoraStrategy(server_factory.federation_factory(out), round_timeout=60.0, connect_timeout=0.0)
-    report = strategy.run(in_memory_grid(config, nodes_dir))
-    return strategy.federation.summary(), report
+    settings = replace(runner.app_settings(config, out), round_timeout=60.0, connect_timeout=0.0)
+    federation, report = serve(in_memory_grid(config, nodes_dir), settings)
+    return federation.summary(), report
 
 
 def in_memory_grid(config: RunConfig, nodes_dir: Path) -> InMemoryGrid:

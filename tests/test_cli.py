@@ -53,6 +53,7 @@ def test_methods_lists_every_aggregator_and_baseline():
 
 
 def test_output_that_is_not_a_terminal_gets_the_whole_table(monkeypatch):
+    from fedlora.engine.rows import RoundRow
     from fedlora.report import console_table
 
     monkeypatch.delenv("COLUMNS", raising=False)
@@ -60,7 +61,7 @@ def test_output_that_is_not_a_terminal_gets_the_whole_table(monkeypatch):
     row = {"round": 3, "method": "flexlora", "eval_loss": 2.4467, "perplexity": 11.55, "mmlu_acc": 0.2,
            "train_loss": 2.3722, "bytes_up": 2_768_240, "bytes_down": 1_439_642_828, "seconds": 1031.0}
     with console.capture() as captured:
-        console.print(console_table([row]))
+        console.print(console_table([RoundRow.from_json(row)]))
     assert "…" not in captured.get() and "flexlora" in captured.get() and "1.34 GiB" in captured.get()
     monkeypatch.setenv("COLUMNS", "60")
     assert cli.make_console().width == 60

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.aggregation import ClientUpdate, LoraFactors
+from fedlora.aggregation import ClientPlan, ClientUpdate, LoraFactors, Regularizer, get_aggregator
 from fedlora.aggregation.fedit import FedIT
 from fedlora.aggregation.registry import AGGREGATORS
-from fedlora.engine.client import LocalTrainer
-from fedlora.engine.client_state import CLIENT_STATE_DIR, ClientStore, train_from_store
 from fedlora.engine.config import save_config
-from fedlora.engine.federation import received
+from fedlora.engine.gate import received
 from fedlora.engine.metrics import read_metrics
+from fedlora.engine.personalisation import CLIENT_STATE_DIR, ClientStore, StoredClientModels, train_from_store
 from fedlora.engine.setup import prepare_run
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.runtime.inprocess import run_inprocess
@@ -36,8 +35,8 @@ def factors(rank: int, seed: int, scale: float = 2.0) -> dict[str, LoraFactors]:
 
 
 def task(server_round: int, start=None, **fields) -> ClientTask:
-    return ClientTask(client_id="c", server_round=server_round, rank=2, alpha=4.0, trainable=frozenset("AB"),
-                      init_seed=1, data_seed=2, local_steps=1, start=start, **fields)
+    return ClientTask(client_id="c", server_round=server_round, plan=ClientPlan(rank=2, start=start, **fields),
+                      alpha=4.0, init_seed=1, data_seed=2, local_steps=1)
 
 
 def config_for(client_dir: Path, out: Path, **overrides):
@@ -90,7 +89,7 @@ def test_train_from_store_starts_from_the_kept_factors_and_keeps_what_it_trained
     store, seen = ClientStore(tmp_path), []
 
     def train(given: ClientTask) -> ClientResult:
-        seen.append(given.start)
+        seen.append(given.plan.start)
         update = ClientUpdate(factors(2, seed=10 + given.server_round), 5, given.client_id)
         return ClientResult(update, train_loss=0.0, steps=1, seconds=0.0)
 
@@ -132,15 +131,15 @@ def test_fedsa_clients_continue_from_their_own_B_which_only_their_store_holds(cl
     first = {t.client_id: r.update.factors for t, r in calls if t.server_round == 1}
     for t, _ in calls:
         if t.server_round == 2:  # the client's own B of round 1 (with Ā of round 1)
-            assert all(torch.equal(f.B, first[t.client_id][m].B) for m, f in t.start.items())
-            assert t.uploads == {"A"} and t.kept == {"B"}
+            assert all(torch.equal(f.B, first[t.client_id][m].B) for m, f in t.plan.start.items())
+            assert t.plan.uploads == {"A"} and t.plan.kept == {"B"}
     store = ClientStore(out / CLIENT_STATE_DIR)
     for t, result in calls:
         if t.server_round == 2:
             kept = store.load(t.client_id, 2)
             assert all(torch.equal(kept[m]["B"], f.B) for m, f in result.update.factors.items())
     # the server's state holds no client's B: its global B is zero
-    assert all(not f.B.any() for f in setup.federation.aggregator.global_update.factors.values())
+    assert all(not f.B.any() for f in setup.federation.method.global_update.factors.values())
     # each client is evaluated with its own B
     assert len({m["eval_loss"] for m in rows[2]["per_client"].values()}) == 3
     assert rows[2]["eval_loss"] == pytest.approx(sum(m["eval_loss"] for m in rows[2]["per_client"].values()) / 3)
@@ -159,20 +158,35 @@ def test_a_fedsa_round_redone_on_resume_starts_from_the_entries_before_it(client
     assert run(first.replace(rounds=2), tmp_path / "resumed") == uninterrupted
 
 
-def test_a_method_keeping_factors_on_clients_needs_a_runtime_to_evaluate_their_models(client_dir, tmp_path):
-    setup = prepare_run(config_for(client_dir, tmp_path / "run", method="fedsa"), tmp_path / "run",
-                        log=lambda message: None)
-    federation = setup.federation
-    federation.start()
-    results = [setup.trainer.train(t, setup.client_examples[t.client_id]) for t in federation.configure_train(1)]
-    with pytest.raises(RuntimeError, match="keeps factors on the clients"):
-        federation.aggregate_train(1, results)
+class RecordingClientModels(StoredClientModels):
+    """The run folder's client models, noting what each evaluation was given."""
+
+    def __init__(self, store: ClientStore):
+        super().__init__(store)
+        self.calls: list[tuple[int, list[str], frozenset[str]]] = []
+
+    def evaluate(self, server_round, adapters, kept, evaluate_here):
+        self.calls.append((server_round, sorted(adapters), kept))
+        return super().evaluate(server_round, adapters, kept, evaluate_here)
+
+
+def test_the_clients_own_models_are_evaluated_by_the_runtime_that_holds_them(client_dir, tmp_path):
+    """A personalised method's models are evaluated where the runtime says they live (given at
+    construction), told which factors each client completes from its own store."""
+    models = RecordingClientModels(ClientStore(tmp_path / "run" / CLIENT_STATE_DIR))
+    setup = prepare_run(config_for(client_dir, tmp_path / "run", method="fedsa", rounds=1), tmp_path / "run",
+                        log=lambda message: None, client_models=models)
+    run_inprocess(setup)
+    assert models.calls == [(0, ["0", "1", "2"], {"B"}), (1, ["0", "1", "2"], {"B"})]
 
 
 class UploadsWhatItKeeps(FedIT):
     """test method: keeps B on the clients but asks for it back"""
     name = "uploads-kept"
     kept_on_client = frozenset("B")
+
+    def uploads(self, server_round):
+        return frozenset("AB")
 
 
 class NoStart(FedIT):
@@ -186,15 +200,15 @@ class NoStart(FedIT):
         return None
 
 
-@pytest.mark.parametrize("method, message", [(UploadsWhatItKeeps, "uploads \\['B'\\], which its clients keep"),
-                                             (NoStart, "gives client '0' no start adapter")])
+@pytest.mark.parametrize("method, message", [(UploadsWhatItKeeps, "sends \\['B'\\], which it keeps"),
+                                             (NoStart, "does not send every factor needs a start")])
 def test_the_engine_refuses_a_method_whose_uploads_it_cannot_honour(client_dir, tmp_path, monkeypatch, method,
                                                                     message):
     monkeypatch.setitem(AGGREGATORS, method.name, f"{__name__}:{method.__name__}")
     setup = prepare_run(config_for(client_dir, tmp_path / "run", method=method.name), tmp_path / "run",
                         log=lambda message: None)
     setup.federation.start()
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         setup.federation.configure_train(1)
 
 
@@ -216,38 +230,42 @@ def test_hetlora_clients_train_the_ranks_self_pruning_gives_them_and_a_resume_ke
     calls = recording(setup)
     uninterrupted = run(config, tmp_path / "full", setup)
     assert not any(row["rejected"] for row in uninterrupted)  # the engine accepts the pruned ranks
-    rank = {r: {t.client_id: t.rank for t, _ in calls if t.server_round == r} for r in (1, 2, 3)}
+    rank = {r: {t.client_id: t.plan.rank for t, _ in calls if t.server_round == r} for r in (1, 2, 3)}
     tails = {r: {t.client_id: tail(res.update.factors, 0.5) for t, res in calls if t.server_round == r} for r in (1, 2)}
     assert rank[1] == rank[2] == {"0": 4, "1": 2, "2": 1}  # no earlier tail to compare with before round 2
     expected = {cid: max(1, r // 2) if tails[2][cid] < tails[1][cid] else r for cid, r in rank[2].items()}
     assert rank[3] == expected and rank[3] != rank[2], (tails, rank)
-    assert all(f.rank == t.rank for t, res in calls for f in res.update.factors.values())
+    assert all(f.rank == t.plan.rank for t, res in calls for f in res.update.factors.values())
 
     first = config_for(client_dir, tmp_path / "resumed", **{**options, "rounds": 2})
     run(first, tmp_path / "resumed")
     assert run(first.replace(rounds=3), tmp_path / "resumed") == uninterrupted
 
 
-def test_the_trainer_adds_the_methods_term_on_the_live_factors_to_its_loss(client_dir, tmp_path):
+#: whether each call of :func:`pull_every_B_up` saw factors that train
+PULLS: list[bool] = []
+
+
+def pull_every_B_up(live: dict[str, LoraFactors], *, strength: float) -> torch.Tensor:
+    PULLS.append(all(f.A.requires_grad and f.B.requires_grad for f in live.values()))
+    return -strength * sum(f.B.sum() for f in live.values())  # its gradient dwarfs the batch loss's
+
+
+def test_the_trainer_adds_the_plans_term_on_the_live_factors_to_its_loss(client_dir, tmp_path):
     config = config_for(client_dir, tmp_path / "run", method="hetlora", method_options={"penalty": 0.5})
     setup = prepare_run(config, tmp_path / "run", log=lambda message: None)
-    assert setup.trainer.regularizer.__self__.penalty == 0.5  # the run's method, with its options
     federation = setup.federation
     federation.start()
     one = replace(federation.configure_train(1)[0], local_steps=1)
+    assert one.plan.regularizer.options["penalty"] == 0.5  # the run's method, with its options
+    assert get_aggregator("fedit").regularizer() is None  # the contract's default: no term
     examples = setup.client_examples[one.client_id]
-    plain = LocalTrainer.from_config(setup.model, setup.trainer.pad_token_id, config.replace(method="fedit", method_options={}))
-    assert plain.regularizer(factors(2, seed=0)) is None  # the contract's default: no term
-    reference = plain.train(one, examples)
+    reference = setup.trainer.train(replace(one, plan=replace(one.plan, regularizer=None)), examples)
 
-    calls = []
-
-    def pull_every_B_up(live: dict[str, LoraFactors]) -> torch.Tensor:
-        calls.append(all(f.A.requires_grad and f.B.requires_grad for f in live.values()))
-        return -1e6 * sum(f.B.sum() for f in live.values())  # its gradient dwarfs the batch loss's
-    plain.regularizer = pull_every_B_up
-    result = plain.train(one, examples)
-    assert calls == [True] * config.grad_accum  # once per batch, on parameters that train
+    PULLS.clear()
+    pulled = Regularizer(f"{__name__}:pull_every_B_up", {"strength": 1e6})
+    result = setup.trainer.train(replace(one, plan=replace(one.plan, regularizer=pulled)), examples)
+    assert PULLS == [True] * config.grad_accum  # once per batch, on parameters that train
     assert result.train_loss == reference.train_loss  # the reported loss is the batch's alone
     for module, f in result.update.factors.items():  # AdamW's first step moves each entry by lr·sign(grad)
         assert torch.allclose(f.B, torch.full_like(f.B, config.lr), rtol=1e-4), module

@@ -9,6 +9,7 @@ from fedlora.data import Record, collate, tokenize_records
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.config import ConfigError, build_config
 from fedlora.engine.client import LocalTrainer
+from fedlora.aggregation import ClientPlan
 from fedlora.engine.task import ClientTask
 from fedlora.lora import attach_lora, remove_lora
 from fedlora.models import load_model
@@ -95,7 +96,7 @@ def test_autocast_runs_the_forward_in_bfloat16_and_keeps_the_factors_float32(tin
 def test_trainer_with_checkpointing_trains_as_the_plain_trainer(device):
     model, tokenizer = load_model("tiny-llama", device=device)
     data = examples(tokenizer, 6)
-    task = ClientTask(client_id="a", server_round=1, rank=4, alpha=8.0, trainable=frozenset("AB"), init_seed=1,
+    task = ClientTask(client_id="a", server_round=1, plan=ClientPlan(rank=4), alpha=8.0, init_seed=1,
                       data_seed=2, local_steps=3)
     factors = {}
     for options in (ComputeOptions(), ComputeOptions(gradient_checkpointing=True),

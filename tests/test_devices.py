@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, aggregator_class, available_aggregators
-from fedlora.aggregation.base import FACTOR_NAMES
+from fedlora.aggregation.factors import FACTOR_NAMES
 from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from fedlora.lora import base_weight, merge_update
 from fedlora.models import load_model
@@ -138,7 +138,7 @@ def test_checkpoint_tensors_load_onto_the_device_asked(tmp_path, device):
 
 def test_flower_codec_sends_device_factors_as_cpu_float32(device):
     pytest.importorskip("flwr")
-    from fedlora.runtime.flower.codec import factors_from_records, factors_to_records
+    from fedlora.runtime.flower.wire import factors_from_records, factors_to_records
 
     factors = {"m": LoraFactors(torch.randn(2, 5).to(device, torch.bfloat16), torch.randn(4, 2).to(device),
                                 scale=1.5)}

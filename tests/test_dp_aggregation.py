@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedlora.aggregation import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, RunContext, get_aggregator
-from fedlora.aggregation.dp import ClientLevelDP
+from fedlora.aggregation import Aggregator
+from fedlora.aggregation.dp import with_client_dp
 
 MODULES = {"layer.0.q_proj": (48, 40), "layer.0.v_proj": (24, 40)}
 RANK, SCALE = 4, 2.0
@@ -14,9 +15,9 @@ CLIENTS = ("a", "b", "c")
 
 
 def dp(method: str, clip_norm: float, noise_multiplier: float, clients_per_round: int, seed: int | None = 7,
-       shapes: dict = MODULES) -> ClientLevelDP:
-    aggregator = ClientLevelDP(get_aggregator(method), clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                               clients_per_round=clients_per_round, noise_seed=seed)
+       shapes: dict = MODULES) -> Aggregator:
+    aggregator = with_client_dp(get_aggregator(method), clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                                clients_per_round=clients_per_round, noise_seed=seed)
     aggregator.setup(RunContext(ranks=dict.fromkeys(CLIENTS, RANK), scales=dict.fromkeys(CLIENTS, SCALE),
                                 shapes=shapes))
     return aggregator
@@ -117,7 +118,7 @@ def test_fedsa_noises_the_shared_A_measured_from_one_server_drawn_start():
 
 def test_methods_without_a_summed_factor_and_explicit_weights_are_refused():
     with pytest.raises(ValueError, match="stacking method broadcasts every client's own factors"):
-        ClientLevelDP(get_aggregator("flora"), clip_norm=1.0, noise_multiplier=1.0, clients_per_round=2)
+        with_client_dp(get_aggregator("flora"), clip_norm=1.0, noise_multiplier=1.0, clients_per_round=2)
     aggregator = dp("ffa", 1.0, 1.0, 2)
     with pytest.raises(AggregationError, match="weights"):
         aggregator.aggregate([trained("a", aggregator.start_adapter("a", 1), "B", 1.0, 1)], [1.0], server_round=1)

@@ -143,7 +143,7 @@ def tiny_config(client_dir: Path, out: Path, **overrides):
 
 def global_model_float64(federation) -> dict[str, torch.Tensor]:
     """Base weights plus the bf16 merge carry plus the global adapter, in float64."""
-    update = federation.aggregator.global_update
+    update = federation.method.global_update
     adapter = update.factors if update is not None else {}
     return {name: weight.double() + federation.global_model.carry.get(name, torch.zeros(())).double()
             + (dense(adapter[name]) if name in adapter else 0)
@@ -166,21 +166,21 @@ def test_engine_rounds_are_exact_and_clients_start_from_the_global_model(client_
         before = global_model_float64(federation)
         tasks = federation.configure_train(server_round)
         sampled.append({task.client_id for task in tasks})
-        adapter = federation.aggregator.global_update
+        adapter = federation.method.global_update
         for task in tasks:
             if adapter is None:
-                assert task.start is None
+                assert task.plan.start is None
             else:
                 with monkeypatch.context() as patch:  # no steps: the factors the LoRA starts from
                     patch.setattr(LocalTrainer, "_optimize", lambda self, model, task, examples, on_step: [0.0])
                     started = trainer.train(task, setup.client_examples[task.client_id]).update.factors
                 for name, factors in adapter.factors.items():
                     assert relative(dense(started[name]), dense(factors)) < 1e-6, (task.client_id, name)
-                    assert started[name].rank == task.rank and not started[name].B[:, factors.rank:].any()
+                    assert started[name].rank == task.plan.rank and not started[name].B[:, factors.rank:].any()
         base = federation.global_model.adapted_weights()
         results = [trainer.train(task, setup.client_examples[task.client_id]) for task in tasks]
         assert all(torch.equal(weight, base[name]) for name, weight in federation.global_model.adapted_weights().items())
-        row = federation.aggregate_train(server_round, results)
+        row = federation.aggregate_train(server_round, results).to_json()
         assert not row["rejected"] and row["shared_rank"] == 1
         total = sum(r.update.num_examples for r in results)
         for name, after in global_model_float64(federation).items():

@@ -8,8 +8,10 @@ from flwr.app import RecordDict
 from flwr.common.config import parse_config_args
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation import ClientPlan
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.runtime.flower.codec import AppSettings, Catchup, CodecError, NodeSettings, decode_evaluation, \
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings
+from fedlora.runtime.flower.wire import Catchup, CodecError, decode_evaluation, \
     decode_metrics, decode_node_state, decode_result, decode_task, encode_evaluation, encode_metrics, \
     encode_node_state, encode_result, encode_task, get_catchup, get_factors, put_catchup, put_factors, wire_bytes
 
@@ -41,8 +43,8 @@ HETEROGENEOUS = {"model.layers.1.self_attn.v_proj": (8, 16, 24), "model.layers.0
 
 
 def make_task(start: dict[str, LoraFactors] | None, trainable=frozenset({"A", "B"})) -> ClientTask:
-    return ClientTask(client_id="client-7", server_round=3, rank=8, alpha=16.0, trainable=trainable,
-                      init_seed=2**62 + 11, data_seed=5, local_steps=4, start=start)
+    return ClientTask(client_id="client-7", server_round=3, plan=ClientPlan(rank=8, trainable=trainable, start=start),
+                      alpha=16.0, init_seed=2**62 + 11, data_seed=5, local_steps=4)
 
 
 def test_factors_round_trip_bit_exactly_with_mixed_ranks_and_module_order():
@@ -68,11 +70,13 @@ def test_half_precision_factors_widen_losslessly_and_fp64_is_refused():
 def test_task_round_trips(start, trainable):
     task = make_task(start, trainable)
     decoded = decode_task(over_the_wire(encode_task(task, Catchup(since=0, through=2))))
-    for name in ("client_id", "server_round", "rank", "alpha", "trainable", "init_seed", "data_seed",
-                 "local_steps", "uploads", "kept"):
+    for name in ("client_id", "server_round", "alpha", "init_seed", "data_seed", "local_steps"):
         assert getattr(decoded, name) == getattr(task, name), name
         assert type(getattr(decoded, name)) is type(getattr(task, name)), name
-    assert_factors_identical(decoded.start, task.start)
+    for name in ("rank", "trainable", "uploads", "kept", "regularizer"):
+        assert getattr(decoded.plan, name) == getattr(task.plan, name), name
+        assert type(getattr(decoded.plan, name)) is type(getattr(task.plan, name)), name
+    assert_factors_identical(decoded.plan.start, task.plan.start)
 
 
 def test_catchup_round_trips_in_order_with_merge_flags_and_residuals():
@@ -177,18 +181,17 @@ def test_a_factor_left_behind_does_not_travel_and_comes_back_as_zeros_of_its_sha
 
 def test_a_train_message_leaves_the_kept_factors_behind_and_its_reply_sends_only_the_uploads():
     start = random_factors({m: (8, d, n) for m, (r, d, n) in HETEROGENEOUS.items()}, seed=4)
-    task = ClientTask(client_id="client-7", server_round=3, rank=8, alpha=16.0, trainable=frozenset("AB"),
-                      init_seed=1, data_seed=5, local_steps=4, start=start, uploads=frozenset("A"),
-                      kept=frozenset("B"))
+    task = ClientTask(client_id="client-7", server_round=3, alpha=16.0, init_seed=1, data_seed=5, local_steps=4,
+                      plan=ClientPlan(rank=8, start=start, uploads=frozenset("A"), kept=frozenset("B")))
     content = encode_task(task, Catchup(since=2, through=2))
     assert not any(key.endswith(".B") for key in content.array_records["start"])
     decoded = decode_task(over_the_wire(content))
-    assert (decoded.uploads, decoded.kept) == ({"A"}, {"B"})
-    assert_factors_identical(decoded.start, without(start, "B"))
+    assert (decoded.plan.uploads, decoded.plan.kept) == ({"A"}, {"B"})
+    assert_factors_identical(decoded.plan.start, without(start, "B"))
 
     trained = random_factors({m: (8, d, n) for m, (r, d, n) in HETEROGENEOUS.items()}, seed=5)
     result = ClientResult(ClientUpdate(trained, 9, "client-7"), 0.5, 4, 1.0)
-    reply = encode_result(result, replica_round=2, uploads=task.uploads)
+    reply = encode_result(result, replica_round=2, uploads=task.plan.uploads)
     assert not any(key.endswith(".B") for key in reply.array_records["update"])
     assert_factors_identical(decode_result(over_the_wire(reply))[0].update.factors, without(trained, "B"))
 

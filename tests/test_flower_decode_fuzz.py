@@ -19,7 +19,8 @@ from fedlora.aggregation import AggregationError, ClientUpdate, LoraFactors
 from fedlora.engine.config import build_config
 from fedlora.engine.setup import prepare_run
 from fedlora.engine.task import ClientResult
-from fedlora.runtime.flower.codec import CodecError, decode_node_state, decode_result, encode_node_state, \
+from fedlora.engine.gate import admit
+from fedlora.runtime.flower.wire import CodecError, decode_node_state, decode_result, encode_node_state, \
     encode_result
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,9 +51,9 @@ def server(tmp_path_factory):
 
 def honest_reply(federation, task) -> RecordDict:
     generator = torch.Generator().manual_seed(0)
-    scale = federation.config.scale_for(task.rank)
-    factors = {module: LoraFactors(torch.randn(task.rank, n, generator=generator),
-                                   torch.randn(d, task.rank, generator=generator), scale)
+    scale = federation.config.scale_for(task.plan.rank)
+    factors = {module: LoraFactors(torch.randn(task.plan.rank, n, generator=generator),
+                                   torch.randn(d, task.plan.rank, generator=generator), scale)
                for module, (d, n) in federation.shapes.items()}
     return encode_result(ClientResult(ClientUpdate(factors, 7, task.client_id), 1.5, 2, 0.1), replica_round=0)
 
@@ -166,9 +167,9 @@ def server_side(federation, task, content: RecordDict) -> None:
     """What the ServerApp does with a train reply: decode it, check it against its task (the
     Federation's own checks), add it to the round's aggregate."""
     result, _ = decode_result(content)
-    federation._check(result, task)
-    accumulator = federation.aggregator.accumulator([(task.client_id, dict.fromkeys(federation.shapes, task.rank))])
-    accumulator.add(result.update)
+    update = admit(result.update, task, federation.shapes, federation.config)
+    accumulator = federation.method.accumulator([(task.client_id, dict.fromkeys(federation.shapes, task.plan.rank))])
+    accumulator.add(update)
     accumulator.result()
 
 

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import Array
 from safetensors.torch import save_file
 
-from fedlora.aggregation import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors
-from fedlora.engine.federation import ClientFailure
-from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.aggregation import AggregationError, ClientPlan, ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.engine.ledger import Ledger
+from fedlora.engine.task import ClientFailure, ClientResult, ClientTask
 from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
-from fedlora.runtime.flower.codec import AppSettings, NodeSettings
-from fedlora.runtime.flower.strategy import FedLoraStrategy, exchange
+from fedlora.runtime.flower.clients import FlowerClients, ReceivedUpdates
+from fedlora.runtime.flower.server import FlowerRounds
+from fedlora.runtime.flower.server_app import serve
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 
 from support import InMemoryGrid, comparable, in_memory_grid, run_tiny, tiny_config
 
@@ -67,9 +71,9 @@ class FakeTrainer:
         generator = torch.Generator().manual_seed(task.data_seed)
         factors = {}
         for module, (d, n) in SHAPES.items():
-            A = 0.1 * torch.randn(task.rank, n, generator=generator) + 0.01 * self.weights[module][:task.rank]
-            B = 0.1 * torch.randn(d, task.rank, generator=generator)
-            factors[module] = LoraFactors(A, B, task.alpha / task.rank)
+            A = 0.1 * torch.randn(task.plan.rank, n, generator=generator) + 0.01 * self.weights[module][:task.plan.rank]
+            B = 0.1 * torch.randn(d, task.plan.rank, generator=generator)
+            factors[module] = LoraFactors(A, B, task.alpha / task.plan.rank)
         update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
         return ClientResult(update=update, train_loss=float(self.weights["layers.0.q_proj"].sum()),
                             steps=task.local_steps, seconds=0.0)
@@ -77,20 +81,24 @@ class FakeTrainer:
 
 class FakeFederation:
     """Samples ``fraction`` of the clients, stacks their factors (FLoRA-style, weighted by
-    examples) and merges the stack into its base weights; skips rounds below ``min_clients``."""
+    examples) and merges the stack into its base weights; skips rounds below ``min_clients``.
+    It hands each merge to ``on_merge`` (the Flower runtime's base log) and keeps a ledger of
+    them, as the Federation does."""
 
-    def __init__(self, run_dir: Path, rounds: int, ranks: list[int], fraction: float, min_clients: int):
+    def __init__(self, run_dir: Path, rounds: int, ranks: list[int], fraction: float, min_clients: int, *,
+                 on_merge=lambda server_round, update: None):
         self.run_dir = Path(run_dir)
-        self.num_rounds = rounds
-        self.client_ids = [f"client-{i}" for i in range(len(ranks))]
+        self.config = SimpleNamespace(rounds=rounds)
+        self.schedule = SimpleNamespace(client_ids=[f"client-{i}" for i in range(len(ranks))])
+        self.client_ids = self.schedule.client_ids
         self.ranks = dict(zip(self.client_ids, ranks))
         self.fraction = fraction
         self.min_clients = min_clients
+        self.on_merge = on_merge
         self.weights = initial_weights()
         self.base_log: dict[int, GlobalUpdate] = {}
         self.rows: list[dict] = []
-        self.synced = dict.fromkeys(self.client_ids, 0)  # what the strategy reported of each replica
-        self.runtime_state: dict = {}
+        self.ledger = Ledger(0, self.client_ids)  # where the replicas are, as the runtime reports them
 
     def start(self) -> int:
         return 0
@@ -98,23 +106,13 @@ class FakeFederation:
     def configure_train(self, server_round: int) -> list[ClientTask]:
         count = round(self.fraction * len(self.client_ids))
         chosen = set(random.Random(server_round).sample(self.client_ids, count))
-        return [ClientTask(client_id=cid, server_round=server_round, rank=self.ranks[cid], alpha=2.0 * self.ranks[cid],
-                           trainable=frozenset("AB"), init_seed=server_round, data_seed=100 * server_round + i,
+        return [ClientTask(client_id=cid, server_round=server_round, plan=ClientPlan(rank=self.ranks[cid]),
+                           alpha=2.0 * self.ranks[cid], init_seed=server_round, data_seed=100 * server_round + i,
                            local_steps=1)
                 for i, cid in enumerate(self.client_ids) if cid in chosen]
 
     def base_updates_since(self, last_round: int) -> list[tuple[int, GlobalUpdate]]:
         return [(r, self.base_log[r]) for r in sorted(self.base_log) if r > last_round]
-
-    def catchup(self, client_id: str, through: int) -> list[tuple[int, GlobalUpdate]]:
-        return [(r, u) for r, u in self.base_updates_since(self.synced[client_id]) if r <= through]
-
-    def catchup_params(self, client_id: str, through: int) -> int:
-        return sum(f.A.numel() + f.B.numel() for _, u in self.catchup(client_id, through)
-                   for f in (*u.factors.values(), *u.residual.values()))
-
-    def replica_through(self, client_id: str, last_round: int) -> None:
-        self.synced[client_id] = last_round
 
     def aggregate_train(self, server_round: int, results: list[ClientResult],
                         failures: list[ClientFailure] = (), refused: list[AggregationError] = ()) -> dict:
@@ -132,6 +130,9 @@ class FakeFederation:
             update = GlobalUpdate(factors=factors, merge=True, residual=residual)
             merge_into(self.weights, update)
             self.base_log[server_round] = update
+            self.on_merge(server_round, update)
+            self.ledger.merged(server_round, sum(f.A.numel() + f.B.numel()
+                                                 for f in (*update.factors.values(), *update.residual.values())))
         row = {"round": server_round, "clients": [r.update.client_id for r in results],
                "ranks": [r.update.factors["layers.0.q_proj"].rank for r in results],
                "failures": [f.__dict__ for f in failures], "skipped": skipped,
@@ -146,8 +147,8 @@ class FakeFederation:
         return {"rounds": len(self.rows)}
 
 
-def build_federation(run_dir: Path) -> FakeFederation:
-    return FakeFederation(run_dir, **json.loads((Path(run_dir) / PARAMS_FILE).read_text()))
+def build_federation(run_dir: Path, *, on_merge, **runtime) -> FakeFederation:
+    return FakeFederation(run_dir, **json.loads((Path(run_dir) / PARAMS_FILE).read_text()), on_merge=on_merge)
 
 
 def build_client(settings: AppSettings, node: NodeSettings) -> tuple[FakeTrainer, list[int]]:
@@ -160,7 +161,7 @@ def in_process_weights(tmp_path: Path, params: dict) -> dict[str, torch.Tensor]:
     reference_dir = tmp_path / "in-process"
     reference_dir.mkdir()
     federation = FakeFederation(reference_dir, **params)
-    for server_round in range(1, federation.num_rounds + 1):
+    for server_round in range(1, federation.config.rounds + 1):
         results = []
         for task in federation.configure_train(server_round):
             trainer = FakeTrainer()
@@ -193,7 +194,7 @@ def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.
         assert torch.equal(actual[module], expected[module]), module
 
 
-# --- in memory: the strategy and ClientApp over a Grid that serialises every message (support.InMemoryGrid)
+# --- in memory: the ServerApp loop and ClientApp over a Grid that serialises every message (support.InMemoryGrid)
 
 def in_memory_run(tmp_path: Path, params: dict, dead: set[int] = frozenset()):
     settings = setup_run(tmp_path, params, round_timeout=1.0)
@@ -201,14 +202,13 @@ def in_memory_run(tmp_path: Path, params: dict, dead: set[int] = frozenset()):
              for i in range(len(params["ranks"]))}
     grid = InMemoryGrid(nodes, settings.to_run_config())
     grid.dead = {1000 + i for i in dead}
-    federation = build_federation(Path(settings.run_dir))
-    strategy = FedLoraStrategy(federation, round_timeout=1.0, connect_timeout=0.0)
-    return federation, strategy, strategy.run(grid), grid
+    federation, report = serve(grid, replace(settings, connect_timeout=0.0))
+    return federation, report, grid
 
 
 def test_partial_participation_matches_in_process_and_every_replica_ends_equal(tmp_path, server_identity):
     params = {"rounds": 4, "ranks": [2, 4, 8], "fraction": 2 / 3, "min_clients": 1}
-    federation, strategy, report, grid = in_memory_run(tmp_path, params)
+    federation, report, grid = in_memory_run(tmp_path, params)
     assert all(len(row["clients"]) == 2 and not row["failures"] for row in federation.rows)
     assert {rank for row in federation.rows for rank in row["ranks"]} == {2, 4, 8}
     assert_identical(federation.weights, in_process_weights(tmp_path, params))
@@ -229,7 +229,7 @@ def test_partial_participation_matches_in_process_and_every_replica_ends_equal(t
 
 def test_a_dead_node_is_a_recorded_failure_and_the_round_needs_min_clients(tmp_path, server_identity):
     params = {"rounds": 2, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 3}
-    federation, strategy, report, grid = in_memory_run(tmp_path, params, dead={2})
+    federation, report, grid = in_memory_run(tmp_path, params, dead={2})
     for row in federation.rows:
         assert row["clients"] == ["client-0", "client-1"] and row["skipped"]
         assert [(f["client_id"], f["reason"]) for f in row["failures"]] == [("client-2", "no SuperNode holds "
@@ -237,26 +237,26 @@ def test_a_dead_node_is_a_recorded_failure_and_the_round_needs_min_clients(tmp_p
     assert [f["client_id"] for f in report["sync_failures"]] == []  # never identified, so never synced
 
 
-def three_nodes_three_rounds(tmp_path: Path) -> tuple[FakeFederation, FedLoraStrategy, InMemoryGrid]:
+def three_nodes_three_rounds(tmp_path: Path) -> tuple[FakeFederation, FlowerRounds, InMemoryGrid]:
     """A started federation of three nodes, identified, for a test to drive round by round."""
     params = {"rounds": 3, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 2}
     settings = setup_run(tmp_path, params, round_timeout=1.0)
     nodes = {1000 + i: {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
     grid = InMemoryGrid(nodes, settings.to_run_config())
-    federation = build_federation(Path(settings.run_dir))
-    strategy = FedLoraStrategy(federation, round_timeout=1.0, connect_timeout=0.0)
+    clients = FlowerClients(grid, settings.run_dir, round_timeout=1.0, connect_timeout=0.0)
+    federation = build_federation(Path(settings.run_dir), on_merge=clients.base_log.write)
+    rounds = FlowerRounds(federation, clients, ReceivedUpdates())
     federation.start()
-    strategy.identify_nodes(grid, wait=True)
-    return federation, strategy, grid
+    clients.identify(federation.client_ids, wait=True, reported=federation.ledger.replica_through)
+    return federation, rounds, grid
 
 
 def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, server_identity):
-    federation, strategy, grid = three_nodes_three_rounds(tmp_path)
+    federation, rounds, grid = three_nodes_three_rounds(tmp_path)
     for server_round in (1, 2, 3):
         grid.dead = {1002} if server_round == 2 else set()
-        messages = strategy.configure_train(server_round, None, None, grid)
-        strategy.aggregate_train(server_round, exchange(grid, messages, 1.0))
-    strategy.synchronize_replicas(grid, 3)
+        rounds.round(server_round)
+    rounds.synchronize_replicas(3)
     assert [f["client_id"] for f in federation.rows[1]["failures"]] == ["client-2"]
     assert "no reply within 1 s" in federation.rows[1]["failures"][0]["reason"]
     assert not federation.rows[2]["failures"] and not federation.rows[1]["skipped"]
@@ -269,18 +269,17 @@ def test_a_node_dying_mid_run_misses_rounds_and_catches_up_when_back(tmp_path, s
 
 
 def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(tmp_path, server_identity):
-    federation, strategy, grid = three_nodes_three_rounds(tmp_path)
+    federation, rounds, grid = three_nodes_three_rounds(tmp_path)
     for server_round in (1, 2, 3):
         if server_round == 3:  # client-0's SuperNode comes back under a new id with its state lost
             del grid.nodes[1000]
             grid.nodes[1003] = {"partition-id": 0, "state-dir": str(tmp_path / "node-0-fresh")}
-        messages = strategy.configure_train(server_round, None, None, grid)
-        if server_round == 3:
-            assert federation.synced == {"client-0": 0, "client-1": 1, "client-2": 1}
-        strategy.aggregate_train(server_round, exchange(grid, messages, 1.0))
+            rounds.clients.identify(federation.client_ids, wait=False, reported=federation.ledger.replica_through)
+            assert federation.ledger.merged_through == {"client-0": 0, "client-1": 1, "client-2": 1}
+        rounds.round(server_round)
     to_fresh_node = [m for m in grid.sent if m.metadata.dst_node_id == 1003 and m.metadata.message_type == "train"]
     assert to_fresh_node[0].content.config_records["catchup"]["rounds"] == [1, 2]
-    strategy.synchronize_replicas(grid, 3)
+    rounds.synchronize_replicas(3)
     assert_identical(replica_weights(tmp_path / "node-0-fresh"), federation.weights)
 
 
@@ -303,7 +302,7 @@ def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, s
         return content
     monkeypatch.setattr(client_app, "encode_result", hostile_encode)
     params = {"rounds": 2, "ranks": [2, 4, 8], "fraction": 1.0, "min_clients": 1}
-    federation, _, _, _ = in_memory_run(tmp_path, params)
+    federation, _, _ = in_memory_run(tmp_path, params)
     assert [(r["client_id"], r["rule"]) for r in federation.rows[0]["rejected"]] == [("client-1", "record")]
     assert "is not a .npy array" in federation.rows[0]["rejected"][0]["reason"]
     assert [(r["client_id"], r["rule"]) for r in federation.rows[1]["rejected"]] == [("client-0", "record"),
@@ -319,7 +318,7 @@ def test_a_client_error_becomes_a_failure_with_its_reason(tmp_path, server_ident
         raise RuntimeError(f"out of memory on {task.client_id}")
     monkeypatch.setattr(FakeTrainer, "train", broken_train)
     params = {"rounds": 1, "ranks": [2, 4], "fraction": 1.0, "min_clients": 1}
-    federation, _, _, _ = in_memory_run(tmp_path, params)
+    federation, _, _ = in_memory_run(tmp_path, params)
     (row,) = federation.rows
     assert row["skipped"] and [f["client_id"] for f in row["failures"]] == ["client-0", "client-1"]
     assert "out of memory on client-0" in row["failures"][0]["reason"]
@@ -333,7 +332,7 @@ def test_a_reply_replayed_after_the_server_resumed_is_still_a_replay(client_dir,
     in round 2, after the server crashed between the rounds and resumed from round 1."""
     from fedlora.engine.config import save_config
     from fedlora.engine.metrics import read_metrics
-    from fedlora.runtime.flower import server_factory
+    from fedlora.runtime.flower import runner
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -350,22 +349,20 @@ def test_a_reply_replayed_after_the_server_resumed_is_still_a_replay(client_dir,
         return content
     monkeypatch.setattr(client_app, "encode_result", replaying_encode)
 
-    def strategy() -> FedLoraStrategy:
-        return FedLoraStrategy(server_factory.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
+    settings = replace(runner.app_settings(config, run_dir), round_timeout=60.0, connect_timeout=0.0)
+    train_round = FlowerRounds.round
 
-    configure = FedLoraStrategy.configure_train
-
-    def killed_before_round_2(self, server_round, *args):
+    def killed_before_round_2(self, server_round):
         if server_round == 2:
             raise SystemExit("the server is killed")
-        return configure(self, server_round, *args)
+        return train_round(self, server_round)
     with monkeypatch.context() as patch:
-        patch.setattr(FedLoraStrategy, "configure_train", killed_before_round_2)
+        patch.setattr(FlowerRounds, "round", killed_before_round_2)
         with pytest.raises(SystemExit):
-            strategy().run(in_memory_grid(config, tmp_path / "nodes"))
+            serve(in_memory_grid(config, tmp_path / "nodes"), settings)
     assert [row["round"] for row in read_metrics(run_dir)] == [0, 1]
 
-    strategy().run(in_memory_grid(config, tmp_path / "nodes"))
+    serve(in_memory_grid(config, tmp_path / "nodes"), settings)
     rows = read_metrics(run_dir)
     assert rows[1]["clients"] == ["0", "1", "2"] and rows[2]["clients"] == ["1", "2"]
     assert [(r["client_id"], r["rule"]) for r in rows[2]["rejected"]] == [("0", "replay")]
@@ -395,8 +392,7 @@ def test_with_data_on_nodes_the_server_reads_no_records_and_matches_in_process(c
                                run_config=json.dumps(config.to_dict()))
     nodes = {1000 + i: {"partition-id": i, "data": str(client_dir / f"local_training_{i}.json"),
                         "state-dir": str(tmp_path / f"node-{i}")} for i in range(3)}
-    strategy = FedLoraStrategy(server_factory.federation_factory(run_dir), round_timeout=60.0, connect_timeout=0.0)
-    report = strategy.run(InMemoryGrid(nodes, app_settings.to_run_config()))
+    _, report = serve(InMemoryGrid(nodes, app_settings.to_run_config()), replace(app_settings, connect_timeout=0.0))
 
     assert comparable(read_metrics(run_dir)) == comparable(expected)
     assert report["replica_round"] == {"0": 2, "1": 2, "2": 2}

@@ -199,7 +199,7 @@ def test_hostile_nodes_are_rejected_by_rule_and_each_round_is_the_honest_aggrega
     for server_round in (1, 2):
         honest = [task for task in federation.configure_train(server_round) if task.client_id in rows[server_round]["clients"]]
         reference = federation.aggregate_train(
-            server_round, [setup.trainer.train(task, setup.client_examples[task.client_id]) for task in honest])
+            server_round, [setup.trainer.train(task, setup.client_examples[task.client_id]) for task in honest]).to_json()
         for key in ("train_loss", "eval_loss"):
             assert reference[key] == rows[server_round][key], (server_round, key)
     server = restore_global_model(secure_run["run_dir"]).global_model.adapted_weights()

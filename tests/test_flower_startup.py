@@ -10,7 +10,7 @@ from flwr.common.config import parse_config_args
 
 from fedlora.engine.config import build_config, save_config
 from fedlora.runtime.flower import server_factory
-from fedlora.runtime.flower.codec import NodeSettings, run_model_cache
+from fedlora.runtime.flower.settings import NodeSettings, run_model_cache
 from fedlora.runtime.flower.runner import threads_per_node
 
 
@@ -42,4 +42,4 @@ def test_the_server_loads_its_model_through_the_run_folders_cache(client_dir, tm
                         lambda config, gguf_cache: caches.append(gguf_cache) or load(config, gguf_cache=gguf_cache))
     federation = server_factory.federation_factory(run_dir)
     assert caches == ([run_model_cache(run_dir)] if with_cache else [])
-    assert list(federation.client_ids) == ["0", "1", "2"]
+    assert list(federation.schedule.client_ids) == ["0", "1", "2"]

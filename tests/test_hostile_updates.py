@@ -52,7 +52,7 @@ def test_nan_and_wrong_shape_updates_are_dropped_and_the_rest_aggregated(five_cl
     bad = list(results)
     bad[1] = with_factors(results[1], module, A=poisoned)
     bad[3] = with_factors(results[3], module, A=torch.zeros(2, wrong.A.shape[1] + 1))
-    row = federation.aggregate_train(1, bad)
+    row = federation.aggregate_train(1, bad).to_json()
 
     healthy_federation, healthy = trained_round(five_clients, tmp_path / "healthy")
     healthy_federation.aggregate_train(1, [healthy[i] for i in (0, 2, 4)])
@@ -62,7 +62,7 @@ def test_nan_and_wrong_shape_updates_are_dropped_and_the_rest_aggregated(five_cl
         ("1", module, "finite"), ("3", module, "shape")}
     for name, weight in federation.global_model.adapted_weights().items():
         assert torch.equal(weight, healthy_federation.global_model.adapted_weights()[name]), name
-    assert federation.rows[-1]["rejected"] == row["rejected"]
+    assert federation.rows[-1].rejected == row["rejected"]
 
 
 def test_too_few_usable_updates_skip_the_round_and_keep_the_model(five_clients, tmp_path):
@@ -71,7 +71,7 @@ def test_too_few_usable_updates_skip_the_round_and_keep_the_model(five_clients, 
     module = next(iter(results[0].update.factors))
     nan_B = torch.full_like(results[0].update.factors[module].B, float("nan"))
     broken = [with_factors(r, module, B=nan_B) if i < 2 else r for i, r in enumerate(results)]
-    row = federation.aggregate_train(1, broken)
+    row = federation.aggregate_train(1, broken).to_json()
     assert row["skipped"] is True
     assert len(row["rejected"]) == 2
     for name, weight in federation.global_model.adapted_weights().items():
@@ -83,7 +83,7 @@ def test_norm_bound_and_example_cap(five_clients, tmp_path):
     module = next(iter(results[0].update.factors))
     f = results[0].update.factors[module]
     huge = with_factors(results[0], module, B=torch.full_like(f.B, 100.0), A=torch.full_like(f.A, 100.0))
-    row = federation.aggregate_train(1, [huge] + results[1:])
+    row = federation.aggregate_train(1, [huge] + results[1:]).to_json()
     rules = {r["client_id"]: r["rule"] for r in row["rejected"]}
     assert rules["0"] == "norm"
     assert rules["4"] == "num_examples"  # client 4 has 14 examples, above the cap of 12
@@ -93,7 +93,7 @@ def test_a_wrong_scale_is_rejected(five_clients, tmp_path):
     federation, results = trained_round(five_clients, tmp_path / "run")
     module = next(iter(results[2].update.factors))
     row = federation.aggregate_train(1, [with_factors(r, module, scale=0.5) if i == 2 else r
-                                         for i, r in enumerate(results)])
+                                         for i, r in enumerate(results)]).to_json()
     assert [(r["client_id"], r["rule"]) for r in row["rejected"]] == [("2", "scale")]
 
 
@@ -105,12 +105,12 @@ def test_a_frozen_factor_is_not_uploaded_so_a_changed_one_never_reaches_the_aggr
     federation, results = trained_round(five_clients, tmp_path / method, method=method)
     module = next(iter(results[0].update.factors))
     changed = results[0].update.factors[module].A + 1e-3  # both methods keep A frozen in round 1
-    row = federation.aggregate_train(1, [with_factors(results[0], module, A=changed)] + results[1:])
+    row = federation.aggregate_train(1, [with_factors(results[0], module, A=changed)] + results[1:]).to_json()
     honest, unchanged = trained_round(five_clients, tmp_path / f"{method}-honest", method=method)
     honest.aggregate_train(1, unchanged)
     assert not row["rejected"] and row["clients"] == ["0", "1", "2", "3", "4"]
-    for name, factors in honest.aggregator.global_update.factors.items():
-        got = federation.aggregator.global_update.factors[name]
+    for name, factors in honest.method.global_update.factors.items():
+        got = federation.method.global_update.factors[name]
         assert torch.equal(got.A, factors.A) and torch.equal(got.B, factors.B), name
 
 
@@ -119,7 +119,7 @@ def test_an_update_from_a_client_that_was_not_asked_is_rejected(five_clients, tm
     asked = {r.update.client_id for r in results}
     intruder = dataclasses.replace(results[0], update=ClientUpdate(
         results[0].update.factors, 5, next(c for c in "01234" if c not in asked)))
-    row = federation.aggregate_train(1, results + [intruder])
+    row = federation.aggregate_train(1, results + [intruder]).to_json()
     assert [r["rule"] for r in row["rejected"]] == ["unexpected"]
     assert sorted(row["clients"]) == sorted(asked)
 

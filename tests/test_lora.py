@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.aggregation.base import GlobalUpdate, LoraFactors
+from fedlora.aggregation.factors import GlobalUpdate, LoraFactors
 from fedlora.lora import (
     attach_lora,
     base_weight,

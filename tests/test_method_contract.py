@@ -8,14 +8,15 @@ import ast
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedlora.aggregation import GlobalUpdate, LoraFactors, MethodState, available_aggregators, get_aggregator, \
-    factors_to_tensors, tensors_to_factors
+from fedlora.aggregation import Aggregator, GlobalUpdate, LoraFactors, MethodOptions, MethodState, Regularizer, \
+    available_aggregators, example_weights, factors_to_tensors, get_aggregator, tensors_to_factors
+from fedlora.aggregation.method import option
 from fedlora.aggregation.fedit import FedIT
 from fedlora.aggregation.registry import AGGREGATORS, method_summaries
 from fedlora.engine.config import build_config, save_config
@@ -23,21 +24,27 @@ from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
 from fedlora.runtime.inprocess import run_inprocess
 
+import support
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedlora"
 DETERMINISTIC = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "clients")
+
+
+@dataclass(frozen=True)
+class MomentumOptions(MethodOptions):
+    beta: float = option(0.9, "the velocity's decay")
 
 
 class ServerMomentum(FedIT):
     """FedIT with server momentum: the global adapter moves by v ← β·v + (average − adapter).
 
-    Written here, outside src/, through the contract's hooks only: its velocity is state kept
-    across rounds, so a resumed run equals the uninterrupted one only if it is checkpointed.
+    Written here, outside src/, through the contract only: its velocity is state kept across
+    rounds (returned with the round's update, adopted on commit), so a resumed run equals the
+    uninterrupted one only if it is checkpointed.
     """
 
     name = "momentum"
-
-    def __init__(self, beta: float = 0.9):
-        self.beta = beta
+    Options = MomentumOptions
 
     def setup(self, context) -> None:
         super().setup(context)
@@ -46,18 +53,19 @@ class ServerMomentum(FedIT):
     def combine(self, updates, weights=None, *, server_round=None) -> GlobalUpdate:
         average = super().combine(updates, weights, server_round=server_round)
         previous = self.global_update.factors if self.global_update is not None else average.factors
-        moved, self.pending = {}, {}
+        moved, velocity = {}, {}
         for module, mean in average.factors.items():
             last = previous[module]
             v = self.velocity.get(module, LoraFactors(torch.zeros_like(mean.A), torch.zeros_like(mean.B), mean.scale))
-            v = LoraFactors(self.beta * v.A + (mean.A - last.A), self.beta * v.B + (mean.B - last.B), mean.scale)
-            self.pending[module] = v
+            beta = self.options.beta
+            v = velocity[module] = LoraFactors(beta * v.A + (mean.A - last.A), beta * v.B + (mean.B - last.B),
+                                               mean.scale)
             moved[module] = LoraFactors(last.A + v.A, last.B + v.B, mean.scale)
-        return replace(average, factors=moved)
+        return replace(average, factors=moved, state=velocity)
 
     def commit(self, server_round, update) -> None:
         super().commit(server_round, update)
-        self.velocity = self.pending  # state moves only once the round is applied
+        self.velocity = update.state  # state moves only once the round is applied
 
     def state_dict(self) -> MethodState:
         meta, tensors = super().state_dict()
@@ -68,9 +76,51 @@ class ServerMomentum(FedIT):
         self.velocity = tensors_to_factors("velocity/", state[1])
 
 
+def a_penalty(factors: dict[str, LoraFactors], *, weight: float) -> torch.Tensor:
+    """The out-of-tree method's term in every client's loss: ``weight`` · Σ ‖A‖²."""
+    return weight * sum(f.A.square().sum() for f in factors.values())
+
+
+@dataclass(frozen=True)
+class KeptBOptions(MethodOptions):
+    weight: float = option(0.5, "weight of Σ‖A‖² in each client's training loss")
+
+
+class KeptBWithPenalty(Aggregator):
+    """Averages A; every client keeps its own B in its store and adds a penalty on A to its loss.
+
+    Written here, outside src/: state on the clients (their B, never sent), evaluated where it
+    lives, and a regulariser every client computes from its plan alone.
+    """
+
+    name = "kept-b"
+    Options = KeptBOptions
+    heterogeneous_ranks = False
+    kept_on_client = frozenset({"B"})
+    personalised = True
+
+    def regularizer(self) -> Regularizer:
+        return Regularizer(f"{__name__}:a_penalty", {"weight": self.options.weight})
+
+    def combine(self, updates, weights=None, *, server_round=None) -> GlobalUpdate:
+        shares = example_weights(updates, weights)
+        factors = {module: LoraFactors(sum(w * u.factors[module].A for w, u in zip(shares, updates)),
+                                       torch.zeros_like(updates[0].factors[module].B), updates[0].factors[module].scale)
+                   for module in updates[0].factors}
+        return GlobalUpdate(factors=factors, merge=False)
+
+    def evaluation_adapters(self):
+        return dict.fromkeys(self.context.ranks, self.global_update.factors if self.global_update else None)
+
+
 @pytest.fixture
 def momentum_registered(monkeypatch):
     monkeypatch.setitem(AGGREGATORS, "momentum", f"{__name__}:ServerMomentum")
+
+
+@pytest.fixture
+def kept_b_registered(monkeypatch):
+    monkeypatch.setitem(AGGREGATORS, "kept-b", f"{__name__}:KeptBWithPenalty")
 
 
 def config_for(client_dir: Path, out: Path, **overrides):
@@ -101,13 +151,31 @@ def test_a_method_defined_outside_src_runs_end_to_end_and_resumes_exactly(client
     assert fedit[3]["eval_loss"] != uninterrupted[3]["eval_loss"]
 
 
+@pytest.mark.slow
+def test_a_method_with_client_state_and_a_regulariser_runs_alike_in_process_and_over_flower(
+        client_dir, tmp_path, kept_b_registered, server_identity):
+    """One module outside src/, registered by one line: each client's B lives only in its store
+    (the run folder's in-process, its node's over Flower) and its model is evaluated there; the
+    regulariser travels in the plan as a reference. Both runtimes give the same rows."""
+    in_process = run(config_for(client_dir, tmp_path / "inprocess", method="kept-b", rounds=2), tmp_path / "inprocess")
+    support.run_on_in_memory_flower(config_for(client_dir, tmp_path / "flower", method="kept-b", rounds=2,
+                                               runtime="flower"), tmp_path / "nodes")
+    over_flower = [{key: row.get(key) for key in DETERMINISTIC} for row in read_metrics(tmp_path / "flower")]
+    assert over_flower == in_process and all(row["eval_loss"] is not None for row in in_process)
+    assert (tmp_path / "inprocess" / "client-state").is_dir() and (tmp_path / "nodes").is_dir()
+    # the regulariser acted: without it the same run trains to other losses
+    unpenalised = run(config_for(client_dir, tmp_path / "plain", method="kept-b", rounds=2,
+                                 method_options={"weight": 0.0}), tmp_path / "plain")
+    assert unpenalised[1]["train_loss"] != in_process[1]["train_loss"]
+
+
 def test_the_frozen_factor_shared_in_round_one_follows_the_run_seed(client_dir, tmp_path):
     def round_one_start(seed: int, out: str) -> dict[str, torch.Tensor]:
         config = config_for(client_dir, tmp_path / out, method="ffa", seed=seed)
         federation = prepare_run(config, tmp_path / out, log=lambda message: None).federation
         federation.start()
         tasks = federation.configure_train(1)
-        starts = [{module: f.A for module, f in task.start.items()} for task in tasks]
+        starts = [{module: f.A for module, f in task.plan.start.items()} for task in tasks]
         assert all(all(torch.equal(s[m], starts[0][m]) for m in s) for s in starts)  # one A for all
         return starts[0]
 

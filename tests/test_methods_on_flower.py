@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from fedlora.aggregation import get_aggregator
 from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
-from fedlora.engine.client_state import CLIENT_STATE_DIR
+from fedlora.engine.personalisation import CLIENT_STATE_DIR
 from fedlora.engine.config import save_config
-from fedlora.engine.federation import BASE_LOG_DIR
+from fedlora.runtime.flower.clients import BASE_LOG_DIR
 from fedlora.engine.ledger import BYTES_PER_PARAM
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
@@ -63,7 +63,7 @@ def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def factor_sizes(run_dir: Path) -> dict[str, tuple[int, int]]:
     """Module → (d, n) of the adapted weights, from the run's checkpoint."""
-    return {name: tuple(weight.shape) for name, weight in with_prefix("base/", checkpoint_tensors(run_dir)).items()}
+    return {name: tuple(weight.shape) for name, weight in with_prefix("model/base/", checkpoint_tensors(run_dir)).items()}
 
 
 def fedsa_sends_A_only_and_keeps_B_on_the_clients(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):

@@ -14,6 +14,7 @@ from fedlora.data import IGNORE_INDEX, MMLUQuestion, collate, load_records, toke
 from fedlora.data.batches import packed_batch, padded_batch
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import RunConfig
+from fedlora.aggregation import ClientPlan
 from fedlora.engine.task import ClientTask
 from fedlora.eval.loss import evaluate_loss_tokenized
 from fedlora.eval.mmlu import answer_log_likelihoods
@@ -147,8 +148,8 @@ def test_a_model_that_cannot_pack_trains_on_padded_batches_with_a_notice(tiny, e
                                        log=notices.append)
     assert not trainer.packing and model.config._attn_implementation == "sdpa"
     assert len(notices) == 1 and "IgnoresPacking" in notices[0] and "padded" in notices[0]
-    task = ClientTask(client_id="0", server_round=1, rank=2, alpha=4, trainable=frozenset("AB"), init_seed=0,
-                      data_seed=0, local_steps=2, start=None)
+    task = ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=2), alpha=4, init_seed=0,
+                      data_seed=0, local_steps=2)
     result = trainer.train(task, examples)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.train_loss))
 

@@ -17,6 +17,7 @@ from fedlora.engine.config import ConfigError, build_config, save_config
 from fedlora.engine.dp_sgd import private_steps
 from fedlora.engine.metrics import read_metrics, write_summary
 from fedlora.engine.setup import prepare_run
+from fedlora.aggregation import ClientPlan
 from fedlora.engine.task import ClientTask
 from fedlora.lora import attach_lora, remove_lora, set_trainable
 from fedlora.models import load_model, pad_token_id
@@ -87,7 +88,7 @@ def lora_with_nonzero_B(model, seed: int):
 
 
 def dp_task(steps: int, noise_multiplier: float, clip: float, seed: int) -> ClientTask:
-    return ClientTask(client_id="0", server_round=1, rank=16, alpha=32, trainable=frozenset("AB"), init_seed=0,
+    return ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=16), alpha=32, init_seed=0,
                       data_seed=0, local_steps=steps, dp_noise_multiplier=noise_multiplier, dp_max_grad_norm=clip,
                       dp_noise_seed=seed)
 

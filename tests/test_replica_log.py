@@ -12,7 +12,7 @@ from fedlora.engine.client import LocalTrainer
 from fedlora.lora.merge import base_weight
 from fedlora.models import load_model
 from fedlora.runtime.flower.client_app import SNAPSHOT_FILE, ReplicaLog
-from fedlora.runtime.flower.codec import Catchup
+from fedlora.runtime.flower.wire import Catchup
 
 Q0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
 

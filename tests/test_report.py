@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 
 from fedlora.engine.metrics import append_metrics, read_metrics, rewrite_metrics, write_summary
+from fedlora.engine.rows import RoundRow
 from fedlora.report import compare_runs, console_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -167,7 +168,7 @@ def test_compare_runs_without_runs_fails(tmp_path):
 
 def test_console_table_has_a_row_per_round():
     rows = fake_rows("flora", [2.5, 2.0], mmlu={1: 0.3})
-    table = console_table(rows, title="flora")
+    table = console_table([RoundRow.from_json(row) for row in rows], title="flora")
     assert table.row_count == 2
     console = Console(width=200, record=True)
     console.print(table)

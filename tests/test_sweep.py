@@ -104,7 +104,7 @@ class KillAfterRound(SweepObserver):
 
         class Observer(RunObserver):
             def round_finished(self, row):
-                if row["round"] == target:
+                if row.round == target:
                     raise Killed(run.folder)
         return Observer()
 

@@ -97,7 +97,7 @@ def test_the_centralized_baseline_is_validated_on_the_same_records(client_dir, t
 
 
 def test_a_flower_supernode_holds_out_the_records_the_server_does(client_dir, tmp_path):
-    from fedlora.runtime.flower.codec import AppSettings, NodeSettings
+    from fedlora.runtime.flower.settings import AppSettings, NodeSettings
     from fedlora.runtime.flower.client_factory import client_factory
 
     config, setup = tiny(client_dir, tmp_path / "run")

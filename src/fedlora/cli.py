@@ -155,10 +155,10 @@ def _run_inprocess(config: RunConfig, run_dir: Path, observer) -> dict:
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
-    from fedlora.engine.metrics import read_metrics
+    from fedlora.engine.rows import read_rows
     from fedlora.report import console_table, format_bytes
 
-    console.print(console_table(read_metrics(run_dir), title=f"{summary['method']}: all rounds"))
+    console.print(console_table(read_rows(run_dir), title=f"{summary['method']}: all rounds"))
     comm = summary["communication"]
     console.print(f"communication: up {format_bytes(comm['bytes_up'])} "
                   f"({comm['up_vs_full_finetuning']:.4f} of full fine-tuning), down "

@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_metrics, read_summary
+from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_summary
+from fedlora.engine.rows import RoundRow, read_rows
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
@@ -76,8 +77,8 @@ ROUND_COLUMNS: dict[str, Callable[[Any], str]] = {
 }
 
 
-def _cell(row: dict, key: str, fmt: Callable[[Any], str]) -> str:
-    value = row.get(key)
+def _cell(row: RoundRow, key: str, fmt: Callable[[Any], str]) -> str:
+    value = getattr(row, key)
     return MISSING if value is None else fmt(value)
 
 
@@ -87,19 +88,19 @@ def _markdown_table(headers: list[str], body: Iterable[list[str]]) -> list[str]:
     return lines
 
 
-def rounds_markdown(rows: list[dict]) -> list[str]:
+def rounds_markdown(rows: list[RoundRow]) -> list[str]:
     """The per-round metrics as markdown table lines."""
     return _markdown_table(list(ROUND_COLUMNS),
                            ([_cell(row, key, fmt) for key, fmt in ROUND_COLUMNS.items()]
                             for row in rows))
 
 
-def console_table(rows: list[dict], title: str | None = None) -> Table:
+def console_table(rows: list[RoundRow], title: str | None = None) -> Table:
     """The per-round metrics as a rich table for the CLI: report.md's columns, but for those no
     row has a value in (a run without MMLU, a method without a global model to compare)."""
     table = Table(title=title)
     shown = {key: fmt for key, fmt in ROUND_COLUMNS.items()
-             if key in ("round", "method") or any(row.get(key) is not None for row in rows)}
+             if key in ("round", "method") or any(getattr(row, key) is not None for row in rows)}
     for key in shown:
         # headers break at "_" (eval / loss): narrow terminals cut fewer columns
         table.add_column(key.replace("_", "\n"), justify="left" if key == "method" else "right")
@@ -108,37 +109,37 @@ def console_table(rows: list[dict], title: str | None = None) -> Table:
     return table
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+def _series(rows: list[RoundRow], key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) for the rows where ``key`` was measured."""
-    points = [(row["round"], row[key]) for row in rows if row.get(key) is not None]
+    points = [(row.round, getattr(row, key)) for row in rows if getattr(row, key) is not None]
     return [r for r, _ in points], [v for _, v in points]
 
 
-def _total(rows: list[dict], key: str) -> int:
-    return sum(row.get(key) or 0 for row in rows)
+def _total(rows: list[RoundRow], key: str) -> int:
+    return sum(getattr(row, key) or 0 for row in rows)
 
 
 #: the last row's metrics shown in the final summary, beside summary.json's own scalars
 FINAL_METRICS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correct", "mmlu_total")
 
 
-def _summary_section(rows: list[dict], summary: dict) -> list[str]:
+def _summary_section(rows: list[RoundRow], summary: dict) -> list[str]:
     """summary.json's scalars, the last round's metrics, MMLU per subject, communication."""
     last = rows[-1]
     entries = [(key, _scalar_text(value)) for key, value in summary.items()
                if not isinstance(value, (dict, list))]
-    entries += [(f"final {key}", ROUND_COLUMNS.get(key, _scalar_text)(last[key]))
-                for key in FINAL_METRICS if last.get(key) is not None]
+    entries += [(f"final {key}", ROUND_COLUMNS.get(key, _scalar_text)(getattr(last, key)))
+                for key in FINAL_METRICS if getattr(last, key) is not None]
     lines = ["## Final summary", ""]
     lines += _markdown_table(["metric", "value"], ([key, text] for key, text in entries))
     lines.append("")
 
     # summary.json's own breakdown, else the latest round that measured one (the round loop
     # keeps it in the rows; a run that stopped early has no summary at all)
-    mmlu_row = next((row for row in reversed(rows) if row.get("mmlu_per_subject")), None)
-    per_subject = summary.get("mmlu_per_subject") or (mmlu_row or {}).get("mmlu_per_subject")
+    mmlu_row = next((row for row in reversed(rows) if row.mmlu_per_subject), None)
+    per_subject = summary.get("mmlu_per_subject") or (mmlu_row.mmlu_per_subject if mmlu_row else None)
     if per_subject:
-        when = f" (round {mmlu_row['round']})" if "mmlu_per_subject" not in summary else ""
+        when = f" (round {mmlu_row.round})" if "mmlu_per_subject" not in summary else ""
         lines += [f"### MMLU per subject{when}", ""]
         lines += _markdown_table(
             ["subject", "accuracy", "n"],
@@ -177,14 +178,14 @@ def _ledger(summary: dict) -> dict:
     return summary.get("communication", summary)
 
 
-def _byte_totals(rows: list[dict], summary: dict) -> tuple[int, int]:
+def _byte_totals(rows: list[RoundRow], summary: dict) -> tuple[int, int]:
     """(bytes up, bytes down) over the run: the ledger's totals, else the rows' sums."""
     ledger = _ledger(summary)
     return (ledger.get("bytes_up", _total(rows, "bytes_up")),
             ledger.get("bytes_down", _total(rows, "bytes_down")))
 
 
-def _communication_lines(rows: list[dict], summary: dict) -> list[str]:
+def _communication_lines(rows: list[RoundRow], summary: dict) -> list[str]:
     """Byte totals and, when the ledger recorded them, the ratios to full fine-tuning."""
     up, down = _byte_totals(rows, summary)
     ledger = _ledger(summary)
@@ -220,7 +221,7 @@ def finish_round_axis(ax, *, empty: str) -> None:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
-def _plot_curves(path: Path, runs: dict[str, list[dict]]) -> None:
+def _plot_curves(path: Path, runs: dict[str, list[RoundRow]]) -> None:
     """eval_loss and mmlu_acc against round, one line per run, into a two-panel PNG.
 
     Uses the object-oriented ``Figure`` API, which renders with Agg without touching pyplot's
@@ -242,11 +243,11 @@ def _plot_curves(path: Path, runs: dict[str, list[dict]]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _run_method(rows: list[dict]) -> str | None:
-    return next((row["method"] for row in reversed(rows) if row.get("method")), None)
+def _run_method(rows: list[RoundRow]) -> str | None:
+    return next((row.method for row in reversed(rows) if row.method), None)
 
 
-def _run_label(folder: str, rows: list[dict]) -> str:
+def _run_label(folder: str, rows: list[RoundRow]) -> str:
     """Legend text: the run folder, plus its method when the folder name does not say it."""
     method = _run_method(rows)
     return f"{folder} ({method})" if method and method != folder else folder
@@ -258,7 +259,7 @@ def _run_label(folder: str, rows: list[dict]) -> str:
 def write_report(out_dir: str | Path) -> list[Path]:
     """Write ``report.md`` and ``curves.png`` for one run folder; returns the paths written."""
     out_dir = Path(out_dir)
-    rows = read_metrics(out_dir)
+    rows = read_rows(out_dir)
     if not rows:
         raise MetricsError(f"{out_dir / METRICS_FILE}: no metrics to report")
     summary = read_summary(out_dir)
@@ -284,7 +285,7 @@ def compare_runs(parent_dir: str | Path) -> list[Path]:
     parent_dir = Path(parent_dir)
     if not parent_dir.is_dir():
         raise MetricsError(f"{parent_dir}: not a directory")
-    runs = {folder.name: read_metrics(folder)
+    runs = {folder.name: read_rows(folder)
             for folder in sorted(parent_dir.iterdir())
             if (folder / METRICS_FILE).is_file()}
     runs = {name: rows for name, rows in runs.items() if rows}
@@ -300,7 +301,7 @@ def compare_runs(parent_dir: str | Path) -> list[Path]:
         body.append([
             name,
             _run_method(rows) or MISSING,
-            str(max(row["round"] for row in rows)),
+            str(max(row.round for row in rows)),
             f"{losses[-1]:.4f}" if losses else MISSING,
             f"{min(losses):.4f}" if losses else MISSING,
             _percent(accs[-1]) if accs else MISSING,

@@ -7,9 +7,11 @@ Names are imported on first use, so listing the registered methods (``fedlora me
 from importlib import import_module
 
 _EXPORTS = {
-    **dict.fromkeys(("Accumulator", "AggregationError", "Aggregator", "ClientUpdate", "GlobalUpdate",
-                     "LoraFactors", "MethodState", "RunContext", "check_factors", "check_updates",
-                     "example_weights", "factors_to_tensors", "tensors_to_factors"), "fedlora.aggregation.base"),
+    **dict.fromkeys(("AggregationError", "ClientUpdate", "GlobalUpdate", "LoraFactors", "MethodState", "RunContext",
+                     "check_factors", "check_updates", "example_weights", "factors_to_tensors",
+                     "tensors_to_factors"), "fedlora.aggregation.factors"),
+    **dict.fromkeys(("Accumulator", "Aggregator", "ClientPlan", "MethodOptions", "Regularizer", "RunShape"),
+                    "fedlora.aggregation.method"),
     **dict.fromkeys(("aggregator_class", "available_aggregators", "get_aggregator", "method_summaries"),
                     "fedlora.aggregation.registry"),
 }

@@ -1,8 +1,9 @@
 """Client-level differential privacy at the server: DP-FedAvg (McMahan et al., 2018) on LoRA factors.
 
 Only where what the server broadcasts is a weighted sum of one factor of the clients' updates,
-the other factor shared or kept by each client: FFA-LoRA (B, on a frozen shared A), RoLoRA
-(the factor of the round) and FedSA-LoRA (A; each client's B goes back to that client alone).
+the other factor shared or kept by each client (methods declaring ``client_dp``): FFA-LoRA (B,
+on a frozen shared A), RoLoRA (the factor of the round) and FedSA-LoRA (A; each client's B
+goes back to that client alone).
 Then clipping each client's change of that factor and noising the sum once hides any one
 client, and the result is still a rank-r adapter. Stacking methods (FLoRA, FlexLoRA) publish
 every client's own factors in the broadcast, where noise on a sum hides nothing; they are
@@ -25,60 +26,46 @@ import hashlib
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors, \
-    MethodState, RunContext
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation.method import Aggregator, MethodOptions
+from fedlora.aggregation.registry import available_aggregators, aggregator_class
 
-#: methods whose broadcast is a weighted sum of one factor of the clients' updates
-SUMMED_FACTOR_METHODS = ("ffa", "rolora", "fedsa")
+
+@dataclass(frozen=True)
+class ClientLevelDPSettings:
+    """Clip norm S, noise multiplier σ, the fixed denominator m, and the noise's seed (None:
+    drawn from the operating system's entropy)."""
+
+    clip_norm: float
+    noise_multiplier: float
+    clients_per_round: int
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0 or not self.noise_multiplier >= 0 or self.clients_per_round < 1:
+            raise ValueError(f"clip_norm {self.clip_norm} must be > 0, noise_multiplier {self.noise_multiplier} ≥ 0 "
+                             f"and clients_per_round {self.clients_per_round} ≥ 1")
 
 
 class ClientLevelDP(Aggregator):
-    """``inner`` (FFA-LoRA, RoLoRA or FedSA-LoRA) with each client's change clipped and the sum noised.
+    """A method with each client's change clipped and the sum noised: mixed in before the
+    method's own class by :func:`with_client_dp`, so every call but the two here is the
+    method's own, inherited, and none can be missed. A round whose clients would each draw a
+    fresh LoRA (FedSA-LoRA's first) starts them from one the server draws, so that each change
+    can be measured from it."""
 
-    Every hook but :meth:`combine` is the inner method's, except that a round whose clients
-    would each draw a fresh LoRA (FedSA-LoRA's first) starts them from one the server draws,
-    so that each change can be measured from it. ``noise_seed`` makes each round's noise
-    reproducible; None draws it from the operating system's entropy.
-    """
-
-    def __init__(self, inner: Aggregator, *, clip_norm: float, noise_multiplier: float, clients_per_round: int,
-                 noise_seed: int | None = None):
-        require_summed_factor(inner.name)
-        if not clip_norm > 0 or not noise_multiplier >= 0 or clients_per_round < 1:
-            raise ValueError(f"clip_norm {clip_norm} must be > 0, noise_multiplier {noise_multiplier} ≥ 0 "
-                             f"and clients_per_round {clients_per_round} ≥ 1")
-        self.inner = inner
-        self.name, self.heterogeneous_ranks, self.runtimes = inner.name, inner.heterogeneous_ranks, inner.runtimes
-        self.kept_on_client = inner.kept_on_client
-        self.clip_norm = clip_norm
-        self.noise_multiplier = noise_multiplier
-        self.clients_per_round = clients_per_round
-        self.noise_seed = noise_seed
-
-    def setup(self, context: RunContext) -> None:
-        super().setup(context)
-        self.inner.setup(context)
-
-    def trainable(self, server_round: int) -> frozenset[str]:
-        return self.inner.trainable(server_round)
-
-    def uploads(self, server_round: int) -> frozenset[str]:
-        return self.inner.uploads(server_round)
-
-    def client_rank(self, client_id: str, server_round: int) -> int:
-        return self.inner.client_rank(client_id, server_round)
-
-    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor | None:
-        return self.inner.regularizer(factors)
+    def __init__(self, options: MethodOptions, *, dp: ClientLevelDPSettings):
+        super().__init__(options)
+        self.dp = dp
 
     def start_adapter(self, client_id: str, server_round: int) -> dict[str, LoraFactors] | None:
-        start = self.inner.start_adapter(client_id, server_round)
-        return start if start is not None else self.inner.drawn_start(client_id)
+        start = super().start_adapter(client_id, server_round)
+        return start if start is not None else self.drawn_start(client_id)
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -88,8 +75,8 @@ class ClientLevelDP(Aggregator):
         if server_round is None:
             raise AggregationError("client-level DP needs the server_round (its noise is drawn per round)",
                                    rule="phase")
-        plain = self.inner.combine(updates, server_round=server_round)  # the method's own checks
-        shared = shared_factor(self.inner, server_round)
+        plain = super().combine(updates, server_round=server_round)  # the method's own checks
+        (shared,) = self.uploads(server_round)  # the factor whose weighted sum is broadcast
         # the shared factor's start is the same for every client of the round (before commit)
         start = {module: getattr(factors, shared)
                  for module, factors in self.start_adapter(updates[0].client_id, server_round).items()}
@@ -98,13 +85,13 @@ class ClientLevelDP(Aggregator):
         for update in updates:
             change = {module: getattr(update.factors[module], shared) - start[module] for module in start}
             norm = math.sqrt(sum(float(delta.double().square().sum()) for delta in change.values()))
-            factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+            factor = min(1.0, self.dp.clip_norm / norm) if norm > 0 else 1.0
             clipped += factor < 1.0
             for module in start:
                 total[module] += factor * change[module]
         noise = gaussian_noise({module: tensor.shape for module, tensor in total.items()},
-                               self.noise_multiplier * self.clip_norm, self._generator(server_round))
-        noised = {module: start[module] + (total[module] + noise[module].to(total[module])) / self.clients_per_round
+                               self.dp.noise_multiplier * self.dp.clip_norm, self._generator(server_round))
+        noised = {module: start[module] + (total[module] + noise[module].to(total[module])) / self.dp.clients_per_round
                   for module in start}
 
         def with_noised(factors: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
@@ -113,46 +100,32 @@ class ClientLevelDP(Aggregator):
         return replace(plain, factors=with_noised(plain.factors),
                        client_factors={cid: with_noised(models) for cid, models in plain.client_factors.items()},
                        info={**plain.info, "dp_clipped": int(clipped),
-                             "dp_noise_std": self.noise_multiplier * self.clip_norm / self.clients_per_round})
-
-    def commit(self, server_round: int, update: GlobalUpdate) -> None:
-        self.inner.commit(server_round, update)
-
-    def client_start(self, global_update: GlobalUpdate, client_id: str, rank: int) -> dict[str, LoraFactors] | None:
-        return self.inner.client_start(global_update, client_id, rank)
-
-    def evaluation_adapters(self) -> dict[str | None, dict[str, LoraFactors] | None]:
-        return self.inner.evaluation_adapters()
-
-    def state_dict(self) -> MethodState:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: MethodState) -> None:
-        self.inner.load_state_dict(state)
+                             "dp_noise_std": self.dp.noise_multiplier * self.dp.clip_norm / self.dp.clients_per_round})
 
     def _generator(self, server_round: int) -> torch.Generator:
-        if self.noise_seed is None:
+        if self.dp.noise_seed is None:
             seed = secrets.randbits(63)
         else:
-            digest = hashlib.sha256(f"{self.noise_seed}/client-dp/{server_round}".encode()).digest()
+            digest = hashlib.sha256(f"{self.dp.noise_seed}/client-dp/{server_round}".encode()).digest()
             seed = int.from_bytes(digest[:8], "big") >> 1
         return torch.Generator().manual_seed(seed)
 
 
-def require_summed_factor(method_name: str) -> None:
+def with_client_dp(method: Aggregator, **settings) -> Aggregator:
+    """``method`` (same options) with client-level DP: ValueError, saying why, for a method it cannot protect."""
+    require_client_dp(type(method))
+    private = type(f"ClientLevelDP{type(method).__name__}", (ClientLevelDP, type(method)), {})
+    return private(method.options, dp=ClientLevelDPSettings(**settings))
+
+
+def require_client_dp(method: type[Aggregator]) -> None:
     """ValueError, saying why, for a method client-level DP cannot protect."""
-    if method_name not in SUMMED_FACTOR_METHODS:
+    if not method.client_dp:
+        protected = [name for name in available_aggregators() if aggregator_class(name).client_dp]
         raise ValueError(f"needs a method whose broadcast is a weighted sum of one factor "
-                         f"({', '.join(SUMMED_FACTOR_METHODS)}), not {method_name!r}: a stacking method "
+                         f"({', '.join(protected)}), not {method.name!r}: a stacking method "
                          "broadcasts every client's own factors, which noise added to a sum cannot hide, "
                          "and the others have no single summed factor to noise")
-
-
-def shared_factor(method: Aggregator, server_round: int) -> str:
-    """The factor whose weighted sum ``method`` broadcasts: the one its clients upload this round
-    (FedSA-LoRA's A, FFA-LoRA's B, RoLoRA's of the round)."""
-    (factor,) = method.uploads(server_round)
-    return factor
 
 
 def gaussian_noise(shapes: dict[str, Sequence[int]], std: float, generator: torch.Generator) -> dict[str, Tensor]:

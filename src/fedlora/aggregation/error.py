@@ -18,11 +18,12 @@ adapter) are merged first, so their coefficients cancel exactly. In float64 thro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.aggregation.base import LoraFactors
+from fedlora.aggregation.factors import GlobalUpdate, LoraFactors
+from fedlora.aggregation.method import Aggregator
 
 
 class FactoredSum:
@@ -75,3 +76,31 @@ def relative_error(actual: FactoredSum, target: FactoredSum) -> float | None:
     if target_squared == 0.0:
         return 0.0 if error_squared == 0.0 else None
     return math.sqrt(error_squared / target_squared)
+
+
+def round_errors(method: Aggregator, before: Mapping[str | None, Mapping[str, LoraFactors] | None],
+                 update: GlobalUpdate, uploaded: Mapping[str, LoraFactors],
+                 starts: Sequence[tuple[Mapping[str, LoraFactors] | None, float]],
+                 client_weights: Mapping[str, float], next_round: int) -> dict[str, float | None]:
+    """A committed round's ``aggregation_error`` and ``broadcast_error``.
+
+    ``before`` is what the method evaluated before the round; ``uploaded`` the aggregated
+    clients' ``Σ p_k s_k B_k A_k`` (the accumulator's exact sum) and ``starts`` each one's start
+    with its p_k; ``client_weights`` weigh every client's broadcast deviation (next round's
+    starts against the global adapter), for a method with one global model.
+    """
+    after = method.evaluation_adapters()
+    exact = FactoredSum().add(uploaded)
+    for start, weight in starts:
+        exact.add(start, -weight)
+    achieved = (FactoredSum().add(update.factors if update.merge else None).add(update.residual)
+                .add(after[None]).add(before[None], -1.0))
+    broadcast = 0.0
+    for client_id, weight in client_weights.items():
+        deviation = relative_error(FactoredSum().add(method.plan(client_id, next_round).start),
+                                   FactoredSum().add(after[None]))
+        if deviation is None:
+            broadcast = None
+            break
+        broadcast += weight * deviation
+    return {"aggregation_error": relative_error(achieved, exact), "broadcast_error": broadcast}

@@ -15,7 +15,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, LoraFactors
+from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 
 #: (U, S, Vh) of a factored product: U is d×q, S has q values (descending), Vh is q×n.
 Svd = tuple[Tensor, Tensor, Tensor]

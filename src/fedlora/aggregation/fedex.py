@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, example_weights
+from dataclasses import dataclass
+
 from fedlora.aggregation.factored import concat, max_rank, normalized, refactor_all
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, example_weights
 from fedlora.aggregation.fedit import FedIT
+from fedlora.aggregation.method import MethodOptions, option
+
+
+@dataclass(frozen=True)
+class FedExOptions(MethodOptions):
+    compact_residual: bool = option(False, "re-factor the residual to its numerical rank, without loss")
 
 
 class FedExLoRA(FedIT):
@@ -20,9 +28,7 @@ class FedExLoRA(FedIT):
     """
 
     name = "fedex"
-
-    def __init__(self, compact_residual: bool = False):
-        self.compact_residual = compact_residual
+    Options = FedExOptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -31,7 +37,7 @@ class FedExLoRA(FedIT):
         residual = {module: concat([*(update.factors[module] for update in updates), factors],
                                    [*weights, -1.0])
                     for module, factors in average.factors.items()}
-        if self.compact_residual:
+        if self.options.compact_residual:
             residual, _ = refactor_all(residual)
         return GlobalUpdate(factors=average.factors, merge=False, residual=residual,
                             info={"residual_rank": max_rank(residual)})

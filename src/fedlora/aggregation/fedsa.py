@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, LoraFactors, example_weights
 from fedlora.aggregation.factored import average_factors, normalized
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.method import Aggregator
 from fedlora.aggregation.fedit import require_homogeneous
 from fedlora.aggregation.flexlora import require_unique_clients
 
@@ -29,10 +30,9 @@ class FedSALoRA(Aggregator):
 
     name = "fedsa"
     heterogeneous_ranks = False
-    kept_on_client = frozenset({"B"})
-
-    def uploads(self, server_round: int) -> frozenset[str]:
-        return frozenset({"A"})
+    kept_on_client = frozenset({"B"})  # so only A is uploaded
+    client_dp = True
+    personalised = True
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:

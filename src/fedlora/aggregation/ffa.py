@@ -7,10 +7,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      example_weights)
 from fedlora.aggregation.factored import normalized, padded_sum
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, example_weights
 from fedlora.aggregation.fedit import require_homogeneous
+from fedlora.aggregation.method import Aggregator
 
 RANK_DIM = {"A": 0, "B": 1}
 
@@ -42,6 +42,7 @@ class FFALoRA(Aggregator):
 
     name = "ffa"
     heterogeneous_ranks = False
+    client_dp = True
 
     def trainable(self, server_round: int) -> frozenset[str]:
         return frozenset({"B"})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors,
-                                      example_weights)
 from fedlora.aggregation.factored import factored_svd, fit_ranks, max_rank, stack, truncate
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.method import Aggregator
 
 
 class FlexLoRA(Aggregator):

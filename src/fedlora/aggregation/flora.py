@@ -7,11 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, \
-    LoraFactors, Slot, example_weights
+from dataclasses import dataclass
+
 from fedlora.aggregation.factored import max_rank, refactor_all, stack
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.method import Accumulator, Aggregator, MethodOptions, Slot, option
 
 COMPRESS_MODES = ("none", "exact")
+
+
+@dataclass(frozen=True)
+class FLoRAOptions(MethodOptions):
+    compress: str | int = option("none", "'none': broadcast the stack (rank ΣR); 'exact': re-factor it to its "
+                                         "numerical rank at no loss; an int: truncate to that rank by SVD")
+    shuffle: int | None = option(None, "a seed permuting the clients' blocks in the stack (the product is unchanged)")
+
+    def __post_init__(self) -> None:
+        valid_rank = isinstance(self.compress, int) and not isinstance(self.compress, bool) and self.compress >= 1
+        if self.compress not in COMPRESS_MODES and not valid_rank:
+            raise ValueError(f"compress must be 'none', 'exact' or a positive rank, got {self.compress!r}")
 
 
 class FLoRA(Aggregator):
@@ -28,13 +42,7 @@ class FLoRA(Aggregator):
     """
 
     name = "flora"
-
-    def __init__(self, compress: str | int = "none", shuffle: int | None = None):
-        valid_rank = isinstance(compress, int) and not isinstance(compress, bool) and compress >= 1
-        if compress not in COMPRESS_MODES and not valid_rank:
-            raise ValueError(f"compress must be 'none', 'exact' or a positive rank, got {compress!r}")
-        self.compress = compress
-        self.shuffle = shuffle
+    Options = FLoRAOptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -50,16 +58,16 @@ class FLoRA(Aggregator):
 
     def block_order(self, count: int) -> list[int]:
         """The order of the clients' blocks in the stack: as added, or permuted by ``shuffle``."""
-        if self.shuffle is None:
+        if self.options.shuffle is None:
             return list(range(count))
-        generator = torch.Generator().manual_seed(self.shuffle)
+        generator = torch.Generator().manual_seed(self.options.shuffle)
         return torch.randperm(count, generator=generator).tolist()
 
     def broadcast(self, stacked: dict[str, LoraFactors]) -> GlobalUpdate:
         """The global update of a stack, compressed as configured."""
-        error = 0.0
-        if self.compress != "none":
-            stacked, error = refactor_all(stacked, None if self.compress == "exact" else self.compress)
+        error, compress = 0.0, self.options.compress
+        if compress != "none":
+            stacked, error = refactor_all(stacked, None if compress == "exact" else compress)
         return GlobalUpdate(factors=stacked, merge=True,
                             info={"broadcast_rank": max_rank(stacked), "truncation_error": error})
 

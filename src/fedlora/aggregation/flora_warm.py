@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, LoraFactors, example_weights
 from fedlora.aggregation.factored import Svd, concat, factored_svd, normalized, numerical_rank, stack
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
+from fedlora.aggregation.method import Aggregator, MethodOptions, option
 
 
 def components(svd: Svd, start: int, stop: int, row_norm: float = 1.0) -> LoraFactors:
@@ -21,6 +24,16 @@ def energy_beyond(S: Tensor, rank: int) -> float:
     energy = S.to(torch.float64).square()
     total = energy.sum().item()
     return energy[rank:].sum().item() / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FLoRAWarmOptions(MethodOptions):
+    row_norm: float = option(1.0, "the norm of each row of the kept adapter's A (B absorbs the rest)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.row_norm, bool) or not isinstance(self.row_norm, (int, float)) \
+                or not 0 < self.row_norm < float("inf"):
+            raise ValueError(f"row_norm must be a positive number, got {self.row_norm!r}")
 
 
 class FLoRAWarm(Aggregator):
@@ -49,11 +62,7 @@ class FLoRAWarm(Aggregator):
     """
 
     name = "flora-warm"
-
-    def __init__(self, row_norm: float = 1.0):
-        if isinstance(row_norm, bool) or not isinstance(row_norm, (int, float)) or not 0 < row_norm < float("inf"):
-            raise ValueError(f"row_norm must be a positive number, got {row_norm!r}")
-        self.row_norm = float(row_norm)
+    Options = FLoRAWarmOptions
 
     def shared_rank(self, updates: list[ClientUpdate]) -> int:
         """r_min: the smallest rank of the run (of these updates, without a run context)."""
@@ -71,7 +80,7 @@ class FLoRAWarm(Aggregator):
             U, S, Vh = svd = factored_svd(stacked.B, stacked.A)
             nonzero = numerical_rank(S, max(U.shape[0], Vh.shape[1]))
             kept = max(1, min(rank, nonzero))
-            adapter[module] = components(svd, 0, kept, self.row_norm)
+            adapter[module] = components(svd, 0, kept, float(self.options.row_norm))
             if nonzero > kept:
                 residual[module] = components(svd, kept, nonzero)
             merged.append(energy_beyond(S, kept))

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import GlobalUpdate, LoraFactors
 from fedlora.aggregation.factored import factored_svd, max_rank, numerical_rank, truncate
+from fedlora.aggregation.factors import GlobalUpdate, LoraFactors
 from fedlora.aggregation.flora import FLoRA
+from fedlora.aggregation.method import MethodOptions, option
+
+
+@dataclass(frozen=True)
+class FLoRISTOptions(MethodOptions):
+    threshold: float = option(0.9, "the share of the stack's energy Σσ² the kept singular values hold, in (0, 1]")
+    shuffle: int | None = option(None, "a seed permuting the clients' blocks in the stack (the product is unchanged)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be a share of the energy in (0, 1], got {self.threshold!r}")
 
 
 def energy_rank(S: Tensor, threshold: float, size: int) -> int:
@@ -34,19 +48,14 @@ class FLoRIST(FLoRA):
     """
 
     name = "florist"
-
-    def __init__(self, threshold: float = 0.9, shuffle: int | None = None):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be a share of the energy in (0, 1], got {threshold!r}")
-        super().__init__(shuffle=shuffle)
-        self.threshold = float(threshold)
+    Options = FLoRISTOptions
 
     def broadcast(self, stacked: dict[str, LoraFactors]) -> GlobalUpdate:
         """Each module's stack truncated to its energy rank."""
         kept, worst = {}, 0.0
         for module, factors in stacked.items():
             U, S, Vh = svd = factored_svd(factors.scale * factors.B, factors.A)
-            kept[module], error = truncate(svd, energy_rank(S, self.threshold, max(U.shape[0], Vh.shape[1])))
+            kept[module], error = truncate(svd, energy_rank(S, float(self.options.threshold), max(U.shape[0], Vh.shape[1])))
             worst = max(worst, error)
         return GlobalUpdate(factors=kept, merge=True,
                             info={"broadcast_rank": max_rank(kept), "truncation_error": worst})

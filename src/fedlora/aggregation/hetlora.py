@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors, MethodState, example_weights
 from fedlora.aggregation.factored import frobenius_norm, normalized, squared_product_norm
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors, MethodState, example_weights
+from fedlora.aggregation.method import MethodOptions, Regularizer, option
 from fedlora.aggregation.zeropad import ZeroPad
 
 
@@ -30,6 +32,11 @@ def tail_norm(factors: LoraFactors, gamma: float) -> Tensor:
     return abs(factors.scale) * torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
 
 
+def rank_penalty(factors: dict[str, LoraFactors], *, gamma: float, penalty: float) -> Tensor:
+    """HetLoRA's term in a client's training loss: ``penalty`` · Σ_modules :func:`tail_norm`."""
+    return penalty * sum(tail_norm(module_factors, gamma) for module_factors in factors.values())
+
+
 def self_pruned_rank(factors: dict[str, LoraFactors], gamma: float,
                      previous_tail: float | None) -> tuple[int, float]:
     """A client's rank for its next round, and its tail norm (summed over modules) now.
@@ -47,6 +54,18 @@ def self_pruned_rank(factors: dict[str, LoraFactors], gamma: float,
     return (kept_rank(rank, gamma) if pruned else rank), tail
 
 
+@dataclass(frozen=True)
+class HetLoRAOptions(MethodOptions):
+    gamma: float = option(0.99, "self-pruning keeps ⌊γ·r⌋ of a client's rank once its tail norm falls; in (0, 1)")
+    penalty: float = option(0.01, "weight of the tail norm in each client's training loss (≥ 0)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gamma < 1:
+            raise ValueError(f"gamma must lie in (0, 1), got {self.gamma!r}")
+        if not (math.isfinite(self.penalty) and self.penalty >= 0):
+            raise ValueError(f"penalty must be a finite non-negative number, got {self.penalty!r}")
+
+
 class HetLoRA(ZeroPad):
     """HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432): zero-padded average weighted by ‖ΔW_k‖_F.
 
@@ -59,32 +78,27 @@ class HetLoRA(ZeroPad):
     FedIT's cross terms: it is not Σ p_k ΔW_k.
 
     Local rank self-pruning: every client adds ``penalty`` · Σ_modules :func:`tail_norm` to its
-    training loss (:meth:`regularizer`), and after a round its rank becomes
+    training loss (:func:`rank_penalty`), and after a round its rank becomes
     :func:`self_pruned_rank` of what it trained (:meth:`next_rank`). The rule reads only the
     factors the client uploads and the tail norm of its previous upload, so the method applies
-    it to the aggregated uploads and keeps every client's rank and last tail norm as its state
-    (:meth:`client_rank`, checkpointed): the rank the client would choose, known to the server
-    without a message. No official code is public; ``gamma = 0.99`` follows public
+    it to the aggregated uploads (the combined update's ``state``) and keeps every client's
+    rank and last tail norm once the round is committed (:meth:`client_rank`, checkpointed):
+    the rank the client would choose, known to the server without a message. No official code is public; ``gamma = 0.99`` follows public
     reimplementations, ``penalty = 0.01`` is ours.
     """
 
     name = "hetlora"
     heterogeneous_ranks = True
+    Options = HetLoRAOptions
 
-    def __init__(self, gamma: float = 0.99, penalty: float = 0.01):
-        if not 0 < gamma < 1:
-            raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
-        if not (math.isfinite(penalty) and penalty >= 0):
-            raise ValueError(f"penalty must be a finite non-negative number, got {penalty!r}")
-        self.gamma = gamma
-        self.penalty = penalty
-        #: client → (its rank from now on, the tail norm of its last upload); the round's, until committed
+    def __init__(self, options: HetLoRAOptions | None = None, **values):
+        super().__init__(options, **values)
+        #: client → (its rank from now on, the tail norm of its last upload)
         self.pruning: dict[str, tuple[int, float]] = {}
-        self.pending: dict[str, tuple[int, float]] = {}
 
     def setup(self, context) -> None:
         super().setup(context)
-        self.pruning, self.pending = {}, {}
+        self.pruning = {}
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -94,13 +108,13 @@ class HetLoRA(ZeroPad):
             norms = [weight * frobenius_norm(update.factors[module]) for weight, update in zip(given, updates)]
             shares = normalized(norms) if sum(norms) > 0 else normalized(given)
             factors[module] = self.average_module(updates, shares, module)
-        self.pending = {update.client_id: self.next_rank(update.factors, self.previous_tail(update.client_id))
-                        for update in updates}
-        return GlobalUpdate(factors=factors, merge=False)
+        pruning = {update.client_id: self.next_rank(update.factors, self.previous_tail(update.client_id))
+                   for update in updates}
+        return GlobalUpdate(factors=factors, merge=False, state=pruning)
 
     def commit(self, server_round: int, update: GlobalUpdate) -> None:
         super().commit(server_round, update)
-        self.pruning.update(self.pending)  # the aggregated clients' ranks move once the round is applied
+        self.pruning.update(update.state)  # the aggregated clients' ranks move once the round is applied
 
     def client_rank(self, client_id: str, server_round: int) -> int:
         """The client's rank after its self-pruning so far (its configured rank until then)."""
@@ -110,13 +124,12 @@ class HetLoRA(ZeroPad):
     def previous_tail(self, client_id: str) -> float | None:
         return self.pruning[client_id][1] if client_id in self.pruning else None
 
-    def regularizer(self, factors: dict[str, LoraFactors]) -> Tensor:
-        """The term a client adds to its training loss: penalty · Σ_modules tail norm."""
-        return self.penalty * sum(tail_norm(module_factors, self.gamma) for module_factors in factors.values())
+    def regularizer(self) -> Regularizer:
+        return Regularizer(f"{__name__}:rank_penalty", {"gamma": self.options.gamma, "penalty": self.options.penalty})
 
     def next_rank(self, factors: dict[str, LoraFactors], previous_tail: float | None) -> tuple[int, float]:
         """:func:`self_pruned_rank` with this method's ``gamma``."""
-        return self_pruned_rank(factors, self.gamma, previous_tail)
+        return self_pruned_rank(factors, self.options.gamma, previous_tail)
 
     def state_dict(self) -> MethodState:
         """The default state plus every client's (rank, last tail norm), as JSON."""

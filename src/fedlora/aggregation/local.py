@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, LoraFactors, MethodState, \
-    factors_to_tensors, tensors_to_factors
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors, MethodState, factors_to_tensors, \
+    tensors_to_factors
+from fedlora.aggregation.method import Aggregator
 
 
 class LocalOnly(Aggregator):
@@ -16,6 +17,7 @@ class LocalOnly(Aggregator):
     """
 
     name = "local"
+    personalised = True
 
     def setup(self, context) -> None:
         super().setup(context)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
 from fedlora.aggregation.factored import concat, frobenius_norm, normalized
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors, example_weights
 from fedlora.aggregation.fedit import FedIT
+from fedlora.aggregation.method import MethodOptions, option
+
+
+@dataclass(frozen=True)
+class LoRAFAIROptions(MethodOptions):
+    ridge: float = option(0.0, "λ of the correction's regulariser λ‖s·ΔB‖² (0: the least-squares optimum)")
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a finite non-negative number, got {self.ridge!r}")
 
 
 def corrected_B(target: LoraFactors, A: Tensor, B: Tensor, scale: float, ridge: float = 0.0) -> Tensor:
@@ -47,11 +58,7 @@ class LoRAFAIR(FedIT):
     """
 
     name = "lorafair"
-
-    def __init__(self, ridge: float = 0.0):
-        if not (math.isfinite(ridge) and ridge >= 0):
-            raise ValueError(f"ridge must be a finite non-negative number, got {ridge!r}")
-        self.ridge = ridge
+    Options = LoRAFAIROptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:
@@ -60,7 +67,7 @@ class LoRAFAIR(FedIT):
         factors, fedit_error, residual_error = {}, 0.0, 0.0
         for module, mean in average.factors.items():
             ideal = concat([update.factors[module] for update in updates], weights)
-            corrected = LoraFactors(A=mean.A, B=corrected_B(ideal, mean.A, mean.B, mean.scale, self.ridge),
+            corrected = LoraFactors(A=mean.A, B=corrected_B(ideal, mean.A, mean.B, mean.scale, self.options.ridge),
                                     scale=mean.scale)
             fedit_error = max(fedit_error, relative_distance(ideal, mean))
             residual_error = max(residual_error, relative_distance(ideal, corrected))

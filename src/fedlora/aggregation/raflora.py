@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.aggregation.base import ClientUpdate, LoraFactors
+from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.factored import concat
 from fedlora.aggregation.flexlora import FlexLoRA
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
-from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlora.imports import resolve
+
 if TYPE_CHECKING:
-    from fedlora.aggregation.base import Aggregator
+    from fedlora.aggregation.method import Aggregator
 
 AGGREGATORS: dict[str, str] = {
     "flora": "fedlora.aggregation.flora:FLoRA",
@@ -55,14 +56,14 @@ def aggregator_class(name: str) -> type[Aggregator]:
     except KeyError:
         raise ValueError(f"unknown aggregation method {name!r}; available: "
                          f"{', '.join(AGGREGATORS)}") from None
-    module_name, class_name = target.split(":")
-    return getattr(import_module(module_name), class_name)
+    return resolve(target)
 
 
 def get_aggregator(name: str, **options) -> Aggregator:
-    """Build the aggregator registered as ``name`` with its method-specific ``options``."""
+    """Build the aggregator registered as ``name`` with its method-specific ``options``
+    (ValueError naming the method for options its ``Options`` dataclass refuses)."""
     cls = aggregator_class(name)
     try:
-        return cls(**options)
+        return cls(cls.Options(**options))
     except TypeError as error:
         raise ValueError(f"bad options for aggregation method {name!r}: {error}") from None

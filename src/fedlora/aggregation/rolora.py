@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from fedlora.aggregation.base import (AggregationError, Aggregator, ClientUpdate, GlobalUpdate,
-                                      example_weights)
 from fedlora.aggregation.factored import normalized
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, GlobalUpdate, example_weights
 from fedlora.aggregation.ffa import average_trained
+from fedlora.aggregation.method import Aggregator, MethodOptions, option
 
 PHASES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class RoLoRAOptions(MethodOptions):
+    phase: str | None = option(None, "'A' or 'B': always train that factor; None: B in odd rounds, A in even ones")
+
+    def __post_init__(self) -> None:
+        if self.phase is not None and self.phase not in PHASES:
+            raise ValueError(f"phase must be 'A', 'B' or None, got {self.phase!r}")
 
 
 class RoLoRA(Aggregator):
@@ -22,11 +33,8 @@ class RoLoRA(Aggregator):
 
     name = "rolora"
     heterogeneous_ranks = False
-
-    def __init__(self, phase: str | None = None):
-        if phase is not None and phase not in PHASES:
-            raise ValueError(f"phase must be 'A', 'B' or None, got {phase!r}")
-        self.phase = phase
+    client_dp = True
+    Options = RoLoRAOptions
 
     def trainable(self, server_round: int) -> frozenset[str]:
         return frozenset({self._phase(server_round)})
@@ -40,8 +48,8 @@ class RoLoRA(Aggregator):
         return GlobalUpdate(factors=factors, merge=False, info={"phase": trained})
 
     def _phase(self, server_round: int | None) -> str:
-        if self.phase is not None:
-            return self.phase
+        if self.options.phase is not None:
+            return self.options.phase
         if server_round is None:
             raise AggregationError("rolora needs a server_round (1-based) or a fixed phase to know "
                                    "which factor was trained", rule="phase")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.aggregation.base import AggregationError, ClientUpdate, check_factors, check_modules_and_shapes, \
+from fedlora.aggregation.factors import AggregationError, ClientUpdate, check_factors, check_modules_and_shapes, \
     check_num_examples
 from fedlora.aggregation.factored import frobenius_norm
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.aggregation.base import ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation.factors import ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.aggregation.factored import average_factors, fit_ranks
 from fedlora.aggregation.fedit import FedIT
 

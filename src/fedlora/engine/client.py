@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, get_aggregator
+from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
 from fedlora.attention import enable_packing
 from fedlora.data import DataError, TokenizedExample
 from fedlora.data.batches import token_batch
@@ -22,7 +22,6 @@ from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, r
 from fedlora.lora.merge import base_weight
 
 StepCallback = Callable[[int, float], None]
-Regularizer = Callable[[dict[str, LoraFactors]], torch.Tensor | None]
 
 
 def batch_stream(examples: Sequence[TokenizedExample], batch_size: int, seed: int) -> Iterator[list]:
@@ -48,8 +47,7 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, pad_token_id: int, *, target_modules: Sequence[str],
                  batch_size: int, grad_accum: int = 1, lr: float = 3e-4, weight_decay: float = 0.0,
-                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions(),
-                 regularizer: Regularizer | None = None, packing: bool = False):
+                 use_rslora: bool = False, compute: ComputeOptions = ComputeOptions(), packing: bool = False):
         self.model = model
         self.pad_token_id = pad_token_id
         self.target_modules = list(target_modules)
@@ -59,8 +57,6 @@ class LocalTrainer:
         self.weight_decay = weight_decay
         self.use_rslora = use_rslora
         self.compute = compute
-        #: the method's term added to the training loss (Aggregator.regularizer)
-        self.regularizer = regularizer
         self.packing = packing
         self.carry: dict[str, torch.Tensor] = {}
         self.merged_modules: set[str] = set()  # base weights apply_base_update has changed
@@ -76,8 +72,7 @@ class LocalTrainer:
                 "training on padded batches")
         return cls(model, pad_token_id, target_modules=config.target_modules, batch_size=config.batch_size,
                    grad_accum=config.grad_accum, lr=config.lr, weight_decay=config.weight_decay,
-                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config), packing=packing,
-                   regularizer=get_aggregator(config.method, **config.method_options).regularizer)
+                   use_rslora=config.use_rslora, compute=ComputeOptions.from_config(config), packing=packing)
 
     def apply_base_update(self, update: GlobalUpdate) -> None:
         """Merge a logged global update into this replica's base weights (a Flower client
@@ -106,12 +101,13 @@ class LocalTrainer:
         if not examples:
             raise DataError(f"client {task.client_id!r} has no training examples")
         started = time.perf_counter()
-        peft_model = attach_lora(self.model, task.rank, task.alpha, self.target_modules,
+        plan = task.plan
+        peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
                                  use_rslora=self.use_rslora, seed=task.init_seed)
         try:
-            if task.start is not None:
-                set_factors(peft_model, task.start, leading=True)
-            set_trainable(peft_model, task.trainable)
+            if plan.start is not None:
+                set_factors(peft_model, plan.start, leading=True)
+            set_trainable(peft_model, plan.trainable)
             with self.compute.applied(peft_model):
                 losses = self._optimize(peft_model, task, examples, on_step)
             factors = get_factors(peft_model)
@@ -142,7 +138,7 @@ class LocalTrainer:
                 batch = token_batch(next(batches), self.pad_token_id, packed=self.packing).to(device)
                 nll, tokens = summed_nll(model, batch)
                 loss = nll / (tokens * self.grad_accum)
-                self._objective(loss, factors).backward()
+                self._objective(loss, factors, task.plan.regularizer).backward()
                 step_loss += loss.item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -152,9 +148,10 @@ class LocalTrainer:
         model.eval()
         return losses
 
-    def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors]) -> torch.Tensor:
-        """What a step minimises: the batch's loss plus, for a method that has one, its term on
-        the live ``factors`` (HetLoRA's rank regulariser), a share per accumulated batch. The
+    def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors],
+                   regularizer: Regularizer | None) -> torch.Tensor:
+        """What a step minimises: the batch's loss plus, where the plan has one, the method's term
+        on the live ``factors`` (HetLoRA's rank regulariser), a share per accumulated batch. The
         reported training loss is the batch's alone."""
-        term = self.regularizer(factors) if self.regularizer is not None else None
+        term = regularizer(factors) if regularizer is not None else None
         return loss if term is None else loss + term / self.grad_accum

@@ -12,12 +12,12 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from fedlora.aggregation.registry import DEFAULT_METHOD
 from fedlora.errors import FedloraError
+from fedlora.imports import resolve
 
 DEFAULT_DATA = "../shared/data/dolly-10clients"
 #: Used when the shared data folder is absent (a user's own machine): split by Dirichlet.
@@ -104,8 +104,9 @@ class RunConfig:
     dp: dict[str, Any] = option(help="DP-SGD: {noise_multiplier | target_epsilon, max_grad_norm, delta[, seed]}",
                                 factory=dict)
     #: client-level DP-FedAvg at the server (aggregation/dp.py); empty: off
-    client_dp: dict[str, Any] = option(help="DP-FedAvg (ffa, rolora, fedsa): {noise_multiplier | target_epsilon, "
-                                            "clip_norm, delta[, seed]}", factory=dict)
+    client_dp: dict[str, Any] = option(help="DP-FedAvg, for the methods `fedlora methods` marks client-level DP: "
+                                            "{noise_multiplier | target_epsilon, clip_norm, delta[, seed]}",
+                                       factory=dict)
     packing: bool = option(True, "pack each micro-batch's sequences in one row without padding where "
                                  "the model allows it (else padded batches, with a notice)")
     # update validation
@@ -238,10 +239,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 def allowed_values(choices: tuple | str) -> tuple:
     """A field's ``choices``: the tuple, or the tuple a ``"module:NAME"`` reference names."""
-    if isinstance(choices, str):
-        module, name = choices.split(":")
-        return tuple(getattr(import_module(module), name))
-    return choices
+    return tuple(resolve(choices)) if isinstance(choices, str) else choices
 
 
 def check_field_rules(config: RunConfig, fail: Callable[[str, str], None]) -> None:
@@ -271,7 +269,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
         fail("method", f"is {config.method!r}; choose one of {', '.join(available_aggregators())}")
     method = aggregator_class(config.method)
     try:
-        method(**config.method_options)
+        method.Options(**config.method_options)
     except (TypeError, ValueError) as error:
         fail("method_options", f"do not fit method {config.method!r}: {error}")
     if not config.ranks or any(rank < 1 for rank in config.ranks):

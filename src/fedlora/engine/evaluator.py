@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -11,6 +13,7 @@ from fedlora.engine.config import RunConfig
 from fedlora.eval import evaluate_loss_tokenized, evaluate_mmlu
 
 
+@dataclass(frozen=True)
 class Evaluator:
     """Evaluates with test examples tokenised once, since the same set is scored every round.
 
@@ -23,26 +26,21 @@ class Evaluator:
     on the runs tuning chose only, afterwards.
     """
 
-    def __init__(self, tokenizer, pad_token_id: int, test_examples: Sequence[TokenizedExample],
-                 questions: Sequence[MMLUQuestion], *, final_round: int, mmlu_every: int = 0,
-                 eval_every: int = 1, val_every: int = 1,
-                 batch_size: int = 8, mmlu_progress: Callable[[int, int], None] | None = None,
-                 validation_examples: Sequence[TokenizedExample] = (), packed: bool = False,
-                 deferred_test: bool = False):
-        self.tokenizer = tokenizer
-        self.pad_token_id = pad_token_id
-        self.test_examples = test_examples
-        #: records held out of the clients' training (val_loss); what tuning may look at
-        self.validation_examples = validation_examples
-        self.questions = questions
-        self.final_round = final_round
-        self.mmlu_every = mmlu_every
-        self.eval_every = eval_every
-        self.val_every = val_every
-        self.batch_size = batch_size
-        self.mmlu_progress = mmlu_progress
-        self.packed = packed  # batches packed in one row (the model computes them apart)
-        self.deferred_test = deferred_test
+    tokenizer: Any
+    pad_token_id: int
+    test_examples: Sequence[TokenizedExample]
+    questions: Sequence[MMLUQuestion]
+    final_round: int
+    mmlu_every: int = 0
+    eval_every: int = 1
+    val_every: int = 1
+    batch_size: int = 8
+    mmlu_progress: Callable[[int, int], None] | None = None
+    #: records held out of the clients' training (val_loss); what tuning may look at
+    validation_examples: Sequence[TokenizedExample] = ()
+    #: batches packed in one row (the model computes them apart)
+    packed: bool = False
+    deferred_test: bool = False
 
     def mmlu_due(self, server_round: int) -> bool:
         if not self.questions:

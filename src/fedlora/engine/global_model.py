@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedlora.aggregation import GlobalUpdate, LoraFactors
+from fedlora.engine.checkpoint import with_prefix
 from fedlora.lora import merge_factors, merge_update
 from fedlora.lora.merge import base_weight
 from fedlora.models import model_device
@@ -58,6 +59,16 @@ class GlobalModel:
         with torch.no_grad():
             for name, weight in weights.items():
                 base_weight(self.model, name).copy_(weight)
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """For a checkpoint: the adapted base weights and the merge carry."""
+        return {}, {**{f"base/{name}": w for name, w in self.adapted_weights().items()},
+                    **{f"carry/{name}": c for name, c in self.carry.items()}}
+
+    def load_state_dict(self, state: tuple[dict, dict[str, torch.Tensor]]) -> None:
+        _, tensors = state
+        self.load_adapted_weights(with_prefix("base/", tensors))
+        self.carry = with_prefix("carry/", tensors)
 
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.aggregation import Aggregator
-from fedlora.aggregation.dp import ClientLevelDP, require_summed_factor
+from fedlora.aggregation import Aggregator, aggregator_class
+from fedlora.aggregation.dp import require_client_dp, with_client_dp
 from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientTask
 
@@ -163,13 +163,12 @@ class RunPrivacy:
         return {"dp_noise_multiplier": self.sample.noise_multiplier, "dp_max_grad_norm": spec.clip,
                 "dp_noise_seed": seed}
 
-    def wrap(self, aggregator: Aggregator, clients_per_round: int) -> Aggregator:
-        """The aggregator with client-level DP around it, when the run asks for it."""
+    def protect(self, method: Aggregator, clients_per_round: int) -> Aggregator:
+        """The method with client-level DP, when the run asks for it."""
         if self.client is None:
-            return aggregator
-        return ClientLevelDP(aggregator, clip_norm=self.client.spec.clip,
-                             noise_multiplier=self.client.noise_multiplier,
-                             clients_per_round=clients_per_round, noise_seed=self.client.spec.seed)
+            return method
+        return with_client_dp(method, clip_norm=self.client.spec.clip, noise_multiplier=self.client.noise_multiplier,
+                              clients_per_round=clients_per_round, noise_seed=self.client.spec.seed)
 
     def account(self, tasks: Iterable[ClientTask]) -> None:
         """Charge a round's tasks: a client asked to train is charged whether or not its update
@@ -191,10 +190,11 @@ class RunPrivacy:
         return {**self.row(), "privacy_noise_multipliers": {
             key: guarantee.noise_multiplier for key, guarantee in self._guarantees().items()}}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {key: guarantee.ledger.state_dict() for key, guarantee in self._guarantees().items()}
+    def state_dict(self) -> tuple[dict[str, Any], dict]:
+        return {key: guarantee.ledger.state_dict() for key, guarantee in self._guarantees().items()}, {}
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+    def load_state_dict(self, state: tuple[Mapping[str, Any] | None, dict]) -> None:
+        state = state[0]
         for key, guarantee in self._guarantees().items():
             if key not in (state or {}):
                 raise ValueError(f"the checkpoint holds no {key!r} ledger: its rounds ran without this "
@@ -218,7 +218,7 @@ def check_privacy(config, fail: Callable[[str, str], None]) -> None:
         fail("data_on_nodes", "hides the clients' sizes, which DP accounting needs (q = batch ÷ size)")
     if config.client_dp:
         try:
-            require_summed_factor(config.method)
+            require_client_dp(aggregator_class(config.method))
         except ValueError as error:
             fail("client_dp", str(error))
 
@@ -230,7 +230,8 @@ def sample_rate(batch_size: int, grad_accum: int, num_examples: int) -> float:
 
 def run_privacy(config, client_sizes: Mapping[str, int | None], sampled: Callable[[int], list[str]],
                 local_steps: Callable[[str], int]) -> RunPrivacy | None:
-    """The run's :class:`RunPrivacy`, or None when ``config`` asks for no DP."""
+    """The run's :class:`RunPrivacy`, calibrated on its schedule (whom ``sampled`` picks each
+    round, each client's ``local_steps``), or None when ``config`` asks for no DP."""
     if not config.dp and not config.client_dp:
         return None
     specs = {key: PrivacySpec.parse(getattr(config, key), clip) if getattr(config, key) else None

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from fedlora.aggregation import LoraFactors, RunContext, get_aggregator
+from fedlora.aggregation import LoraFactors, get_aggregator
 from fedlora.attention import enable_packing
 from fedlora.data import load_mmlu, load_records, tokenize_records
 from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
+from fedlora.engine.run_state import MethodPart
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_saved_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
@@ -45,10 +46,10 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     modules = check_model_fits(config)
     model, tokenizer = load_run_model(config)
     global_model = GlobalModel(model, modules)
-    global_model.load_adapted_weights(with_prefix("base/", tensors))
+    global_model.load_state_dict((state["model"], with_prefix("model/", tensors)))
     method = get_aggregator(config.method, **config.method_options)
-    method.setup(RunContext(**state["context"]))
-    method.load_state_dict((state["method"], with_prefix("method/", tensors)))
+    method.setup(MethodPart.context(state["method"]))
+    MethodPart(method).load_state_dict((state["method"], with_prefix("method/", tensors)))
     adapter = method.evaluation_adapters().get(None)
     return RestoredRun(config, global_model, tokenizer, adapter, state["completed_round"])
 

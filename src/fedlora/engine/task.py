@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora.aggregation import ClientUpdate, LoraFactors
-from fedlora.aggregation.base import FACTOR_NAMES
+from fedlora.aggregation import ClientPlan, ClientUpdate, LoraFactors
 
 
 @dataclass(frozen=True)
@@ -18,21 +17,16 @@ class ClientTask:
 
     client_id: str
     server_round: int
-    rank: int
+    #: what the method asks of the client: rank, factors to train and send, start, kept factors,
+    #: regulariser
+    plan: ClientPlan
     alpha: float
-    trainable: frozenset[str]
     #: seeds the fresh LoRA initialisation; shared by all clients of a round so that methods
     #: with a frozen shared factor (FFA-LoRA, RoLoRA, FedIT) start from the same A
     init_seed: int
     #: seeds this client-round's batch order
     data_seed: int
     local_steps: int
-    #: factors the LoRA starts from (a persistent global adapter); None: fresh init
-    start: dict[str, LoraFactors] | None = None
-    #: factors the client sends back; the server takes the others from ``start``
-    uploads: frozenset[str] = frozenset(FACTOR_NAMES)
-    #: factors the client keeps in its own store: it starts them from there, they never travel
-    kept: frozenset[str] = frozenset()
     #: sample-level DP-SGD (fedlora.engine.dp_sgd): noise multiplier σ and per-example clip
     #: norm; None: plain training
     dp_noise_multiplier: float | None = None
@@ -50,3 +44,24 @@ class ClientResult:
     train_loss: float | None
     steps: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A sampled client that did not deliver a usable update this round."""
+
+    client_id: str
+    server_round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What the server keeps of an accepted reply once its factors are in the aggregate (the
+    start it sent is its own: the aggregation error subtracts it)."""
+
+    client_id: str
+    num_examples: int
+    train_loss: float | None
+    seconds: float
+    start: dict[str, LoraFactors] | None

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedlora.aggregation.base import FACTOR_NAMES, LoraFactors
+from fedlora.aggregation.factors import FACTOR_NAMES, LoraFactors
 
 
 def lora_config(rank: int, alpha: float, target_modules: Iterable[str], *,

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
-from fedlora.aggregation.base import LoraFactors
+from fedlora.aggregation.factors import LoraFactors
 from fedlora.lora.adapters import attach_lora, remove_lora, set_factors
 
 

@@ -25,7 +25,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from fedlora.aggregation.base import GlobalUpdate, LoraFactors
+from fedlora.aggregation.factors import GlobalUpdate, LoraFactors
 
 
 def merge_update(model: nn.Module, global_update: GlobalUpdate,

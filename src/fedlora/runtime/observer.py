@@ -7,6 +7,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedlora.engine.rows import RoundRow
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.report import console_table
 
@@ -23,7 +24,7 @@ class RunObserver:
 
     def client_finished(self, result: ClientResult) -> None: ...
 
-    def round_finished(self, row: dict) -> None: ...
+    def round_finished(self, row: RoundRow) -> None: ...
 
     def log(self, message: str) -> None: ...
 
@@ -33,7 +34,7 @@ class RichObserver(RunObserver):
 
     def __init__(self, num_rounds: int, console: Console | None = None):
         self.console = console or Console(markup=False)  # messages hold paths and records, not markup
-        self.rows: list[dict] = []
+        self.rows: list[RoundRow] = []
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=self.console)
         self.rounds = self.progress.add_task("rounds", total=num_rounds, note="")
@@ -52,7 +53,7 @@ class RichObserver(RunObserver):
         self.progress.reset(self.clients, total=len(tasks), visible=True, note="")
 
     def client_started(self, task: ClientTask) -> None:
-        self.progress.update(self.clients, description=f"client {task.client_id} (r={task.rank})")
+        self.progress.update(self.clients, description=f"client {task.client_id} (r={task.plan.rank})")
         self.progress.reset(self.steps, total=task.local_steps, visible=True, note="")
 
     def step_callback(self, task: ClientTask) -> Callable[[int, float], None]:
@@ -63,14 +64,14 @@ class RichObserver(RunObserver):
     def client_finished(self, result: ClientResult) -> None:
         self.progress.advance(self.clients)
 
-    def round_finished(self, row: dict) -> None:
+    def round_finished(self, row: RoundRow) -> None:
         self.rows.append(row)
-        if row["round"] > 0:
+        if row.round > 0:
             self.progress.advance(self.rounds)
         self.progress.update(self.clients, visible=False)
         self.progress.update(self.steps, visible=False)
         self.console.print(console_table(self.rows[-1:] if len(self.rows) > 1 else self.rows,
-                                         title=f"round {row['round']}"))
+                                         title=f"round {row.round}"))
 
     def log(self, message: str) -> None:
         self.console.log(message)

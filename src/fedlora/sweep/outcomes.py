@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.engine.metrics import read_metrics, read_summary
+from fedlora.engine.metrics import read_summary
+from fedlora.engine.rows import RoundRow, read_rows
 
 #: MMLU scored on a chosen run after tuning (``[final]`` of the sweep file)
 FINAL_MMLU_FILE = "final-mmlu.json"
@@ -34,7 +35,7 @@ def read_final_test(run_dir: Path) -> dict | None:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    rows: list[dict]
+    rows: list[RoundRow]
     summary: dict
     final_mmlu: dict | None
     #: the test loss of round ``final_test["round"]``, scored after the run (None: in the run, if at all)
@@ -42,18 +43,17 @@ class RunOutcome:
 
     @classmethod
     def read(cls, run_dir: Path) -> RunOutcome:
-        return cls(read_metrics(run_dir), read_summary(run_dir), read_final_mmlu(run_dir), read_final_test(run_dir))
+        return cls(read_rows(run_dir), read_summary(run_dir), read_final_mmlu(run_dir), read_final_test(run_dir))
 
     @property
     def final_val_loss(self) -> float | None:
-        return self.rows[-1].get("val_loss")
+        return self.rows[-1].val_loss
 
     def test_losses(self) -> list[float | None]:
         """The test loss of every round, round 0 (the untrained model) first; a round scored
         after the run (:data:`FINAL_TEST_FILE`) has that loss."""
         later = self.final_test or {}
-        return [later["eval_loss"] if row["round"] == later.get("round") else row.get("eval_loss")
-                for row in self.rows]
+        return [later["eval_loss"] if row.round == later.get("round") else row.eval_loss for row in self.rows]
 
     @property
     def final_test_loss(self) -> float | None:
@@ -68,7 +68,7 @@ class RunOutcome:
     def mean_over_rounds(self, key: str) -> float | None:
         """The mean of ``key`` over the trained rounds that report it (``aggregation_error``,
         ``broadcast_error``); None where none does (a personalised method)."""
-        values = [row[key] for row in self.rows[1:] if row.get(key) is not None]
+        values = [getattr(row, key) for row in self.rows[1:] if getattr(row, key) is not None]
         return sum(values) / len(values) if values else None
 
     def mmlu(self, question_set: dict | None) -> tuple[float, int] | None:
@@ -78,7 +78,8 @@ class RunOutcome:
             final = self.final_mmlu or {}
             scored = final if all(final.get(key) == value for key, value in question_set.items()) else None
         else:
-            scored = next((row for row in reversed(self.rows) if row.get("mmlu_total")), None)
+            row = next((row for row in reversed(self.rows) if row.mmlu_total), None)
+            scored = {"mmlu_acc": row.mmlu_acc, "mmlu_total": row.mmlu_total} if row else None
         if not scored:
             return None
         # the local baseline's accuracy is the mean over the clients' models: its count need not be whole

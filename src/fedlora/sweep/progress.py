@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from fedlora.engine.rows import RoundRow
 from fedlora.runtime.observer import RichObserver, RunObserver
 from fedlora.sweep.outcomes import RunOutcome
 from fedlora.sweep.plan import PlannedRun
@@ -63,11 +64,11 @@ class _RoundsOfOneRun(RichObserver):
         super().round_started(server_round, tasks)
         self.progress.update(self.rounds, completed=server_round - 1)  # a resumed run starts past round 1
 
-    def round_finished(self, row: dict) -> None:
-        self.progress.update(self.rounds, completed=row["round"])
+    def round_finished(self, row: RoundRow) -> None:
+        self.progress.update(self.rounds, completed=row.round)
         self.progress.update(self.clients, visible=False)
         self.progress.update(self.steps, visible=False)
-        loss = row.get("eval_loss")
+        loss = row.eval_loss
         self.progress.update(self.rounds, note="" if loss is None else f"test loss {loss:.4f}")
 
 

@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,12 +28,12 @@ from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
 from fedlora.engine.metrics import write_summary
-from fedlora.engine.setup import RunSetup, prepare_run
+from fedlora.engine.setup import prepare_run
 from fedlora.files import atomic_write_text, folder_lock
 from fedlora.lora.merge import base_weight
-from fedlora.models import pad_token_id, weights_depend_on_seed
+from fedlora.models import weights_depend_on_seed
 from fedlora.report import write_report
-from fedlora.runtime.inprocess import evaluate_clients_in_process, run_inprocess
+from fedlora.runtime.inprocess import run_inprocess
 from fedlora.sweep.outcomes import FINAL_MMLU_FILE, FINAL_TEST_FILE, RunOutcome, is_finished, read_final_mmlu, \
     read_final_test
 from fedlora.sweep.plan import SEED, PlannedRun, SweepPlan
@@ -169,12 +169,10 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
     engine_observer = observer.run_started(run, resumed)
     loaded = models.get(config, observer.log)
     started = time.perf_counter()
-    setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded)
-    federation = setup.federation
-    federation.evaluate_model.deferred_test = deferred_test  # the run's own Evaluator
-    federation.evaluate_model = evaluations.wrap(federation.evaluate_model, models.key,
-                                                 federation.global_model.adapted_modules)
-    with restored_afterwards(federation.global_model):
+    setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded,
+                        evaluation=lambda evaluator, model: evaluations.wrap(
+                            replace(evaluator, deferred_test=deferred_test), models.key, model.adapted_modules))
+    with restored_afterwards(setup.federation.global_model):
         summary = run_inprocess(setup, engine_observer)
     # this invocation's share of the run (all of it unless it resumed), for the sweep's measured time
     seconds = time.perf_counter() - started
@@ -219,7 +217,7 @@ FINAL_KEYS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correc
 
 
 def _write_final(path: Path, spec: dict, what: str, run: PlannedRun, config: RunConfig,
-                 make_evaluator: Callable[[RunSetup], Evaluator], models: ModelCache,
+                 make_evaluator: Callable[[Evaluator], Evaluator], models: ModelCache,
                  evaluations: ExactEvaluations, observer: SweepObserver) -> str:
     observer.final_started(run, what)
     started = time.perf_counter()
@@ -229,33 +227,30 @@ def _write_final(path: Path, spec: dict, what: str, run: PlannedRun, config: Run
     return run.folder
 
 
-def _test_evaluator(setup: RunSetup) -> Evaluator:
+def _test_evaluator(evaluator: Evaluator) -> Evaluator:
     """The run's own evaluator (its test examples, batching and packing), scoring the test set alone."""
-    evaluator = copy.copy(setup.federation.evaluate_model)
-    evaluator.validation_examples, evaluator.questions = (), []
-    return evaluator
+    return replace(evaluator, validation_examples=(), questions=[])
 
 
-def _mmlu_evaluator(questions: list, observer: SweepObserver) -> Callable[[RunSetup], Evaluator]:
-    def make(setup: RunSetup) -> Evaluator:
-        return Evaluator(setup.tokenizer, pad_token_id(setup.tokenizer), [], questions,
-                         final_round=setup.config.rounds, batch_size=setup.config.eval_batch_size,
+def _mmlu_evaluator(questions: list, observer: SweepObserver) -> Callable[[Evaluator], Evaluator]:
+    def make(evaluator: Evaluator) -> Evaluator:
+        return Evaluator(evaluator.tokenizer, evaluator.pad_token_id, [], questions,
+                         final_round=evaluator.final_round, batch_size=evaluator.batch_size,
                          mmlu_progress=observer.mmlu_progress)
     return make
 
 
-def _evaluate_final_model(config: RunConfig, make_evaluator: Callable[[RunSetup], Evaluator], models: ModelCache,
+def _evaluate_final_model(config: RunConfig, make_evaluator: Callable[[Evaluator], Evaluator], models: ModelCache,
                           evaluations: ExactEvaluations, observer: SweepObserver) -> dict:
     """``make_evaluator``'s scores of a finished run's final model (each client's own, averaged,
     for the local baseline), without what the evaluator does not score this round."""
-    setup = prepare_run(config, Path(config.out), log=observer.log, loaded=models.get(config, observer.log))
+    setup = prepare_run(config, Path(config.out), log=observer.log, loaded=models.get(config, observer.log),
+                        evaluation=lambda evaluator, model: evaluations.wrap(
+                            make_evaluator(evaluator), models.key, model.adapted_modules))
     federation = setup.federation
-    evaluator = make_evaluator(setup)
-    federation.evaluate_model = evaluations.wrap(evaluator, models.key, federation.global_model.adapted_modules)
-    evaluate_clients_in_process(federation)
     with restored_afterwards(federation.global_model):
-        federation.restore()
-        metrics = federation.evaluate(federation.completed_round)
+        completed = federation.checkpoints.restore()
+        metrics = federation.evaluate(completed)
     return {key: value for key, value in metrics.items() if key in FINAL_KEYS}
 
 

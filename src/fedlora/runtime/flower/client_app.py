@@ -11,8 +11,8 @@ After a replay the replayed rounds are folded into one snapshot (the weights mer
 the carry, as they are) and their files deleted, so a node's disk and its replay per message
 stay bounded by one copy of the adapted weights instead of growing with every round.
 
-The factors a method keeps on its clients (FedSA-LoRA's B) live next to the replica, in the
-node's client store (``engine/client_state.py``); since the server never sees them, an
+The factors a method keeps on its clients live next to the replica, in the
+node's client store (``engine/personalisation.py``); since the server never sees them, an
 ``evaluate`` query has the node evaluate its client's own model.
 """
 
@@ -31,13 +31,14 @@ from safetensors.torch import load_file
 
 from fedlora.aggregation import GlobalUpdate
 from fedlora.engine.checkpoint import atomic_save_tensors
-from fedlora.engine.client_state import CLIENT_STATE_DIR, ClientStore, train_from_store
+from fedlora.engine.personalisation import CLIENT_STATE_DIR, ClientStore, train_from_store
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.engine.update_log import UpdateLog
 from fedlora.files import atomic_write_text
-from fedlora.runtime.flower.codec import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, AppSettings, Catchup, \
-    NodeSettings, decode_evaluation, decode_task, encode_metrics, encode_node_state, encode_result, get_catchup, \
-    resolve_factory
+from fedlora.imports import resolve
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings
+from fedlora.runtime.flower.wire import EVALUATE_ACTION, IDENTIFY_ACTION, SYNC_ACTION, Catchup, decode_evaluation, \
+    decode_task, encode_metrics, encode_node_state, encode_result, get_catchup
 
 
 class ReplicaTrainer(Protocol):
@@ -151,11 +152,11 @@ def train(message: Message, context: Context) -> Message:
     task = decode_task(message.content)
     replica.record(get_catchup(message.content))
     settings = AppSettings.from_run_config(context.run_config)
-    factory: ClientFactory = resolve_factory(settings.client_factory)
+    factory: ClientFactory = resolve(settings.client_factory)
     trainer, examples = factory(settings, node)
     replica.replay(trainer)
     result = train_from_store(lambda kept: trainer.train(kept, examples), client_store(replica), task)
-    return Message(encode_result(result, replica_round=replica.through, uploads=task.uploads), reply_to=message)
+    return Message(encode_result(result, replica_round=replica.through, uploads=task.plan.uploads), reply_to=message)
 
 
 @app.query(EVALUATE_ACTION)
@@ -170,7 +171,7 @@ def evaluate(message: Message, context: Context) -> Message:
     node, replica = node_replica(context)
     client_id, server_round, adapter, catchup = decode_evaluation(message.content)
     settings = AppSettings.from_run_config(context.run_config)
-    trainer, evaluate_model = resolve_factory(settings.evaluation_factory)(settings, node)
+    trainer, evaluate_model = resolve(settings.evaluation_factory)(settings, node)
     replica.replay(trainer)
     for update_round, update in catchup.updates:
         if update_round > replica.through:

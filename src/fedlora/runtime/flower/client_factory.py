@@ -18,7 +18,7 @@ from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import ConfigError, RunConfig, build_config
 from fedlora.engine.inputs import load_client_records, load_run_model, resolve_data_paths
 from fedlora.models import USER_CACHE, pad_token_id
-from fedlora.runtime.flower.codec import AppSettings, NodeSettings
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 
 
 def _run_config(settings: AppSettings) -> RunConfig:

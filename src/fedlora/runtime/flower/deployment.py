@@ -36,7 +36,7 @@ from typing import IO, NoReturn
 
 import tomli_w
 
-from fedlora.runtime.flower.codec import AppSettings, NodeSettings, run_model_cache
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings, run_model_cache
 from fedlora.runtime.flower.server_app import RUN_STATUS_FILE
 
 CONNECTION_NAME = "fedlora"

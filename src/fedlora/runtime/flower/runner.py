@@ -17,7 +17,7 @@ from pathlib import Path
 from fedlora.data import client_files
 from fedlora.engine.config import RunConfig, check_client_count
 from fedlora.engine.setup import load_client_records, resolve_data_paths
-from fedlora.runtime.flower.codec import AppSettings, NodeSettings
+from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 from fedlora.runtime.flower.deployment import LocalDeployment, connect
 from fedlora.runtime.observer import RunObserver
 

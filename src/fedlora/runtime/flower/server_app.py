@@ -1,4 +1,4 @@
-"""The ServerApp: builds the run's Federation and drives it with :class:`FedLoraStrategy`.
+"""The ServerApp: builds the run's Federation and drives it with :class:`FlowerRounds`.
 
 The Federation writes the usual run outputs (metrics, checkpoints) into the run folder
 itself. When the run ends, successfully or not, the ServerApp writes
@@ -14,13 +14,29 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.engine.federation import Federation
 from fedlora.files import atomic_write_text
-from fedlora.runtime.flower.codec import AppSettings, resolve_factory
-from fedlora.runtime.flower.strategy import FedLoraStrategy
+from fedlora.imports import resolve
+from fedlora.runtime.flower.clients import FlowerClients, ReceivedUpdates
+from fedlora.runtime.flower.server import FlowerRounds
+from fedlora.runtime.flower.settings import AppSettings
 
 RUN_STATUS_FILE = "flower-run.json"
 
 app = ServerApp()
+
+
+def serve(grid: Grid, settings: AppSettings) -> tuple[Federation, dict]:
+    """The run's Federation, built with what Flower adds (its clients' nodes and models, the
+    replays it refuses across a resume, the base log its replicas catch up from), run to its
+    last round over ``grid``; (the federation, what the transport saw)."""
+    clients = FlowerClients(grid, settings.run_dir, round_timeout=settings.round_timeout,
+                            connect_timeout=settings.connect_timeout)
+    received = ReceivedUpdates()
+    federation = resolve(settings.federation_factory)(Path(settings.run_dir), client_models=clients,
+                                                       runtime_state={"runtime": received},
+                                                       on_merge=clients.base_log.write)
+    return federation, FlowerRounds(federation, clients, received).run()
 
 
 @app.main()
@@ -28,10 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = AppSettings.from_run_config(context.run_config)
     status_path = Path(settings.run_dir) / RUN_STATUS_FILE
     try:
-        federation = resolve_factory(settings.federation_factory)(Path(settings.run_dir))
-        strategy = FedLoraStrategy(federation, round_timeout=settings.round_timeout,
-                                   connect_timeout=settings.connect_timeout)
-        transport = strategy.run(grid)
+        federation, transport = serve(grid, settings)
         status = {"status": "completed", "summary": federation.summary(), "flower": transport}
     except BaseException as error:
         atomic_write_text(status_path, json.dumps(

@@ -1,11 +1,14 @@
-"""Factors a method keeps on its clients (FedSA-LoRA's B): each client's own store, never sent.
+"""The clients' own models, for a personalised method: what each client keeps, and their evaluation.
 
-The runtime that holds the clients holds their stores: the in-process runtime in the run
-folder's ``client-state/``, a Flower SuperNode in its state dir. An entry is one safetensors
-file per client and round, written atomically and durably. Training round r starts from the
-client's newest entry of an earlier round and writes entry r, so a round redone after a crash
-or a ``--resume`` starts from the same factors as its first attempt; a client keeps that entry
-and its newest, no more.
+The one interface every runtime implements once. Factors a method keeps on its clients (its
+:attr:`~fedlora.aggregation.Aggregator.kept_on_client`) live in each client's :class:`ClientStore`, never sent: the runtime that holds
+the clients holds their stores (the in-process runtime in the run folder's ``client-state/``,
+a Flower SuperNode in its state dir), trains each client from its store
+(:func:`train_from_store`) and evaluates each client's own model where it lives
+(:class:`ClientModels`). An entry is one safetensors file per client and round, written
+atomically and durably. Training round r starts from the client's newest entry of an earlier
+round and writes entry r, so a round redone after a crash or a ``--resume`` starts from the
+same factors as its first attempt; a client keeps that entry and its newest, no more.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from safetensors.torch import load_file
 from torch import Tensor
@@ -23,6 +27,8 @@ from fedlora.engine.task import ClientResult, ClientTask
 
 #: the run folder's (or a SuperNode's run state's) folder of client stores
 CLIENT_STATE_DIR = "client-state"
+
+Adapter = dict[str, LoraFactors] | None
 
 
 class ClientStore:
@@ -64,21 +70,57 @@ class ClientStore:
             for later in (r for r in self.rounds(folder.name) if r > server_round):
                 self.path(folder.name, later).unlink(missing_ok=True)
 
-    def personalised(self, client_id: str, through: int, adapter: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
-        """``adapter`` with the client's own factors of its newest entry ≤ ``through``,
-        or as it is where the client has none yet (a fresh LoRA's B is the zero the server sends)."""
+    def personalised(self, client_id: str, through: int, adapter: Adapter) -> Adapter:
+        """``adapter`` with the client's own factors of its newest entry ≤ ``through``, or as it
+        is where the client has none yet (a fresh LoRA's B is the zero the server sends; None:
+        the base model)."""
+        if adapter is None:
+            return None
         kept = self.load(client_id, through)
         return {module: replace(f, **{name: tensor.to(getattr(f, name).device)
                                       for name, tensor in kept.get(module, {}).items()})
                 for module, f in adapter.items()}
 
 
+class ClientModels(Protocol):
+    """Where a personalised method's client models live: each client's adapter as the server has
+    it, completed with the ``kept`` factors from its store and evaluated there; ``evaluate_here``
+    evaluates an adapter on the server's model. A client not evaluated is left out."""
+
+    def evaluate(self, server_round: int, adapters: dict[str, Adapter], kept: frozenset[str],
+                 evaluate_here: Callable[[Adapter], dict]) -> dict[str, dict]: ...
+
+
+class StoredClientModels:
+    """Clients whose stores are in reach (one process, the run folder's): each client's model is
+    its adapter completed from its store, evaluated here."""
+
+    def __init__(self, store: ClientStore):
+        self.store = store
+
+    def evaluate(self, server_round: int, adapters: dict[str, Adapter], kept: frozenset[str],
+                 evaluate_here: Callable[[Adapter], dict]) -> dict[str, dict]:
+        return {cid: evaluate_here(self.store.personalised(cid, server_round, adapter))
+                for cid, adapter in adapters.items()}
+
+
+def mean_over_clients(per_client: dict[str, dict]) -> dict:
+    """The clients' numeric metrics averaged, beside each client's own (``per_client``)."""
+    if not per_client:
+        return {}
+    numeric = [key for key, value in next(iter(per_client.values())).items() if isinstance(value, (int, float))]
+    return {**{key: sum(m[key] for m in per_client.values()) / len(per_client) for key in numeric},
+            "per_client": per_client}
+
+
 def train_from_store(train: Callable[[ClientTask], ClientResult], store: ClientStore,
                      task: ClientTask) -> ClientResult:
     """``train(task)`` with the factors the method keeps on the client taken from its store,
     then keep what it trained of them. A task with nothing kept is trained as it is."""
-    if not task.kept:
+    kept = task.plan.kept
+    if not kept:
         return train(task)
-    result = train(replace(task, start=store.personalised(task.client_id, task.server_round - 1, task.start)))
-    store.save(task.client_id, task.server_round, result.update.factors, task.kept)
+    start = store.personalised(task.client_id, task.server_round - 1, task.plan.start)
+    result = train(replace(task, plan=replace(task.plan, start=start)))
+    store.save(task.client_id, task.server_round, result.update.factors, kept)
     return result

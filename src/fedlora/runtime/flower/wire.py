@@ -1,4 +1,4 @@
-"""Everything that crosses the Flower boundary, as records: factors, tasks, results, settings.
+"""Everything that crosses the Flower boundary, as records: factors, tasks, results, metrics.
 
 Factors travel as fp32 ``ArrayRecord``s keyed ``"<module>.A"`` / ``"<module>.B"``; their
 scales travel in a ``ConfigRecord`` under the same name with a ``.scale`` suffix, so any
@@ -14,14 +14,11 @@ metrics of the client's own model.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors
-from fedlora.aggregation.base import FACTOR_NAMES
+from fedlora.aggregation import ClientPlan, ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
+from fedlora.aggregation.factors import FACTOR_NAMES
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.errors import FedloraError
 
@@ -213,11 +210,10 @@ def wire_bytes(content: RecordDict) -> int:
 
 # --- tasks and catch-up --------------------------------------------------------------------
 
-#: ClientTask fields that are sets of factor names: they travel as sorted lists
-_TASK_NAME_SETS = ("trainable", "uploads", "kept")
+#: ClientPlan fields that are sets of factor names: they travel as sorted lists
+_PLAN_NAME_SETS = ("trainable", "uploads", "kept")
 #: ClientTask fields that travel as ConfigRecord scalars; their types round-trip unchanged
-_TASK_SCALARS = tuple(field.name for field in fields(ClientTask)
-                      if field.name not in (*_TASK_NAME_SETS, "start"))
+_TASK_SCALARS = tuple(field.name for field in fields(ClientTask) if field.name != "plan")
 #: task fields that default to None, absent from the record when unset
 _OPTIONAL_TASK_SCALARS = frozenset(field.name for field in fields(ClientTask)
                                    if field.name in _TASK_SCALARS and field.default is None)
@@ -228,15 +224,19 @@ def _config_key(field_name: str) -> str:
 
 
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
-    """A train instruction: the task, its start factors but those the client keeps itself, and
-    the base updates to merge first."""
+    """A train instruction: the task and its plan, the start factors but those the client keeps
+    itself, and the base updates to merge first."""
+    plan = task.plan
     # an optional field travels only when set (a ConfigRecord holds no None)
     config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS
                            if getattr(task, name) is not None})
-    config.update({name: sorted(getattr(task, name)) for name in _TASK_NAME_SETS})
+    config.update({name: sorted(getattr(plan, name)) for name in _PLAN_NAME_SETS})
+    config["rank"] = plan.rank
+    if plan.regularizer is not None:
+        config["regularizer"] = json.dumps({"term": plan.regularizer.term, "options": dict(plan.regularizer.options)})
     content = RecordDict({TASK_KEY: config})
-    if task.start is not None:
-        put_factors(content, START_KEY, task.start, frozenset(FACTOR_NAMES) - task.kept)
+    if plan.start is not None:
+        put_factors(content, START_KEY, plan.start, frozenset(FACTOR_NAMES) - plan.kept)
     put_catchup(content, catchup)
     return content
 
@@ -246,10 +246,13 @@ def decode_task(content: RecordDict) -> ClientTask:
     the client keeps are zeros in its start, for it to fill from its store)."""
     record = _record(content.config_records, TASK_KEY)
     value = _reader(record, f"record {TASK_KEY!r}")
+    regularizer = None
+    if "regularizer" in record:
+        regularizer = Regularizer(**json.loads(_str(value("regularizer"), "regularizer")))
+    plan = ClientPlan(rank=value("rank"), **{name: frozenset(value(name)) for name in _PLAN_NAME_SETS},
+                      start=get_factors(content, START_KEY), regularizer=regularizer)
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
-                         if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record},
-                      **{name: frozenset(value(name)) for name in _TASK_NAME_SETS},
-                      start=get_factors(content, START_KEY))
+                         if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record}, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -369,103 +372,3 @@ def decode_node_state(content: RecordDict) -> tuple[int, int]:
     """(partition id, replica round) of :func:`encode_node_state`."""
     value = _reader(_record(content.config_records, NODE_KEY), f"record {NODE_KEY!r}")
     return _int(value("partition-id"), "partition-id"), _int(value("replica-round"), "replica-round")
-
-
-# --- run and node configuration -------------------------------------------------------------
-
-def resolve_factory(reference: str) -> Callable[..., Any]:
-    """The callable a ``"package.module:attribute"`` reference names."""
-    module, _, attribute = reference.partition(":")
-    if not module or not attribute:
-        raise CodecError(f"factory reference {reference!r} must look like 'package.module:name'")
-    target: Any = importlib.import_module(module)
-    for part in attribute.split("."):
-        target = getattr(target, part)
-    return target
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    """The Flower app's run config (``[tool.flwr.app.config]``), shared by both apps.
-
-    ``federation_factory(run_dir)`` builds the server's Federation (the run folder is on the
-    server's machine); ``client_factory(settings, node)`` (node: :class:`NodeSettings`) builds
-    ``(trainer, examples)`` on a node, which may be another machine, and
-    ``evaluation_factory(settings, node)`` ``(trainer, evaluate(model, round))`` on a node asked
-    to evaluate its client's own model: what they need to know of the run travels in
-    ``run_config`` (the run's configuration as JSON).
-    """
-
-    run_dir: str
-    federation_factory: str
-    client_factory: str
-    evaluation_factory: str = "fedlora.runtime.flower.client_factory:evaluation_factory"
-    #: seconds a round (or the final sync) waits for replies before counting failures
-    round_timeout: float = 600.0
-    #: seconds the first round waits for every partition's SuperNode to identify itself
-    connect_timeout: float = 120.0
-    run_config: str = "{}"
-
-    def to_run_config(self) -> dict[str, str | float]:
-        return {"run-dir": self.run_dir, "federation-factory": self.federation_factory,
-                "client-factory": self.client_factory, "evaluation-factory": self.evaluation_factory,
-                "round-timeout": self.round_timeout,
-                "connect-timeout": self.connect_timeout, "fedlora-config": self.run_config}
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
-        value = _reader(run_config, "run config")
-        return cls(run_dir=str(value("run-dir")),
-                   federation_factory=str(value("federation-factory")),
-                   client_factory=str(value("client-factory")),
-                   evaluation_factory=str(value("evaluation-factory")),
-                   round_timeout=float(value("round-timeout")),
-                   connect_timeout=float(value("connect-timeout")),
-                   run_config=str(value("fedlora-config")))
-
-
-def run_model_cache(run_dir: Path | str) -> Path:
-    """A run folder's model cache: the SuperNodes of a local deployment share it, and a
-    ServerApp whose run folder has one loads its model through it."""
-    return Path(run_dir) / "model-cache"
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """A SuperNode's ``--node-config``: its partition, where its data is, where it keeps state."""
-
-    partition_id: int
-    data: str = ""
-    #: the replica's base-update log lives in ``state_dir/run-<run id>``
-    state_dir: str = ""
-    #: where a GGUF model is kept dequantised between messages; empty: dequantise for every one
-    model_cache: str = ""
-    #: torch intra-op threads of the node's ClientApp (so that nodes sharing a machine do not
-    #: oversubscribe its cores); 0: torch's default, every core
-    threads: int = 0
-
-    def to_node_config(self) -> str:
-        """The ``--node-config`` argument: space-separated ``key=<TOML value>`` pairs."""
-        return (f"partition-id={self.partition_id} data={_quoted(self.data, 'data')} "
-                f"state-dir={_quoted(self.state_dir, 'state-dir')} "
-                f"model-cache={_quoted(self.model_cache, 'model-cache')} threads={self.threads}")
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
-        partition_id = int(_reader(node_config, "node config")("partition-id"))
-        flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
-        state_dir = str(node_config.get("state-dir") or
-                        flwr_home / "fedlora" / f"partition-{partition_id}")
-        return cls(partition_id, str(node_config.get("data", "")), state_dir,
-                   str(node_config.get("model-cache", "")), int(node_config.get("threads", 0)))
-
-
-def _quoted(value: str, key: str) -> str:
-    """``value`` as a TOML string Flower's ``key=value`` parser accepts: it takes a quoted value
-    up to the next quote of the same kind, so a JSON string if there is no ``"``, else a
-    literal string."""
-    if '"' not in value:
-        return json.dumps(value)
-    if "'" not in value and "\n" not in value:
-        return f"'{value}'"
-    raise CodecError(f"node config {key} {value!r} holds both quote kinds (or a newline and a quote)")
