@@ -129,24 +129,37 @@ def prepare(values: dict, run_dir: Path, loaded: tuple | None = None, **runtime)
 
 def run_federation(values: dict, run_dir: Path, loaded: tuple | None = None,
                    evaluated_rounds: Container[int] | None = None) -> tuple[list[dict], dict]:
-    """One in-process run of the config ``values``; returns (metrics rows, summary).
+    """One in-process run of the config ``values`` (through fedlora.api, as every run goes);
+    returns (metrics rows, summary).
 
     With ``loaded`` = (model, tokenizer) the model is shared across runs: the base weights
     merges change are restored afterwards, so the next run starts from the same model.
     ``evaluated_rounds``: evaluate only these rounds (default every round), for a benchmark
     that reports no other round's loss.
     """
-    from fedlora.runtime.inprocess import run_inprocess
+    from fedlora.api import execute
+    from fedlora.engine.config import build_config, save_config
+    from fedlora.engine.global_model import GlobalModel
+    from fedlora.engine.inputs import check_model_fits
+    from fedlora.runtime.observer import RunObserver
+
+    class StderrLog(RunObserver):
+        def log(self, message: str) -> None:
+            print(f"  {message}", file=sys.stderr)
 
     def evaluation(evaluator, global_model):
         if evaluated_rounds is None:
             return evaluator
         return lambda model, server_round: evaluator(model, server_round) if server_round in evaluated_rounds else {}
 
-    setup = prepare(values, run_dir, loaded, evaluation=evaluation)
-    pristine = setup.federation.global_model.adapted_weights()
+    config = build_config({**values, "out": str(run_dir)}, source="benchmark")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(config, Path(run_dir) / "config.json")
+    shared = GlobalModel(loaded[0], check_model_fits(config)) if loaded is not None else None
+    pristine = shared.adapted_weights() if shared is not None else None
     try:
-        summary = run_inprocess(setup)
+        result = execute(config, Path(run_dir), [StderrLog()], loaded=loaded, evaluation=evaluation)
     finally:
-        setup.federation.global_model.load_adapted_weights(pristine)
-    return [row.to_json() for row in setup.federation.rows], summary
+        if shared is not None:
+            shared.load_adapted_weights(pristine)
+    return [row.to_json() for row in result.rows], result.summary

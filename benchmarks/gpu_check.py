@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, markdown_table
+from fedlora.runtime.observer import RunObserver
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SECONDS = 400  # the machine is lent for minutes: all parts inside 6.7, leaving room for a rerun
@@ -316,12 +317,13 @@ def write_clients(folder: Path, count: int) -> Path:
     return folder
 
 
-class MemoryWatch:
+class MemoryWatch(RunObserver):
     """Peak allocated GPU memory over a whole run, and each client's own peak within it."""
 
     def __init__(self):
         self.peak = 0
         self.clients: list[dict] = []
+        self._training: tuple[str, int, int] | None = None  # the client training: (id, rank, memory before)
 
     def fold(self) -> None:
         if torch.cuda.is_available():
@@ -329,20 +331,17 @@ class MemoryWatch:
             self.peak = max(self.peak, torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
 
-    def watch_training(self, trainer) -> None:
-        train = trainer.train
+    def client_started(self, task) -> None:
+        self.fold()
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        self._training = (task.client_id, task.plan.rank, before)
 
-        def watched(task, examples, on_step=None):
-            self.fold()
-            before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            result = train(task, examples, on_step=on_step)
-            synchronize()
-            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-            self.clients.append({"client": task.client_id, "rank": task.rank, "before": before, "peak": peak})
-            self.fold()
-            return result
-
-        trainer.train = watched
+    def client_finished(self, result) -> None:
+        synchronize()
+        client, rank, before = self._training
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        self.clients.append({"client": client, "rank": rank, "before": before, "peak": peak})
+        self.fold()
 
 
 def random_updates(shapes: dict[str, tuple[int, int]], ranks: list[int], device: str):
@@ -359,29 +358,33 @@ def run_variant(model, tokenizer, model_dir: Path, data: Path, size: dict, check
                 folder: Path) -> dict:
     """One FLoRA round through fedlora's engine on ``model``; its memory and times. The adapted
     weights are put back afterwards, so the next variant starts from the same model."""
-    from fedlora.engine.config import build_config
-    from fedlora.engine.setup import prepare_run
-    from fedlora.runtime.inprocess import run_inprocess
+    from fedlora.api import execute
+    from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
+    from fedlora.engine.config import build_config, save_config
+    from fedlora.engine.global_model import GlobalModel
+    from fedlora.engine.inputs import check_model_fits
 
+    run_dir = folder / f"run-{checkpointing}"
     values = {"model": str(model_dir), "device": default_device(), "dtype": "bfloat16", "data": str(data),
               "method": "flora", "ranks": size["round_ranks"], "rounds": 1, "local_steps": size["round_steps"],
               "batch_size": size["round_batch"], "max_length": size["round_max_length"], "test_limit": 4,
-              "gradient_checkpointing": checkpointing, "seed": SEED}
-    setup = prepare_run(build_config(values, source="gpu check"), folder / f"run-{checkpointing}",
-                        log=lambda message: None, loaded=(model, tokenizer))
-    global_model, shapes = setup.federation.global_model, setup.federation.shapes
+              "gradient_checkpointing": checkpointing, "seed": SEED, "out": str(run_dir)}
+    config = build_config(values, source="gpu check")
+    run_dir.mkdir(parents=True)
+    save_config(config, run_dir / "config.json")
+    global_model = GlobalModel(model, check_model_fits(config))
+    shapes = {name: tuple(weight.shape) for name, weight in global_model.adapted_weights().items()}
     pristine = {name: weight.cpu() for name, weight in global_model.adapted_weights().items()}  # not on the GPU
     watch = MemoryWatch()
     watch.fold()
     started = time.perf_counter()
-    watch.watch_training(setup.trainer)
-    run_inprocess(setup)
+    result = execute(config, run_dir, [watch], loaded=(model, tokenizer))
     seconds = time.perf_counter() - started
     watch.fold()
-    row = setup.federation.rows[-1].to_json()
-    carry_bytes = sum(c.numel() * c.element_size() for c in global_model.carry.values())
+    row = result.rows[-1].to_json()
+    _, tensors = load_latest_checkpoint(run_dir)
+    carry_bytes = sum(c.numel() * c.element_size() for c in with_prefix("model/carry/", tensors).values())
     global_model.load_adapted_weights(pristine)
-    global_model.carry.clear()
     measured = torch.cuda.is_available() and bool(watch.clients)
     activations = [c["peak"] - c["before"] - lora_state_bytes(c["rank"], shapes) for c in watch.clients]
     return {"gradient_checkpointing": checkpointing, "seconds": seconds, "client_seconds": row["client_seconds"],

@@ -1,3 +1,28 @@
-"""fedlora: federated LoRA fine-tuning of LLMs with exact aggregation."""
+"""fedlora: federated LoRA fine-tuning of LLMs with exact aggregation.
+
+    import fedlora
+    result = fedlora.run("configs/demo.toml", out="runs/demo")   # or a RunConfig, or a dict
+    result.rows[-1].eval_loss, result.summary, result.paths.report
+    fedlora.resume("runs/demo", rounds=5)
+    fedlora.load_run("runs/demo")
+
+Names are imported on first use, so ``import fedlora`` (and ``fedlora --help``) stays light.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    **dict.fromkeys(("run", "resume", "load_run", "RunResult"), "fedlora.api"),
+    "RunConfig": "fedlora.engine.config",
+    "RunObserver": "fedlora.runtime.observer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,10 +16,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, load_config, load_saved_config, \
-    save_config, with_absolute_paths
+from fedlora.engine.config import ConfigError, RunConfig
 from fedlora.errors import FedloraError
-from fedlora.files import folder_lock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Federated LoRA fine-tuning of LLMs with exact aggregation.")
@@ -56,15 +54,6 @@ def _given(flags: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flags.items() if value is not None}
 
 
-def _prepare_run_dir(config: RunConfig) -> Path:
-    run_dir = Path(config.out)
-    if (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with `fedlora run --resume {run_dir}` "
-                          "or choose another --out")
-    save_config(config, run_dir / CONFIG_FILE)  # before any work, so even round 0 can resume
-    return run_dir
-
-
 def _option_type(annotation: Any) -> type:
     """The command-line type of a RunConfig field: lists are comma-separated and dicts JSON
     strings (the config loader parses both), the rest as declared."""
@@ -86,18 +75,21 @@ def run_options() -> list[inspect.Parameter]:
 def run(config_file: Optional[Path] = None, resume: Optional[Path] = None, **flags: Any) -> None:
     """Federated LoRA fine-tuning; writes metrics.jsonl, summary.json, report.md, curves.png."""
     flags = _given(flags)
+    if resume is not None and (config_file is not None or set(flags) - {"rounds"}):
+        _fail(ConfigError("--resume continues a run with its saved configuration; only --rounds may change"))
+    import fedlora
+    from fedlora.runtime.flower.deployment import FlowerRunError
+    from fedlora.runtime.observer import RichObserver
+
     try:
-        if resume is not None:
-            with folder_lock(resume):
-                _execute(*_resume_config(resume, config_file, flags))
-        else:
-            config = with_absolute_paths(load_config(config_file, flags))
-            run_dir = Path(config.out)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with folder_lock(run_dir):
-                _execute(config, _prepare_run_dir(config))
-    except USER_ERRORS as error:
+        with RichObserver(console) as observer:
+            if resume is not None:
+                result = fedlora.resume(resume, rounds=flags.get("rounds"), observers=[observer])
+            else:
+                result = fedlora.run(config_file, observers=[observer], **flags)
+    except (*USER_ERRORS, FlowerRunError) as error:  # a Flower run's error names the log to read
         _fail(error)
+    _print_summary(result)
 
 
 run.__signature__ = inspect.Signature([
@@ -111,60 +103,16 @@ run.__annotations__ = {param.name: param.annotation for param in run.__signature
 app.command()(run)
 
 
-def _resume_config(run_dir: Path, config_file: Path | None, flags: dict) -> tuple[RunConfig, Path]:
-    if config_file is not None or set(flags) - {"rounds"}:
-        raise ConfigError("--resume continues a run with its saved configuration; only --rounds may change")
-    config = load_saved_config(run_dir / CONFIG_FILE)
-    if "rounds" in flags:
-        config = load_config(None, {**config.to_dict(), "rounds": flags["rounds"]})
-        save_config(config, run_dir / CONFIG_FILE)
-    return config, run_dir
-
-
-def _execute(config: RunConfig, run_dir: Path) -> None:
-    from fedlora.engine.metrics import write_summary
-    from fedlora.report import write_report
-    from fedlora.runtime.observer import RichObserver
-
-    with RichObserver(config.rounds, console) as observer:
-        if config.runtime == "flower":
-            from fedlora.runtime.flower.deployment import FlowerRunError
-            from fedlora.runtime.flower.runner import run_flower
-            try:
-                summary = run_flower(config, run_dir, observer)
-            except FlowerRunError as error:  # names the log to read
-                _fail(error)
-        else:
-            summary = _run_inprocess(config, run_dir, observer)
-    write_summary(run_dir, summary)
-    write_report(run_dir)
-    _print_summary(run_dir, summary)
-
-
-def _run_inprocess(config: RunConfig, run_dir: Path, observer) -> dict:
-    from fedlora.engine.setup import prepare_run
-    from fedlora.runtime.inprocess import run_inprocess
-
-    mmlu_task = observer.progress.add_task("MMLU", total=None, note="", visible=False)
-
-    def mmlu_progress(done: int, total: int) -> None:
-        observer.progress.update(mmlu_task, completed=done, total=total, visible=done < total)
-
-    setup = prepare_run(config, run_dir, log=observer.log, mmlu_progress=mmlu_progress)
-    return run_inprocess(setup, observer)
-
-
-def _print_summary(run_dir: Path, summary: dict) -> None:
-    from fedlora.engine.rows import read_rows
+def _print_summary(result) -> None:
     from fedlora.report import console_table, format_bytes
 
-    console.print(console_table(read_rows(run_dir), title=f"{summary['method']}: all rounds"))
-    comm = summary["communication"]
+    console.print(console_table(result.rows, title=f"{result.summary['method']}: all rounds"))
+    comm = result.summary["communication"]
     console.print(f"communication: up {format_bytes(comm['bytes_up'])} "
                   f"({comm['up_vs_full_finetuning']:.4f} of full fine-tuning), down "
                   f"{format_bytes(comm['bytes_down'])} ({comm['down_vs_full_finetuning']:.4f}) "
                   f"over {comm['participations']} client-rounds")
-    console.print(f"outputs in {run_dir}/: metrics.jsonl summary.json report.md curves.png")
+    console.print(f"outputs in {result.run_dir}/: metrics.jsonl summary.json report.md curves.png")
 
 
 @app.command()

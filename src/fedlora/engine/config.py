@@ -12,6 +12,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ DEFAULT_DATA = "../shared/data/dolly-10clients"
 #: Used when the shared data folder is absent (a user's own machine): split by Dirichlet.
 HUB_FALLBACK_DATA = "databricks/databricks-dolly-15k"
 RUNTIMES = ("inprocess", "flower")
+#: the experiment trackers ``report_to`` may name (fedlora.trackers), and the package each needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 #: a run folder's configuration, written before any work so that even round 0 can resume
 CONFIG_FILE = "config.json"
 
@@ -131,6 +134,8 @@ class RunConfig:
                                         "the server reads none")
     client_timeout: float = option(600.0, "seconds a round waits for a client's reply", positive=True)
     out: str = option("runs/latest", "run folder")
+    report_to: list[str] = option(help="experiment trackers to log to: tensorboard,mlflow,wandb (any of them)",
+                                  factory=list)
 
     def rank_of(self, index: int) -> int:
         """Rank of the client at ``index`` in client order: one rank for all, or one each."""
@@ -178,7 +183,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         return float(value)
     if expected is list and key == "ranks" and isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if expected is list and key in ("ranks", "target_modules") and isinstance(value, str):
+    if expected is list and key in ("ranks", "target_modules", "report_to") and isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
         if key == "ranks":
             try:
@@ -297,7 +302,17 @@ def validate(config: RunConfig, source: str = "config") -> None:
                                  "'data_on_nodes': set 'local_steps' instead")
     if not config.target_modules:
         fail("target_modules", "must name at least one module")
+    check_trackers(config, fail)
     check_privacy(config, fail)
+
+
+def check_trackers(config: RunConfig, fail: Callable[[str, str], None]) -> None:
+    """Every tracker ``report_to`` names is known and its package installed (looked up, not imported)."""
+    for name in config.report_to:
+        if name not in TRACKER_PACKAGES:
+            fail("report_to", f"names {name!r}; choose among {', '.join(TRACKER_PACKAGES)}")
+        if find_spec(TRACKER_PACKAGES[name]) is None:
+            fail("report_to", f"names {name!r} but its package is not installed: pip install 'fedlora[{name}]'")
 
 
 def check_client_count(config: RunConfig, num_clients: int) -> None:

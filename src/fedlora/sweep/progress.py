@@ -57,8 +57,8 @@ def format_duration(seconds: float) -> str:
 class _RoundsOfOneRun(RichObserver):
     """The rounds, clients and steps bars of the current run, without the per-round table."""
 
-    def start_run(self, rounds: int) -> None:
-        self.progress.reset(self.rounds, total=rounds, description="round 0", note="")
+    def run_started(self, config, run_dir) -> None:
+        self.progress.reset(self.rounds, total=config.rounds, description="round 0", note="")
 
     def round_started(self, server_round: int, tasks) -> None:
         super().round_started(server_round, tasks)
@@ -77,7 +77,7 @@ class RichSweepObserver(SweepObserver):
 
     def __init__(self, console: Console):
         self.console = console
-        self.run_display = _RoundsOfOneRun(0, console)
+        self.run_display = _RoundsOfOneRun(console)
         self.progress = self.run_display.progress
         self.mmlu = self.progress.add_task("MMLU", total=None, note="", visible=False)
         self.sweep = self.progress.add_task("sweep", total=None, note="")
@@ -99,7 +99,6 @@ class RichSweepObserver(SweepObserver):
 
     def run_started(self, run: PlannedRun, resumed: bool) -> RunObserver:
         self.progress.update(self.sweep, description=f"sweep: {run.folder}" + (" (resumed)" if resumed else ""))
-        self.run_display.start_run(run.config.rounds)
         return self.run_display
 
     def run_finished(self, run: PlannedRun, outcome: RunOutcome, seconds: float, resumed: bool) -> None:

@@ -21,24 +21,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedlora.api import execute
 from fedlora.data import load_mmlu, split_clients
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, check_client_count, load_saved_config, \
     save_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import check_model_fits, load_client_records, load_run_model, resolve_data_paths
-from fedlora.engine.metrics import write_summary
 from fedlora.engine.setup import prepare_run
 from fedlora.files import atomic_write_text, folder_lock
 from fedlora.lora.merge import base_weight
 from fedlora.models import weights_depend_on_seed
-from fedlora.report import write_report
-from fedlora.runtime.inprocess import run_inprocess
 from fedlora.sweep.outcomes import FINAL_MMLU_FILE, FINAL_TEST_FILE, RunOutcome, is_finished, read_final_mmlu, \
     read_final_test
 from fedlora.sweep.plan import SEED, PlannedRun, SweepPlan
 from fedlora.sweep.progress import SweepObserver
 from fedlora.sweep.tuning import Choice, choose, groups
+from fedlora.trackers import TrackerGroup
 
 PLAN_FILE = "sweep.json"
 
@@ -81,7 +80,7 @@ def _run_planned(plan: SweepPlan, out_dir: Path, observer: SweepObserver) -> Swe
     def run_each(runs: list[PlannedRun]) -> None:
         for run in runs:
             if run.folder not in finished:
-                resumed = _execute(run, out_dir, models, evaluations, observer, plan.test_chosen_only)
+                resumed = _execute(run, plan, out_dir, models, evaluations, observer)
                 (result.resumed if resumed else result.ran).append(run.folder)
                 finished.add(run.folder)
 
@@ -156,10 +155,11 @@ def preflight(plan: SweepPlan) -> None:
 
 # -- one run ---------------------------------------------------------------------------------------
 
-def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: ExactEvaluations,
-             observer: SweepObserver, deferred_test: bool) -> bool:
-    """Run or resume one run to its end; True when it resumed an interrupted one. With
-    ``deferred_test`` the run scores the test set on round 0 only (:func:`_score_chosen`)."""
+def _execute(run: PlannedRun, plan: SweepPlan, out_dir: Path, models: ModelCache, evaluations: ExactEvaluations,
+             observer: SweepObserver) -> bool:
+    """Run or resume one run to its end; True when it resumed an interrupted one. Where the plan
+    defers the test set the run scores it on round 0 only (:func:`_score_chosen`); its trackers
+    log it in the sweep's group."""
     config = with_out(run, out_dir)
     run_dir = Path(config.out)
     resumed = (run_dir / CONFIG_FILE).is_file()
@@ -168,16 +168,12 @@ def _execute(run: PlannedRun, out_dir: Path, models: ModelCache, evaluations: Ex
         save_config(config, run_dir / CONFIG_FILE)  # before any work, so even round 0 can resume
     engine_observer = observer.run_started(run, resumed)
     loaded = models.get(config, observer.log)
-    started = time.perf_counter()
-    setup = prepare_run(config, run_dir, log=observer.log, loaded=loaded,
-                        evaluation=lambda evaluator, model: evaluations.wrap(
-                            replace(evaluator, deferred_test=deferred_test), models.key, model.adapted_modules))
-    with restored_afterwards(setup.federation.global_model):
-        summary = run_inprocess(setup, engine_observer)
+    with restored_afterwards(GlobalModel(loaded[0], check_model_fits(config))):
+        result = execute(config, run_dir, [engine_observer], loaded=loaded, tracker_group=TrackerGroup(
+            Path(plan.source).stem, out_dir), evaluation=lambda evaluator, model: evaluations.wrap(
+                replace(evaluator, deferred_test=plan.test_chosen_only), models.key, model.adapted_modules))
     # this invocation's share of the run (all of it unless it resumed), for the sweep's measured time
-    seconds = time.perf_counter() - started
-    write_summary(run_dir, {**summary, "wall_seconds": seconds})
-    write_report(run_dir)
+    seconds = result.summary["wall_seconds"]
     observer.run_finished(run, RunOutcome.read(run_dir), seconds, resumed)
     return resumed
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -161,8 +161,9 @@ class FlowerConnection:
         return path
 
     def run_app(self, app_dir: Path | str, settings: AppSettings, *, clientapp: str = CLIENT_APP,
-                poll: float = 0.5, status_every: float = 20.0) -> dict:
-        """Submit fedlora's app with ``settings``, wait for it and return its ``flower-run.json``.
+                poll: float = 0.5, status_every: float = 20.0, while_waiting: Callable[[], None] = lambda: None) -> dict:
+        """Submit fedlora's app with ``settings``, wait for it and return its ``flower-run.json``;
+        ``while_waiting`` is called at every look (the launcher follows the run's rows).
 
         An error or Ctrl-C while waiting stops the run on the SuperLink before re-raising.
         """
@@ -170,16 +171,18 @@ class FlowerConnection:
         status_path.unlink(missing_ok=True)
         run_id = self.submit(write_app(app_dir, settings, clientapp))
         try:
-            return self._wait(run_id, status_path, poll, status_every)
+            return self._wait(run_id, status_path, poll, status_every, while_waiting)
         except BaseException:
             _quietly(self.stop, run_id)
             raise
         finally:
             _quietly(self.save_log, run_id)
 
-    def _wait(self, run_id: int, status_path: Path, poll: float, status_every: float) -> dict:
+    def _wait(self, run_id: int, status_path: Path, poll: float, status_every: float,
+              while_waiting: Callable[[], None]) -> dict:
         next_check = time.monotonic() + status_every
         while not status_path.is_file():
+            while_waiting()
             if time.monotonic() >= next_check:
                 # the status file is the fast path; the SuperLink tells us if the ServerApp died
                 if self.status(run_id).startswith("finished") and not status_path.is_file():

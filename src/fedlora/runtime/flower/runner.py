@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedlora.data import client_files
 from fedlora.engine.config import RunConfig, check_client_count
+from fedlora.engine.rows import read_rows
 from fedlora.engine.setup import load_client_records, resolve_data_paths
 from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 from fedlora.runtime.flower.deployment import LocalDeployment, connect
@@ -67,6 +68,22 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+class RowFollower:
+    """Hands each row the ServerApp appends to the run's metrics.jsonl to an observer, once: the
+    launcher's console and trackers see a Flower run's rounds as they finish."""
+
+    def __init__(self, run_dir: Path, observer: RunObserver):
+        self.run_dir = run_dir
+        self.observer = observer
+        self.reported = {row.round for row in read_rows(run_dir)}  # a resumed run's rounds were seen
+
+    def __call__(self) -> None:
+        for row in read_rows(self.run_dir):
+            if row.round not in self.reported:
+                self.reported.add(row.round)
+                self.observer.round_finished(row)
+
+
 def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = None) -> dict:
     """Run (or resume) the federation on Flower; returns the Federation's summary."""
     observer = observer or RunObserver()
@@ -74,18 +91,20 @@ def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = 
     nodes = node_settings(config)
     settings = app_settings(config, run_dir)
     app_dir = run_dir / "flower-app"
+    follow = RowFollower(run_dir, observer)
     with sigterm_as_interrupt():
         if config.superlink:
             observer.log(f"submitting to the SuperLink at {config.superlink}")
-            outcome = connect(run_dir, config.superlink,
-                              root_certificates=config.root_certificates).run_app(app_dir, settings)
+            outcome = connect(run_dir, config.superlink, root_certificates=config.root_certificates).run_app(
+                app_dir, settings, while_waiting=follow)
         else:
             threads = threads_per_node(config, len(nodes))
             observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1, {threads} "
                          f"thread{'s' if threads > 1 else ''} each (logs in {run_dir / 'logs'})")
             nodes = [replace(node, threads=threads) for node in nodes]
             with LocalDeployment(run_dir, len(nodes), nodes) as deployment:
-                outcome = deployment.run_app(app_dir, settings)
+                outcome = deployment.run_app(app_dir, settings, while_waiting=follow)
+    follow()  # the rows written between the last look and the end
     for failure in outcome["flower"].get("sync_failures", []):
         observer.log(f"final sync: client {failure['client_id']} failed: {failure['reason']}")
     return outcome["summary"]
