@@ -26,6 +26,7 @@ AGGREGATORS: dict[str, str] = {
     "florist": "fedlora.aggregation.florist:FLoRIST",
     "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
     "raflora": "fedlora.aggregation.raflora:RaFLoRA",
+    "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }
