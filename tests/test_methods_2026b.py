@@ -1,10 +1,10 @@
-"""FedSVD against a float64 dense computation of its definition, and on the engine.
+"""FedSVD and FLoRA-NA against float64 dense computations of their definitions, and on the engine.
 
-The method runs three rounds through setup / plan / aggregate / commit on random clients of
+Each method runs three rounds through setup / plan / aggregate / commit on random clients of
 unequal size, every client starting from the plan it is given; the references are built here
 from the raw tensors in float64 (dense matrices, torch.linalg.svd), without library code. The
-engine test runs tiny-llama in-process and checks what the ledger counts; the same run over
-Flower is in test_methods_on_flower.py.
+engine tests run tiny-llama in-process and check what the ledger counts; the same runs over
+Flower are in test_methods_on_flower.py.
 """
 
 from __future__ import annotations
@@ -128,9 +128,37 @@ def test_fedsvd_with_a_period_needs_the_round():
         get_aggregator("fedsvd", period=2).aggregate(updates)
 
 
+# -- FLoRA-NA ---------------------------------------------------------------------------------
+
+def test_florana_sends_the_best_rank_r_pair_of_the_exact_sum_and_clients_continue_from_it():
+    method, generator = set_up("florana"), torch.Generator().manual_seed(3)
+    fedit = get_aggregator("fedit")
+    for server_round in ROUNDS:
+        plans, updates, update = round_of(method, server_round, generator)
+        for cid, plan in plans.items():  # both factors trained and sent, as FedIT's
+            assert plan.trainable == plan.uploads == {"A", "B"} and plan.rank == RANK, cid
+            assert (plan.start is None) == (server_round == 1)  # round 1: fresh LoRAs of their own
+            if plan.start is not None:
+                assert plan.start is method.global_update.factors
+        assert not update.merge and not update.residual
+        average, tails = fedit.aggregate(updates), []
+        for module in SHAPES:
+            target = sum(p * dense(u.factors[module]) for p, u in zip(shares(), updates))
+            U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+            got = update.factors[module]
+            assert got.rank == RANK
+            assert relative(dense(got), U[:, :RANK] * S[:RANK] @ Vh[:RANK]) < 1e-5  # Eckart–Young
+            tails.append((S[RANK:].square().sum() / S.square().sum()).sqrt().item())
+            # the closest rank-r pair: closer than FedIT's average of the same uploads
+            assert relative(dense(got), target) < relative(average.delta(module, torch.float64), target)
+        assert update.info["truncation_error"] == pytest.approx(max(tails), rel=1e-5)
+        assert update.info["truncation_error"] > 1e-2  # three clients' sum has rank > r
+        method.commit(server_round, update)
+
+
 # -- one rank only -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["fedsvd"])
+@pytest.mark.parametrize("name", ["fedsvd", "florana"])
 def test_one_rank_methods_refuse_mixed_ranks_naming_client_and_module(name):
     generator = torch.Generator().manual_seed(6)
     A = torch.randn(3, 10, generator=generator)
@@ -157,7 +185,7 @@ def run(client_dir: Path, out: Path, method: str):
     return setup.federation, read_metrics(out)
 
 
-@pytest.mark.parametrize("method", ["fedsvd"])
+@pytest.mark.parametrize("method", ["fedsvd", "florana"])
 def test_each_runs_on_tiny_llama_and_the_ledger_counts_what_travels(client_dir, tmp_path, method):
     federation, rows = run(client_dir, tmp_path / method, method)
     assert [row["round"] for row in rows] == [0, 1, 2]
@@ -165,9 +193,9 @@ def test_each_runs_on_tiny_llama_and_the_ledger_counts_what_travels(client_dir, 
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]
     A_params = sum(2 * n for d, n in federation.shapes.values())
     B_params = sum(d * 2 for d, n in federation.shapes.values())
-    sent = {"fedsvd": B_params}[method]
-    # round 1: FedSVD's clients download the A drawn from the seed (and B = 0)
-    received = {"fedsvd": [A_params + B_params] * 2}[method]
+    sent = {"fedsvd": B_params, "florana": A_params + B_params}[method]
+    # round 1: FedSVD's clients download the A drawn from the seed (and B = 0), FLoRA-NA's start fresh
+    received = {"fedsvd": [A_params + B_params] * 2, "florana": [0, A_params + B_params]}[method]
     for row, down in zip(rows[1:], received):
         clients = len(row["clients"])
         assert row["params_up"] == clients * sent and row["bytes_up"] == 4 * row["params_up"]

@@ -27,6 +27,7 @@ AGGREGATORS: dict[str, str] = {
     "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
     "raflora": "fedlora.aggregation.raflora:RaFLoRA",
     "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
+    "florana": "fedlora.aggregation.florana:FLoRANA",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }
