@@ -1,4 +1,4 @@
-"""FedSVD and FLoRA-NA against float64 dense computations of their definitions, and on the engine.
+"""FedSVD, FLoRA-NA and FedMomentum against float64 dense computations of their definitions, and on the engine.
 
 Each method runs three rounds through setup / plan / aggregate / commit on random clients of
 unequal size, every client starting from the plan it is given; the references are built here
@@ -156,9 +156,42 @@ def test_florana_sends_the_best_rank_r_pair_of_the_exact_sum_and_clients_continu
         method.commit(server_round, update)
 
 
-# -- one rank only -----------------------------------------------------------------------------
+# -- FedMomentum ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["fedsvd", "florana"])
+def test_fedmomentum_keeps_the_leading_rank_r_part_merges_the_rest_and_is_exact():
+    """W_{t+1} + G_{t+1} = W_t + G_t + Σ p_k (ΔW_k − G_t): every round, in float64."""
+    method, warm, generator = set_up("fedmomentum"), set_up("flora-warm"), torch.Generator().manual_seed(4)
+    base = {module: torch.zeros(d, n, dtype=torch.float64) for module, (d, n) in SHAPES.items()}
+    for server_round in ROUNDS:
+        plans, updates, update = round_of(method, server_round, generator)
+        for cid, plan in plans.items():
+            assert plan.trainable == plan.uploads == {"A", "B"} and plan.rank == RANK, cid
+            assert (plan.start is None) == (server_round == 1)
+        for module in SHAPES:
+            adapter = method.global_update.factors[module] if method.global_update else None
+            change = sum(p * (dense(u.factors[module]) - dense(adapter)) for p, u in zip(shares(), updates))
+            before = base[module] + dense(adapter)
+            base[module] = base[module] + dense(update.residual[module])
+            got = update.factors[module]
+            assert got.rank == RANK and update.residual[module].rank > 0
+            assert relative(base[module] + dense(got) - before, change) < 1e-6
+            # the adapter: the leading r part of S = Σ p_k s B_k A_k (clients started from G_t)
+            U, S, Vh = torch.linalg.svd(sum(p * dense(u.factors[module]) for p, u in zip(shares(), updates)))
+            assert relative(dense(got), U[:, :RANK] * S[:RANK] @ Vh[:RANK]) < 1e-6
+        # at one rank flora-warm's update, bit for bit
+        same = warm.aggregate(updates, server_round=server_round)
+        assert update.info == same.info
+        for part in ("factors", "residual"):
+            for module, factors in getattr(update, part).items():
+                theirs = getattr(same, part)[module]
+                assert torch.equal(factors.A, theirs.A) and torch.equal(factors.B, theirs.B), (part, module)
+        method.commit(server_round, update)
+        warm.commit(server_round, same)
+
+
+# -- all three ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["fedsvd", "florana", "fedmomentum"])
 def test_one_rank_methods_refuse_mixed_ranks_naming_client_and_module(name):
     generator = torch.Generator().manual_seed(6)
     A = torch.randn(3, 10, generator=generator)
@@ -185,7 +218,7 @@ def run(client_dir: Path, out: Path, method: str):
     return setup.federation, read_metrics(out)
 
 
-@pytest.mark.parametrize("method", ["fedsvd", "florana"])
+@pytest.mark.parametrize("method", ["fedsvd", "florana", "fedmomentum"])
 def test_each_runs_on_tiny_llama_and_the_ledger_counts_what_travels(client_dir, tmp_path, method):
     federation, rows = run(client_dir, tmp_path / method, method)
     assert [row["round"] for row in rows] == [0, 1, 2]
@@ -193,15 +226,18 @@ def test_each_runs_on_tiny_llama_and_the_ledger_counts_what_travels(client_dir, 
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]
     A_params = sum(2 * n for d, n in federation.shapes.values())
     B_params = sum(d * 2 for d, n in federation.shapes.values())
-    sent = {"fedsvd": B_params, "florana": A_params + B_params}[method]
-    # round 1: FedSVD's clients download the A drawn from the seed (and B = 0), FLoRA-NA's start fresh
-    received = {"fedsvd": [A_params + B_params] * 2, "florana": [0, A_params + B_params]}[method]
+    sent = {"fedsvd": B_params, "florana": A_params + B_params, "fedmomentum": A_params + B_params}[method]
+    # round 1: FedSVD's clients download the A drawn from the seed (and B = 0), the others start fresh
+    received = {"fedsvd": [A_params + B_params] * 2, "florana": [0, A_params + B_params],
+                "fedmomentum": [0, A_params + B_params + federation.ledger.merges.get(1, 0)]}[method]
     for row, down in zip(rows[1:], received):
         clients = len(row["clients"])
         assert row["params_up"] == clients * sent and row["bytes_up"] == 4 * row["params_up"]
         assert row["params_down"] == clients * down and row["bytes_down"] == 4 * row["params_down"]
-    if method == "fedsvd":  # exact, as the float64 reference above shows
+    if method in ("fedsvd", "fedmomentum"):  # exact, as the float64 references above show
         assert all(row["aggregation_error"] < 1e-5 for row in rows[1:])
+    if method == "fedmomentum":
+        assert set(federation.ledger.merges) == {1, 2}  # each round merged its residual
     if method == "fedsvd":  # the next round's clients share the re-factored A, orthonormal
         starts = [task.plan.start for task in federation.configure_train(3)]
         for module, factors in federation.method.global_update.factors.items():

@@ -1,5 +1,5 @@
-"""FedSA-LoRA, LoRA-FAIR, FLoRIST, HetLoRA, raFLoRA, FedSVD and FLoRA-NA end to end on both
-runtimes, with the communication their papers describe.
+"""FedSA-LoRA, LoRA-FAIR, FLoRIST, HetLoRA, raFLoRA, FedSVD, FLoRA-NA and FedMomentum end to end
+on both runtimes, with the communication their papers describe.
 
 Each method runs two rounds (HetLoRA three, for its pruned ranks) in-process and over Flower and
 must give the same metrics (the clients' own models included), the same model and the same
@@ -31,7 +31,7 @@ from support import run_on_in_memory_flower, tiny_config
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
-         "fedsvd": [2], "florana": [2]}
+         "fedsvd": [2], "florana": [2], "fedmomentum": [2]}
 #: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
 OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}}}
 

@@ -28,6 +28,7 @@ AGGREGATORS: dict[str, str] = {
     "raflora": "fedlora.aggregation.raflora:RaFLoRA",
     "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
     "florana": "fedlora.aggregation.florana:FLoRANA",
+    "fedmomentum": "fedlora.aggregation.fedmomentum:FedMomentum",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }
