@@ -444,7 +444,8 @@ def test_homogeneous_methods_declare_it():
     flags = {name: get_aggregator(name).heterogeneous_ranks for name in available_aggregators()}
     assert flags == {"flora": True, "flora-warm": True, "fedit": False, "zeropad": True, "ffa": False, "rolora": False,
                      "flexlora": True, "fedex": False, "fedsa": False, "lorafair": False, "florist": True,
-                     "hetlora": True, "raflora": True, "centralized": True, "local": True}
+                     "hetlora": True, "raflora": True, "fedsvd": False, "florana": False, "fedmomentum": False,
+                     "centralized": True, "local": True}
 
 
 @pytest.mark.parametrize("method", ["zeropad", "flexlora"])

@@ -1,5 +1,5 @@
-"""FedSA-LoRA, LoRA-FAIR, FLoRIST, HetLoRA and raFLoRA end to end on both runtimes, with the
-communication their papers describe.
+"""FedSA-LoRA, LoRA-FAIR, FLoRIST, HetLoRA, raFLoRA, FedSVD, FLoRA-NA and FedMomentum end to end
+on both runtimes, with the communication their papers describe.
 
 Each method runs two rounds (HetLoRA three, for its pruned ranks) in-process and over Flower and
 must give the same metrics (the clients' own models included), the same model and the same
@@ -30,7 +30,8 @@ from fedlora.runtime.inprocess import run_inprocess
 from support import run_on_in_memory_flower, tiny_config
 
 pytestmark = pytest.mark.slow
-RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1]}
+RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
+         "fedsvd": [2], "florana": [2], "fedmomentum": [2]}
 #: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
 OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}}}
 
@@ -85,6 +86,16 @@ def fedsa_sends_A_only_and_keeps_B_on_the_clients(run_dir: Path, nodes_dir: Path
     assert rows[-1]["eval_loss"] == pytest.approx(sum(m["eval_loss"] for m in final.values()) / 3, rel=1e-12)
 
 
+def fedsvd_sends_B_only(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    shapes = factor_sizes(run_dir)
+    a_params, b_params = sum(2 * n for d, n in shapes.values()), sum(d * 2 for d, n in shapes.values())  # rank 2
+    for row in rows[1:]:
+        assert row["params_up"] == len(row["clients"]) * b_params
+        assert row["params_down"] == len(row["clients"]) * (a_params + b_params)  # the server's A, and B
+        wire = report["transfers"][str(row["round"])]["bytes_up"]
+        assert wire < BYTES_PER_PARAM * (row["params_up"] + len(row["clients"]) * a_params)  # no A travelled
+
+
 def florist_downloads_one_global_pair(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
     pair = load_file(run_dir / BASE_LOG_DIR / "round-000001.safetensors")
     pair_params = sum(tensor.numel() for key, tensor in pair.items() if not key.endswith(".scale"))
@@ -101,7 +112,7 @@ def hetlora_clients_send_their_self_pruned_ranks(run_dir: Path, nodes_dir: Path,
 
 
 LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair,
-                 "hetlora": hetlora_clients_send_their_self_pruned_ranks}
+                 "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only}
 
 
 @pytest.mark.parametrize("method", list(RANKS))

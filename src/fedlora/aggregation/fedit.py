@@ -10,14 +10,15 @@ from fedlora.aggregation.method import Aggregator
 
 
 def require_homogeneous(updates: list[ClientUpdate], module: str, method: str) -> None:
-    """Methods that average factors need one rank and one scale across clients."""
+    """Methods that average factors, or keep one adapter of the clients' rank, need one rank and
+    one scale across clients."""
     reference = updates[0]
     expected = reference.factors[module]
     for update in updates[1:]:
         factors = update.factors[module]
         if factors.rank != expected.rank or factors.scale != expected.scale:
             raise AggregationError(
-                f"{method} averages A and B separately and needs one rank and scale, got rank "
+                f"{method} needs one rank and scale across clients, got rank "
                 f"{factors.rank} scale {factors.scale:g} vs rank {expected.rank} scale {expected.scale:g} "
                 f"of client {reference.client_id!r}; use 'flora' (exact for any ranks) or 'zeropad'",
                 client_id=update.client_id, module=module, rule="heterogeneous")

@@ -26,6 +26,9 @@ AGGREGATORS: dict[str, str] = {
     "florist": "fedlora.aggregation.florist:FLoRIST",
     "hetlora": "fedlora.aggregation.hetlora:HetLoRA",
     "raflora": "fedlora.aggregation.raflora:RaFLoRA",
+    "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
+    "florana": "fedlora.aggregation.florana:FLoRANA",
+    "fedmomentum": "fedlora.aggregation.fedmomentum:FedMomentum",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }
