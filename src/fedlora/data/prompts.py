@@ -7,12 +7,12 @@ Only the response and the EOS that ends it are learned; everything before carrie
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fedlora.data.examples import IGNORE_INDEX, TokenizedExample, exchange_example
 from fedlora.data.records import Record
 from fedlora.models import ModelError
 
@@ -26,22 +26,8 @@ PROMPT_NO_INPUT = (
     "completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-#: the cue the model answers after; truncation never cuts it (see _fit)
+#: the cue the model answers after; truncation never cuts it (see exchange_example)
 RESPONSE_HEADER = "### Response:\n"
-#: label of a token the loss ignores (PyTorch cross-entropy's default ignore_index)
-IGNORE_INDEX = -100
-#: when the prompt is too long, the response still keeps this share of max_length
-MIN_RESPONSE_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """One training sequence; ``labels[i]`` is ``input_ids[i]`` or IGNORE_INDEX on the prompt."""
-
-    input_ids: list[int]
-    labels: list[int]
-    #: whether max_length cut any prompt or response token
-    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -61,12 +47,9 @@ def format_prompt(record: Record) -> str:
 
 
 def tokenize_record(tokenizer, record: Record, max_length: int) -> TokenizedExample:
-    """``[BOS] prompt response EOS`` with the prompt masked, cut to ``max_length`` tokens.
-
-    When the sequence is too long the response keeps the room the whole prompt leaves, but
-    at least ``MIN_RESPONSE_SHARE`` of max_length; a prompt that must give way loses tokens
-    from the end of its instruction/input while its start and the ``### Response:`` cue
-    stay. Every example therefore keeps at least one labelled token and none is dropped.
+    """``[BOS] prompt response EOS`` with the prompt masked, cut to ``max_length`` tokens by
+    :func:`~fedlora.data.examples.exchange_example` (the ``### Response:`` cue stays). Every
+    example therefore keeps at least one labelled token and none is dropped.
     """
     return _Encoder(tokenizer, max_length).encode(record)[0]
 
@@ -151,25 +134,7 @@ class _Encoder:
         body = format_prompt(record).removesuffix(RESPONSE_HEADER)
         prompt = self.prefix + self.ids(body)
         response = self.ids(record.output) + [self.eos]
-        kept_prompt, kept_response = _fit(prompt, self.header, response, self.max_length)
-        input_ids = kept_prompt + kept_response
-        example = TokenizedExample(
-            input_ids, labels=[IGNORE_INDEX] * len(kept_prompt) + kept_response,
-            truncated=len(input_ids) < len(prompt) + len(self.header) + len(response))
-        return example, len(kept_prompt) < len(prompt) + len(self.header)
-
-
-def _fit(prompt: list[int], header: list[int], response: list[int],
-         max_length: int) -> tuple[list[int], list[int]]:
-    """(prompt + header, response) cut to max_length tokens together; see tokenize_record."""
-    if len(prompt) + len(header) + len(response) <= max_length:
-        return prompt + header, response
-    response_room = max(max_length - len(prompt) - len(header),
-                        math.ceil(max_length * MIN_RESPONSE_SHARE))
-    response = response[:response_room]
-    header_room = min(len(header), max_length - len(response))
-    prompt_room = max_length - len(response) - header_room
-    return prompt[:prompt_room] + header[len(header) - header_room:], response
+        return exchange_example(prompt, self.header, response, self.max_length)
 
 
 def _special_prefix(tokenizer) -> list[int]:
