@@ -18,8 +18,10 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
-    #: whether max_length cut any prompt or response token
+    #: whether max_length cut any token or turn
     truncated: bool
+    #: turns of a conversation left out whole to fit max_length
+    dropped_turns: int = 0
 
 
 def exchange_example(prompt: list[int], header: list[int], response: list[int],

@@ -1,20 +1,26 @@
-"""The Stanford Alpaca prompt, and records turned into token ids with loss-masked labels.
+"""Prompt formats, and records turned into token ids with loss-masked labels in one of them.
 
-The prompt and the response are tokenised separately and concatenated, so the labels mask
-exactly the prompt tokens (tokenising the joined text can merge tokens across the border).
-Only the response and the EOS that ends it are learned; everything before carries -100.
+``alpaca`` is the Stanford Alpaca prompt, here; ``chat`` the tokenizer's own chat template
+(:mod:`fedlora.data.chat`), the only one that renders conversations. For an Alpaca example the
+prompt and the response are tokenised separately and concatenated, so the labels mask exactly
+the prompt tokens (tokenising the joined text can merge tokens across the border). Only the
+response and the EOS that ends it are learned; everything before carries -100.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fedlora.data.chat import ChatEncoder, has_chat_template
 from fedlora.data.examples import IGNORE_INDEX, TokenizedExample, exchange_example
-from fedlora.data.records import Record
+from fedlora.data.records import AnyRecord, Conversation, DataError, Record
 from fedlora.models import ModelError
+
+#: the formats ``prompt_format`` names; None there picks one (:func:`resolve_prompt_format`)
+PROMPT_FORMATS = ("alpaca", "chat")
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -37,6 +43,16 @@ class TokenizationStats:
     truncated: int
     #: of those, examples whose prompt (not just the response) was cut
     prompt_truncated: int
+    #: conversation turns left out whole to fit max_length
+    dropped_turns: int
+
+
+def resolve_prompt_format(requested: str | None, tokenizer) -> str:
+    """``requested``, or where it is None ``chat`` for a tokenizer with a chat template and
+    ``alpaca`` for one without."""
+    if requested is not None:
+        return requested
+    return "chat" if has_chat_template(tokenizer) else "alpaca"
 
 
 def format_prompt(record: Record) -> str:
@@ -46,25 +62,30 @@ def format_prompt(record: Record) -> str:
     return PROMPT_NO_INPUT.format(instruction=record.instruction)
 
 
-def tokenize_record(tokenizer, record: Record, max_length: int) -> TokenizedExample:
-    """``[BOS] prompt response EOS`` with the prompt masked, cut to ``max_length`` tokens by
-    :func:`~fedlora.data.examples.exchange_example` (the ``### Response:`` cue stays). Every
-    example therefore keeps at least one labelled token and none is dropped.
+def tokenize_record(tokenizer, record: AnyRecord, max_length: int, *,
+                    prompt_format: str = "alpaca") -> TokenizedExample:
+    """The record in ``prompt_format``, labelled on what the model answers, cut to ``max_length``.
+
+    ``alpaca``: ``[BOS] prompt response EOS`` with the prompt masked; a sequence too long is
+    cut by :func:`~fedlora.data.examples.exchange_example` (the ``### Response:`` cue stays).
+    ``chat``: see :mod:`fedlora.data.chat`. Every example keeps at least one labelled token
+    and none is dropped.
     """
-    return _Encoder(tokenizer, max_length).encode(record)[0]
+    return _encoder(tokenizer, max_length, prompt_format, [record]).encode(record)[0]
 
 
-def tokenize_records(tokenizer, records: Iterable[Record],
-                     max_length: int) -> tuple[list[TokenizedExample], TokenizationStats]:
-    """:func:`tokenize_record` over many records, counting the truncated ones."""
-    encoder = _Encoder(tokenizer, max_length)
+def tokenize_records(tokenizer, records: Sequence[AnyRecord], max_length: int, *,
+                     prompt_format: str = "alpaca") -> tuple[list[TokenizedExample], TokenizationStats]:
+    """:func:`tokenize_record` over many records, counting what max_length cut."""
+    encoder = _encoder(tokenizer, max_length, prompt_format, records)
     examples, prompt_truncated = [], 0
     for record in records:
         example, prompt_cut = encoder.encode(record)
         examples.append(example)
         prompt_truncated += prompt_cut
     truncated = sum(example.truncated for example in examples)
-    return examples, TokenizationStats(len(examples), truncated, prompt_truncated)
+    dropped_turns = sum(example.dropped_turns for example in examples)
+    return examples, TokenizationStats(len(examples), truncated, prompt_truncated, dropped_turns)
 
 
 class LazyTokenizedRecords(Sequence[TokenizedExample]):
@@ -76,10 +97,12 @@ class LazyTokenizedRecords(Sequence[TokenizedExample]):
     records' own memory (a Python int per token) for a saving of well under 1 ms per example.
     """
 
-    def __init__(self, tokenizer, records: Sequence[Record], max_length: int):
-        self._encoder = _Encoder(tokenizer, max_length)
+    def __init__(self, tokenizer, records: Sequence[AnyRecord], max_length: int, *,
+                 prompt_format: str = "alpaca"):
+        self._encoder = _encoder(tokenizer, max_length, prompt_format, records)
         self._records = records
-        self._truncated: set[int] = set()
+        #: index of each truncated example tokenised so far -> the turns it dropped
+        self._cut: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -87,13 +110,18 @@ class LazyTokenizedRecords(Sequence[TokenizedExample]):
     def __getitem__(self, index: int) -> TokenizedExample:  # type: ignore[override]
         example = self._encoder.encode(self._records[index])[0]
         if example.truncated:
-            self._truncated.add(index)
+            self._cut[index] = example.dropped_turns
         return example
 
     @property
     def truncated(self) -> int:
         """How many of the distinct examples tokenised so far were cut to max_length."""
-        return len(self._truncated)
+        return len(self._cut)
+
+    @property
+    def dropped_turns(self) -> int:
+        """Conversation turns those examples left out whole."""
+        return sum(self._cut.values())
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -112,7 +140,21 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class _Encoder:
+def _encoder(tokenizer, max_length: int, prompt_format: str,
+             records: Sequence[AnyRecord]) -> _AlpacaEncoder | ChatEncoder:
+    """The encoder of ``prompt_format``, after checking it can render every record."""
+    if prompt_format == "chat":
+        return ChatEncoder(tokenizer, max_length)
+    if prompt_format != "alpaca":
+        raise ValueError(f"unknown prompt format {prompt_format!r} (expected one of {', '.join(PROMPT_FORMATS)})")
+    conversations = sum(isinstance(record, Conversation) for record in records)
+    if conversations:  # said before training starts, not at the first batch that holds one
+        raise DataError("prompt_format 'alpaca'", f"cannot render the {conversations} conversation records: "
+                                                  "use prompt_format 'chat' with a tokenizer that has a chat template")
+    return _AlpacaEncoder(tokenizer, max_length)
+
+
+class _AlpacaEncoder:
     """A tokenizer's fixed pieces (special prefix, response cue, EOS), worked out once."""
 
     def __init__(self, tokenizer, max_length: int):
