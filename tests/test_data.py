@@ -278,7 +278,7 @@ def test_bad_client_directories_raise(tmp_path, files, message):
     ({"partition": "shards"}, "unknown partition 'shards' \\(expected 'dirichlet' or 'iid'\\)"),
     ({"alpha": 0.0}, "Dirichlet alpha must be a positive number, got 0.0"),
     ({"alpha": math.nan}, "Dirichlet alpha must be a positive number, got nan"),
-    ({"by": "topic"}, "cannot partition by 'topic': not a record field"),
+    ({"by": "topic"}, "20 of 20 records have no 'topic' \\(the first: record 0\\)"),
     ({"num_clients": 4, "min_size": 5, "alpha": 0.01},
      "gave a client fewer than 5 records: raise alpha or lower min_size"),
 ])

@@ -1,22 +1,27 @@
-"""Training data: Alpaca/Dolly records, the Alpaca prompt and tokenisation, client splits, MMLU."""
+"""Training data: instruction records and conversations, prompt formats (Alpaca, the chat
+template) and tokenisation, client splits, MMLU."""
 
+from fedlora.data.examples import IGNORE_INDEX, TokenizedExample
 from fedlora.data.mmlu import MMLUQuestion, load_mmlu, mmlu_prompt
 from fedlora.data.partition import centralize, client_files, load_clients
 from fedlora.data.prompts import (
-    IGNORE_INDEX,
     LazyTokenizedRecords,
+    PROMPT_FORMATS,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
     TokenizationStats,
-    TokenizedExample,
     collate,
     format_prompt,
+    resolve_prompt_format,
     tokenize_record,
     tokenize_records,
 )
 from fedlora.data.records import (
+    AnyRecord,
+    Conversation,
     DataError,
     LoadReport,
+    Message,
     Record,
     load_records,
     load_records_with_report,
@@ -24,8 +29,9 @@ from fedlora.data.records import (
 from fedlora.data.validation import hold_out, split_clients, validation_count
 
 __all__ = [
-    "IGNORE_INDEX", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "DataError", "LoadReport",
-    "MMLUQuestion", "Record", "TokenizationStats", "TokenizedExample", "centralize", "client_files", "collate",
-    "format_prompt", "hold_out", "load_clients", "load_mmlu", "load_records", "load_records_with_report",
-    "mmlu_prompt", "split_clients", "tokenize_record", "tokenize_records", "validation_count",
+    "IGNORE_INDEX", "PROMPT_FORMATS", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "AnyRecord",
+    "Conversation", "DataError", "LoadReport", "MMLUQuestion", "Message", "Record", "TokenizationStats",
+    "TokenizedExample", "centralize", "client_files", "collate", "format_prompt", "hold_out", "load_clients",
+    "load_mmlu", "load_records", "load_records_with_report", "mmlu_prompt", "resolve_prompt_format",
+    "split_clients", "tokenize_record", "tokenize_records", "validation_count",
 ]

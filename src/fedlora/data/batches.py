@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DataCollatorWithFlattening
 
-from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample, collate
+from fedlora.data.examples import IGNORE_INDEX, TokenizedExample
+from fedlora.data.prompts import collate
 
 _FLATTEN = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
 

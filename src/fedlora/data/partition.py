@@ -2,7 +2,8 @@
 
 Either the data already comes split (a directory of ``local_training_<n>.json`` files, as
 FLoRA ships Dolly) or one dataset is split here with Flower Datasets' partitioners: IID, or
-label-skewed Dirichlet over a record field (``category`` by default).
+label-skewed Dirichlet over a top-level field of the records (``category`` by default), which
+works alike for instruction records and conversations.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.records import DataError, Record, load_records, load_records_with_report
+from fedlora.data.records import AnyRecord, DataError, LoadReport, load_records, load_records_with_report
 
 PARTITIONS = ("dirichlet", "iid")
 CLIENT_FILE = re.compile(r"local_training_(\d+)\.json")
@@ -23,7 +23,7 @@ CLIENT_FILE = re.compile(r"local_training_(\d+)\.json")
 
 def load_clients(source: str | Path, *, num_clients: int = 10, partition: str = "dirichlet",
                  alpha: float = 0.5, min_size: int = 10, seed: int = 0,
-                 by: str = "category") -> dict[str, list[Record]]:
+                 by: str = "category") -> dict[str, list[AnyRecord]]:
     """Client id -> that client's records.
 
     A directory of ``local_training_<n>.json`` files gives one client per file, id ``"<n>"``,
@@ -34,18 +34,17 @@ def load_clients(source: str | Path, *, num_clients: int = 10, partition: str = 
     path = Path(source)
     if path.is_dir():
         return _clients_from_directory(path)
-    report = load_records_with_report(source)
+    report = load_records_with_report(source, label_field=by if partition == "dirichlet" else None)
     _check_split(report.source, len(report.records), num_clients, partition, alpha, min_size)
     if partition == "iid":
         rows = _iid_rows(len(report.records), num_clients, seed)
     else:
-        rows = _dirichlet_rows(report.source, report.records, num_clients, alpha, min_size,
-                               seed, by)
+        rows = _dirichlet_rows(report, num_clients, alpha, min_size, seed, by)
     return {str(client): [report.records[row] for row in client_rows]
             for client, client_rows in enumerate(rows)}
 
 
-def centralize(clients: dict[str, list[Record]]) -> list[Record]:
+def centralize(clients: dict[str, list[AnyRecord]]) -> list[AnyRecord]:
     """All clients' records in one list (client order), for the centralised baseline."""
     return [record for records in clients.values() for record in records]
 
@@ -65,7 +64,7 @@ def client_files(directory: Path) -> dict[str, Path]:
     return {client_id: file for _, client_id, file in sorted(numbered)}
 
 
-def _clients_from_directory(directory: Path) -> dict[str, list[Record]]:
+def _clients_from_directory(directory: Path) -> dict[str, list[AnyRecord]]:
     return {client_id: load_records(file) for client_id, file in client_files(directory).items()}
 
 
@@ -93,15 +92,13 @@ def _iid_rows(size: int, num_clients: int, seed: int) -> list[list[int]]:
     return _partition_rows(IidPartitioner(num_partitions=num_clients), {"row": shuffled})
 
 
-def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha: float,
-                    min_size: int, seed: int, by: str) -> list[list[int]]:
-    if by not in {field.name for field in fields(Record)}:
-        raise DataError(source, f"cannot partition by {by!r}: not a record field")
-    labels = [getattr(record, by) for record in records]
-    unlabelled = labels.count(None)
-    if unlabelled:
-        raise DataError(source, f"{unlabelled} of {len(records)} records have no {by!r}, "
-                                "which partition='dirichlet' needs (use partition='iid')")
+def _dirichlet_rows(report: LoadReport, num_clients: int, alpha: float, min_size: int, seed: int,
+                    by: str) -> list[list[int]]:
+    source = report.source
+    if report.unlabelled:
+        raise DataError(source, f"{len(report.unlabelled)} of {len(report.records)} records have no {by!r} "
+                                f"(the first: {report.unlabelled[0]}), which partition='dirichlet' needs "
+                                "(name another field in partition_by, or use partition='iid')")
     from flwr_datasets.partitioner import DirichletPartitioner  # imports matplotlib: only where splitting
 
     partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by="label",
@@ -110,8 +107,8 @@ def _dirichlet_rows(source: str, records: list[Record], num_clients: int, alpha:
         with warnings.catch_warnings():
             # it warns on every resampling; if all attempts fail we say so below
             warnings.simplefilter("ignore")
-            return _partition_rows(partitioner, {"row": list(range(len(records))),
-                                                 "label": labels})
+            return _partition_rows(partitioner, {"row": list(range(len(report.records))),
+                                                 "label": report.labels})
     except ValueError as error:
         raise DataError(source, f"Dirichlet split (alpha={alpha}) gave a client fewer than "
                                 f"{min_size} records: raise alpha or lower min_size "

@@ -1,20 +1,26 @@
-"""The Stanford Alpaca prompt, and records turned into token ids with loss-masked labels.
+"""Prompt formats, and records turned into token ids with loss-masked labels in one of them.
 
-The prompt and the response are tokenised separately and concatenated, so the labels mask
-exactly the prompt tokens (tokenising the joined text can merge tokens across the border).
-Only the response and the EOS that ends it are learned; everything before carries -100.
+``alpaca`` is the Stanford Alpaca prompt, here; ``chat`` the tokenizer's own chat template
+(:mod:`fedlora.data.chat`), the only one that renders conversations. For an Alpaca example the
+prompt and the response are tokenised separately and concatenated, so the labels mask exactly
+the prompt tokens (tokenising the joined text can merge tokens across the border). Only the
+response and the EOS that ends it are learned; everything before carries -100.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedlora.data.records import Record
+from fedlora.data.chat import ChatEncoder, has_chat_template
+from fedlora.data.examples import IGNORE_INDEX, TokenizedExample, exchange_example
+from fedlora.data.records import AnyRecord, Conversation, DataError, Record
 from fedlora.models import ModelError
+
+#: the formats ``prompt_format`` names; None there picks one (:func:`resolve_prompt_format`)
+PROMPT_FORMATS = ("alpaca", "chat")
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -26,22 +32,8 @@ PROMPT_NO_INPUT = (
     "completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-#: the cue the model answers after; truncation never cuts it (see _fit)
+#: the cue the model answers after; truncation never cuts it (see exchange_example)
 RESPONSE_HEADER = "### Response:\n"
-#: label of a token the loss ignores (PyTorch cross-entropy's default ignore_index)
-IGNORE_INDEX = -100
-#: when the prompt is too long, the response still keeps this share of max_length
-MIN_RESPONSE_SHARE = 0.25
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """One training sequence; ``labels[i]`` is ``input_ids[i]`` or IGNORE_INDEX on the prompt."""
-
-    input_ids: list[int]
-    labels: list[int]
-    #: whether max_length cut any prompt or response token
-    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -51,6 +43,16 @@ class TokenizationStats:
     truncated: int
     #: of those, examples whose prompt (not just the response) was cut
     prompt_truncated: int
+    #: conversation turns left out whole to fit max_length
+    dropped_turns: int
+
+
+def resolve_prompt_format(requested: str | None, tokenizer) -> str:
+    """``requested``, or where it is None ``chat`` for a tokenizer with a chat template and
+    ``alpaca`` for one without."""
+    if requested is not None:
+        return requested
+    return "chat" if has_chat_template(tokenizer) else "alpaca"
 
 
 def format_prompt(record: Record) -> str:
@@ -60,28 +62,30 @@ def format_prompt(record: Record) -> str:
     return PROMPT_NO_INPUT.format(instruction=record.instruction)
 
 
-def tokenize_record(tokenizer, record: Record, max_length: int) -> TokenizedExample:
-    """``[BOS] prompt response EOS`` with the prompt masked, cut to ``max_length`` tokens.
+def tokenize_record(tokenizer, record: AnyRecord, max_length: int, *,
+                    prompt_format: str = "alpaca") -> TokenizedExample:
+    """The record in ``prompt_format``, labelled on what the model answers, cut to ``max_length``.
 
-    When the sequence is too long the response keeps the room the whole prompt leaves, but
-    at least ``MIN_RESPONSE_SHARE`` of max_length; a prompt that must give way loses tokens
-    from the end of its instruction/input while its start and the ``### Response:`` cue
-    stay. Every example therefore keeps at least one labelled token and none is dropped.
+    ``alpaca``: ``[BOS] prompt response EOS`` with the prompt masked; a sequence too long is
+    cut by :func:`~fedlora.data.examples.exchange_example` (the ``### Response:`` cue stays).
+    ``chat``: see :mod:`fedlora.data.chat`. Every example keeps at least one labelled token
+    and none is dropped.
     """
-    return _Encoder(tokenizer, max_length).encode(record)[0]
+    return _encoder(tokenizer, max_length, prompt_format, [record]).encode(record)[0]
 
 
-def tokenize_records(tokenizer, records: Iterable[Record],
-                     max_length: int) -> tuple[list[TokenizedExample], TokenizationStats]:
-    """:func:`tokenize_record` over many records, counting the truncated ones."""
-    encoder = _Encoder(tokenizer, max_length)
+def tokenize_records(tokenizer, records: Sequence[AnyRecord], max_length: int, *,
+                     prompt_format: str = "alpaca") -> tuple[list[TokenizedExample], TokenizationStats]:
+    """:func:`tokenize_record` over many records, counting what max_length cut."""
+    encoder = _encoder(tokenizer, max_length, prompt_format, records)
     examples, prompt_truncated = [], 0
     for record in records:
         example, prompt_cut = encoder.encode(record)
         examples.append(example)
         prompt_truncated += prompt_cut
     truncated = sum(example.truncated for example in examples)
-    return examples, TokenizationStats(len(examples), truncated, prompt_truncated)
+    dropped_turns = sum(example.dropped_turns for example in examples)
+    return examples, TokenizationStats(len(examples), truncated, prompt_truncated, dropped_turns)
 
 
 class LazyTokenizedRecords(Sequence[TokenizedExample]):
@@ -93,10 +97,12 @@ class LazyTokenizedRecords(Sequence[TokenizedExample]):
     records' own memory (a Python int per token) for a saving of well under 1 ms per example.
     """
 
-    def __init__(self, tokenizer, records: Sequence[Record], max_length: int):
-        self._encoder = _Encoder(tokenizer, max_length)
+    def __init__(self, tokenizer, records: Sequence[AnyRecord], max_length: int, *,
+                 prompt_format: str = "alpaca"):
+        self._encoder = _encoder(tokenizer, max_length, prompt_format, records)
         self._records = records
-        self._truncated: set[int] = set()
+        #: index of each truncated example tokenised so far -> the turns it dropped
+        self._cut: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -104,13 +110,18 @@ class LazyTokenizedRecords(Sequence[TokenizedExample]):
     def __getitem__(self, index: int) -> TokenizedExample:  # type: ignore[override]
         example = self._encoder.encode(self._records[index])[0]
         if example.truncated:
-            self._truncated.add(index)
+            self._cut[index] = example.dropped_turns
         return example
 
     @property
     def truncated(self) -> int:
         """How many of the distinct examples tokenised so far were cut to max_length."""
-        return len(self._truncated)
+        return len(self._cut)
+
+    @property
+    def dropped_turns(self) -> int:
+        """Conversation turns those examples left out whole."""
+        return sum(self._cut.values())
 
 
 def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -129,7 +140,21 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class _Encoder:
+def _encoder(tokenizer, max_length: int, prompt_format: str,
+             records: Sequence[AnyRecord]) -> _AlpacaEncoder | ChatEncoder:
+    """The encoder of ``prompt_format``, after checking it can render every record."""
+    if prompt_format == "chat":
+        return ChatEncoder(tokenizer, max_length)
+    if prompt_format != "alpaca":
+        raise ValueError(f"unknown prompt format {prompt_format!r} (expected one of {', '.join(PROMPT_FORMATS)})")
+    conversations = sum(isinstance(record, Conversation) for record in records)
+    if conversations:  # said before training starts, not at the first batch that holds one
+        raise DataError("prompt_format 'alpaca'", f"cannot render the {conversations} conversation records: "
+                                                  "use prompt_format 'chat' with a tokenizer that has a chat template")
+    return _AlpacaEncoder(tokenizer, max_length)
+
+
+class _AlpacaEncoder:
     """A tokenizer's fixed pieces (special prefix, response cue, EOS), worked out once."""
 
     def __init__(self, tokenizer, max_length: int):
@@ -151,25 +176,7 @@ class _Encoder:
         body = format_prompt(record).removesuffix(RESPONSE_HEADER)
         prompt = self.prefix + self.ids(body)
         response = self.ids(record.output) + [self.eos]
-        kept_prompt, kept_response = _fit(prompt, self.header, response, self.max_length)
-        input_ids = kept_prompt + kept_response
-        example = TokenizedExample(
-            input_ids, labels=[IGNORE_INDEX] * len(kept_prompt) + kept_response,
-            truncated=len(input_ids) < len(prompt) + len(self.header) + len(response))
-        return example, len(kept_prompt) < len(prompt) + len(self.header)
-
-
-def _fit(prompt: list[int], header: list[int], response: list[int],
-         max_length: int) -> tuple[list[int], list[int]]:
-    """(prompt + header, response) cut to max_length tokens together; see tokenize_record."""
-    if len(prompt) + len(header) + len(response) <= max_length:
-        return prompt + header, response
-    response_room = max(max_length - len(prompt) - len(header),
-                        math.ceil(max_length * MIN_RESPONSE_SHARE))
-    response = response[:response_room]
-    header_room = min(len(header), max_length - len(response))
-    prompt_room = max_length - len(response) - header_room
-    return prompt[:prompt_room] + header[len(header) - header_room:], response
+        return exchange_example(prompt, self.header, response, self.max_length)
 
 
 def _special_prefix(tokenizer) -> list[int]:

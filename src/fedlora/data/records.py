@@ -1,6 +1,9 @@
-"""Instruction records: loading Alpaca or Dolly data from a file or the Hugging Face Hub.
+"""Training records: instruction records (Alpaca, Dolly) and conversations (``messages`` lists
+as Hugging Face/TRL write them, ShareGPT ``conversations``), from a file or the Hugging Face Hub.
 
-Every format is normalised to one :class:`Record`. Anything wrong with the data raises
+An instruction row becomes a :class:`Record`, a conversation row a :class:`Conversation` (a row
+with ``messages`` or ``conversations`` is a conversation, whatever else it holds; docs/data.md
+lists the formats). Anything wrong with the data raises
 :class:`DataError`, whose message names the file, the record (``record 17`` is the 0-based
 index in a ``.json`` list, ``line 18`` the 1-based line of a ``.jsonl`` file, ``row 17`` the
 index in a Hub dataset) and the field at fault.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.errors import FedloraError
@@ -26,6 +29,12 @@ _FIELD_ALIASES = {
     "instruction": ("instruction",),
     "input": ("input", "context"),
     "output": ("output", "response"),
+}
+#: a conversation field -> the keys of its turns' role and text, and role names -> chat roles
+_CONVERSATION_FORMS = {
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "conversations": ("from", "value", {"system": "system", "human": "user", "user": "user",
+                                        "gpt": "assistant", "assistant": "assistant"}),
 }
 
 
@@ -52,42 +61,77 @@ class Record:
     category: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation; ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A multi-turn example: it opens with a system or user turn and has an assistant turn."""
+
+    messages: tuple[Message, ...]
+
+
+#: what a data row becomes
+AnyRecord = Record | Conversation
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """What :func:`load_records_with_report` read: the records and how many it skipped."""
 
     #: the file name or Hub id, as DataError messages name it
     source: str
-    records: list[Record]
+    records: list[AnyRecord]
     #: records with both an empty instruction and an empty output, left out
     skipped: int
+    #: with a ``label_field``: each record's value of it as a string (None where it has none)
+    labels: list[str | None] = field(default_factory=list)
+    #: with a ``label_field``: where the records without it are (``record 4``), in order
+    unlabelled: list[str] = field(default_factory=list)
 
 
-def load_records(source: str | Path) -> list[Record]:
+def load_records(source: str | Path) -> list[AnyRecord]:
     """Load the records of a .json/.jsonl file, or of a Hub dataset id if no such path exists."""
     return load_records_with_report(source).records
 
 
-def load_records_with_report(source: str | Path) -> LoadReport:
-    """Like :func:`load_records`, also saying how many empty records were skipped."""
+def load_records_with_report(source: str | Path, label_field: str | None = None) -> LoadReport:
+    """Like :func:`load_records`, also saying how many empty records were skipped; with
+    ``label_field``, also every record's value of that top-level field (to split clients by)."""
     label, rows = _read_rows(source)
-    records = []
+    records, labels, unlabelled = [], [], []
     for where, row in rows:
         record = record_from_row(row, label, where)
-        if record is not None:
-            records.append(record)
+        if record is None:
+            continue
+        records.append(record)
+        if label_field is not None:
+            labels.append(_label(row, label_field, label, where))
+            if labels[-1] is None:
+                unlabelled.append(where)
     skipped = len(rows) - len(records)
     if not records:
         raise DataError(label, f"no usable records ({skipped} empty ones skipped)")
     if skipped:
         log.info("%s: skipped %d records with an empty instruction and output", label, skipped)
-    return LoadReport(label, records, skipped)
+    return LoadReport(label, records, skipped, labels, unlabelled)
 
 
-def record_from_row(row: object, source: str, where: str) -> Record | None:
-    """Normalise one Alpaca or Dolly object; None when its instruction and output are empty."""
+def record_from_row(row: object, source: str, where: str) -> AnyRecord | None:
+    """Normalise one object: a conversation, or an Alpaca or Dolly record (None when its
+    instruction and output are empty)."""
     if not isinstance(row, Mapping):
         raise DataError(source, f"must be a JSON object, got {type_name(row)}", where=where)
+    forms = [name for name in _CONVERSATION_FORMS if name in row]
+    if len(forms) > 1:
+        raise DataError(source, f"and {forms[1]!r} are both present; keep one", where=where, field=forms[0])
+    if forms:
+        return _conversation(row[forms[0]], forms[0], source, where)
     fields = {name: _aliased_string(row, name, source, where) for name in _FIELD_ALIASES}
     category = row.get("category")
     if category is not None and not isinstance(category, str):
@@ -96,6 +140,42 @@ def record_from_row(row: object, source: str, where: str) -> Record | None:
     if not fields["instruction"].strip() and not fields["output"].strip():
         return None
     return Record(**fields, category=category)
+
+
+def _conversation(turns: object, name: str, source: str, where: str) -> Conversation:
+    """The turns of conversation field ``name`` as chat messages."""
+    role_key, content_key, roles = _CONVERSATION_FORMS[name]
+    if not isinstance(turns, list):
+        raise DataError(source, f"must be a list of turns, got {type_name(turns)}", where=where, field=name)
+    if not turns:
+        raise DataError(source, "is an empty conversation", where=where, field=name)
+    messages = []
+    for index, turn in enumerate(turns):
+        place = f"{name}[{index}]"
+        if not isinstance(turn, Mapping):
+            raise DataError(source, f"must be an object, got {type_name(turn)}", where=where, field=place)
+        role = string_field(turn, role_key, source, where, shown_as=f"{place}.{role_key}")
+        if role not in roles:
+            expected = ", ".join(map(repr, roles))
+            raise DataError(source, f"is {role!r}; expected one of {expected}", where=where,
+                            field=f"{place}.{role_key}")
+        content = string_field(turn, content_key, source, where, shown_as=f"{place}.{content_key}")
+        messages.append(Message(roles[role], content))
+    if messages[0].role == "assistant":  # the model needs a turn to answer
+        raise DataError(source, "is an assistant turn; a conversation opens with a system or user turn",
+                        where=where, field=f"{name}[0]")
+    if not any(message.role == "assistant" for message in messages):
+        raise DataError(source, "has no assistant turn to learn from", where=where, field=name)
+    return Conversation(tuple(messages))
+
+
+def _label(row: Mapping, name: str, source: str, where: str) -> str | None:
+    """The row's value of top-level field ``name`` as a label; None when it has none."""
+    value = row.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise DataError(source, f"must be a string or an integer to split clients by, got {type_name(value)}",
+                        where=where, field=name)
+    return None if value is None else str(value)
 
 
 def _aliased_string(row: Mapping, name: str, source: str, where: str) -> str:
@@ -112,14 +192,14 @@ def _aliased_string(row: Mapping, name: str, source: str, where: str) -> str:
     return string_field(row, present[0], source, where)
 
 
-def string_field(row: Mapping, name: str, source: str, where: str) -> str:
-    """``row[name]``, which must exist and be a string."""
+def string_field(row: Mapping, name: str, source: str, where: str, *, shown_as: str | None = None) -> str:
+    """``row[name]``, which must exist and be a string; errors call it ``shown_as`` (default: ``name``)."""
     if name not in row:
-        raise DataError(source, "is missing", where=where, field=name)
+        raise DataError(source, "is missing", where=where, field=shown_as or name)
     value = row[name]
     if not isinstance(value, str):
         raise DataError(source, f"must be a string, got {type_name(value)}",
-                        where=where, field=name)
+                        where=where, field=shown_as or name)
     return value
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from fedlora.data.records import DataError, Record
+from fedlora.data.records import AnyRecord, DataError
 
 
 def validation_count(size: int, fraction: float) -> int:
@@ -21,8 +21,8 @@ def validation_count(size: int, fraction: float) -> int:
     return max(1, round(fraction * size)) if fraction > 0 else 0
 
 
-def hold_out(records: Sequence[Record], fraction: float, seed: int, index: int,
-             client: str | None = None) -> tuple[list[Record], list[Record]]:
+def hold_out(records: Sequence[AnyRecord], fraction: float, seed: int, index: int,
+             client: str | None = None) -> tuple[list[AnyRecord], list[AnyRecord]]:
     """(training, validation) records of the client at ``index`` in client order; both keep
     the records' order. ``client`` names it in the error when it is too small to split."""
     count = validation_count(len(records), fraction)
@@ -35,11 +35,11 @@ def hold_out(records: Sequence[Record], fraction: float, seed: int, index: int,
             [r for i, r in enumerate(records) if i in held])
 
 
-def split_clients(clients: dict[str, list[Record]], fraction: float,
-                  seed: int) -> tuple[dict[str, list[Record]], list[Record]]:
+def split_clients(clients: dict[str, list[AnyRecord]], fraction: float,
+                  seed: int) -> tuple[dict[str, list[AnyRecord]], list[AnyRecord]]:
     """Every client's training records, and all clients' validation records pooled in client order."""
-    training: dict[str, list[Record]] = {}
-    validation: list[Record] = []
+    training: dict[str, list[AnyRecord]] = {}
+    validation: list[AnyRecord] = []
     for index, (client, records) in enumerate(clients.items()):
         training[client], held = hold_out(records, fraction, seed, index, client)
         validation += held

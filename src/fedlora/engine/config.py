@@ -69,9 +69,12 @@ class RunConfig:
                             choices="fedlora.data.partition:PARTITIONS")
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration of the split (smaller: more skewed)",
                                     positive=True)
-    partition_by: str = option("category", "record field the Dirichlet split skews")
+    partition_by: str = option("category", "top-level record field the Dirichlet split skews")
     min_partition_size: int = option(10, "fewest records a Dirichlet client may get", minimum=1)
     max_length: int = option(256, "tokens per example; longer ones are truncated", minimum=1)
+    prompt_format: str | None = option(None, "alpaca, or chat (the tokenizer's chat template; needed for "
+                                             "conversations); default: chat where the tokenizer has a template",
+                                       choices="fedlora.data.prompts:PROMPT_FORMATS")
     validation_fraction: float = option(0.02, "share of each client's records held out of its training for "
                                               "val_loss (seeded, at least one record; 0: none)", minimum=0)
     # federation

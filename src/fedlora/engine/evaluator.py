@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from fedlora.data import MMLUQuestion, Record, TokenizedExample, load_mmlu, load_records, tokenize_records
+from fedlora.data import AnyRecord, MMLUQuestion, TokenizedExample, load_mmlu, load_records, tokenize_records
 from fedlora.engine.config import RunConfig
 from fedlora.eval import evaluate_loss_tokenized, evaluate_mmlu
 
@@ -73,22 +73,26 @@ class Evaluator:
         return metrics
 
 
-def evaluation_inputs(config: RunConfig) -> tuple[list[Record], list[MMLUQuestion]]:
+def evaluation_inputs(config: RunConfig) -> tuple[list[AnyRecord], list[MMLUQuestion]]:
     """The run's held-out records and MMLU questions, as its configuration limits them."""
     test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
     questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
     return test_records, questions
 
 
-def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[Record],
-                  questions: Sequence[MMLUQuestion], *, log: Callable[[str], None] = lambda message: None,
+def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records: Sequence[AnyRecord],
+                  questions: Sequence[MMLUQuestion], *, prompt_format: str,
+                  log: Callable[[str], None] = lambda message: None,
                   mmlu_progress: Callable[[int, int], None] | None = None,
-                  validation_records: Sequence[Record] = (), packed: bool = False) -> Evaluator:
-    """The run's evaluator (the server's, and a Flower node's evaluating its client's own model)."""
-    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length)
+                  validation_records: Sequence[AnyRecord] = (), packed: bool = False) -> Evaluator:
+    """The run's evaluator (the server's, and a Flower node's evaluating its client's own model);
+    its held-out records are tokenised in ``prompt_format``, as the clients' training records."""
+    test_examples, stats = tokenize_records(tokenizer, test_records, config.max_length, prompt_format=prompt_format)
     if stats.truncated:
-        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}")
-    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length)
+        dropped = f", {stats.dropped_turns} whole turns dropped" if stats.dropped_turns else ""
+        log(f"{stats.truncated} of {stats.examples} test records truncated to max_length {config.max_length}{dropped}")
+    validation_examples, _ = tokenize_records(tokenizer, validation_records, config.max_length,
+                                              prompt_format=prompt_format)
     return Evaluator(tokenizer, pad_token_id, test_examples, questions, final_round=config.rounds,
                      mmlu_every=config.mmlu_every, eval_every=config.eval_every, val_every=config.val_every,
                      batch_size=config.eval_batch_size, mmlu_progress=mmlu_progress,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.data import Record, load_clients
+from fedlora.data import AnyRecord, load_clients, resolve_prompt_format
 from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_ranks_fit
 from fedlora.models import USER_CACHE, load_model, model_shapes
 
@@ -30,13 +30,24 @@ def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
     return config.replace(data=data, test_data=test_data, mmlu=mmlu)
 
 
-def load_client_records(config: RunConfig) -> dict[str, list[Record]]:
+def load_client_records(config: RunConfig) -> dict[str, list[AnyRecord]]:
     clients = load_clients(config.data, num_clients=config.clients or 10, partition=config.partition,
                            alpha=config.dirichlet_alpha, min_size=config.min_partition_size,
                            seed=config.seed, by=config.partition_by)
     if config.clients is not None and Path(config.data).is_dir():
         clients = dict(list(clients.items())[:config.clients])  # the first N given clients
     return clients
+
+
+def run_prompt_format(config: RunConfig, tokenizer, log: Log = lambda message: None) -> str:
+    """The prompt format training and held-out loss use alike, said in ``log``."""
+    prompt_format = resolve_prompt_format(config.prompt_format, tokenizer)
+    if config.prompt_format is not None:
+        reason = "as configured"
+    else:
+        reason = f"auto: the tokenizer has {'a' if prompt_format == 'chat' else 'no'} chat template"
+    log(f"prompt format: {prompt_format} ({reason})")
+    return prompt_format
 
 
 def check_model_fits(config: RunConfig) -> list[str]:

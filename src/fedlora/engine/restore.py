@@ -15,7 +15,7 @@ from fedlora.engine.run_state import MethodPart
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_saved_config
 from fedlora.engine.evaluator import Evaluator
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.inputs import check_model_fits, load_run_model
+from fedlora.engine.inputs import check_model_fits, load_run_model, run_prompt_format
 from fedlora.lora import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight
 from fedlora.models import pad_token_id
@@ -61,7 +61,8 @@ def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
     if not test_records and not questions:
         raise ConfigError("nothing to evaluate: give --test-data and/or --mmlu")
     pad_id = pad_token_id(restored.tokenizer)
-    examples, _ = tokenize_records(restored.tokenizer, test_records, config.max_length)
+    examples, _ = tokenize_records(restored.tokenizer, test_records, config.max_length,
+                                   prompt_format=run_prompt_format(config, restored.tokenizer))
     packed = config.packing and enable_packing(restored.global_model.model)
     evaluator = Evaluator(restored.tokenizer, pad_id, examples, questions, final_round=restored.completed_round,
                           batch_size=config.eval_batch_size, packed=packed)

@@ -20,7 +20,8 @@ from fedlora.engine.client import LocalTrainer
 from fedlora.engine.evaluator import Evaluator, evaluation_inputs, run_evaluator
 from fedlora.engine.federation import Evaluate, Federation
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.inputs import Log, check_model_fits, load_client_records, load_run_model, resolve_data_paths
+from fedlora.engine.inputs import (Log, check_model_fits, load_client_records, load_run_model, resolve_data_paths,
+                                   run_prompt_format)
 from fedlora.engine.personalisation import CLIENT_STATE_DIR, ClientModels, ClientStore, StoredClientModels
 from fedlora.engine.privacy import run_privacy
 from fedlora.engine.run_state import Stateful
@@ -76,11 +77,12 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print,
     modules = check_model_fits(config)
     model, tokenizer = loaded or load_run_model(config)
     pad_id = pad_token_id(tokenizer)
-    client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length)
+    prompt_format = run_prompt_format(config, tokenizer, log)
+    client_examples = {cid: LazyTokenizedRecords(tokenizer, records, config.max_length, prompt_format=prompt_format)
                        for cid, records in clients.items()}
     trainer = LocalTrainer.from_config(model, pad_id, config, log=log)
-    evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, log=log,
-                              mmlu_progress=mmlu_progress, validation_records=validation_records,
+    evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, prompt_format=prompt_format,
+                              log=log, mmlu_progress=mmlu_progress, validation_records=validation_records,
                               packed=trainer.packing)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes

@@ -16,7 +16,7 @@ from torch import nn
 from fedlora.data import LazyTokenizedRecords, hold_out, load_records, split_clients
 from fedlora.engine.client import LocalTrainer
 from fedlora.engine.config import ConfigError, RunConfig, build_config
-from fedlora.engine.inputs import load_client_records, load_run_model, resolve_data_paths
+from fedlora.engine.inputs import load_client_records, load_run_model, resolve_data_paths, run_prompt_format
 from fedlora.models import USER_CACHE, pad_token_id
 from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 
@@ -50,7 +50,8 @@ def client_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrai
         records = list(clients.values())[node.partition_id]
     records, _ = hold_out(records, config.validation_fraction, config.seed, node.partition_id)
     trainer, tokenizer = _trainer(config, node)
-    return trainer, LazyTokenizedRecords(tokenizer, records, config.max_length)
+    return trainer, LazyTokenizedRecords(tokenizer, records, config.max_length,
+                                         prompt_format=run_prompt_format(config, tokenizer))
 
 
 def evaluation_factory(settings: AppSettings, node: NodeSettings) -> tuple[LocalTrainer, Callable[[nn.Module, int], dict]]:
@@ -66,4 +67,5 @@ def evaluation_factory(settings: AppSettings, node: NodeSettings) -> tuple[Local
                                                                  config.validation_fraction, config.seed)[1]
     trainer, tokenizer = _trainer(config, node)
     return trainer, run_evaluator(config, tokenizer, trainer.pad_token_id, test_records, questions,
+                                  prompt_format=run_prompt_format(config, tokenizer),
                                   validation_records=validation, packed=trainer.packing)
