@@ -352,11 +352,16 @@ def save_config(config: RunConfig, path: Path) -> None:
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+#: what a key added since a run folder was written meant for that run, where its default now differs
+KEYS_BEFORE_THEY_EXISTED = {"prompt_format": "alpaca"}
+
+
 def load_saved_config(path: Path) -> RunConfig:
+    """A run folder's configuration; a key it predates has the value the run was made with."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no saved configuration; is this a fedlora run folder?") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: not valid JSON: {error}") from None
-    return build_config(values, source=str(path))
+    return build_config({**KEYS_BEFORE_THEY_EXISTED, **values}, source=str(path))
