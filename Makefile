@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-aggregation bench-perf bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
+.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+# the whole suite, on both cores; test-fast: the unit tier (tiny models, no SmolLM2, no Flower processes)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+# the documentation site, offline, into build/site: its generated pages first, then a strict build
+docs: install
+	$(PIP) install -q -c constraints.txt -e ".[docs]"
+	$(PY) docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # a fresh demo run each time (a run folder is otherwise continued only with --resume)
 demo: install
@@ -48,7 +58,7 @@ bench-exactness: install
 	$(VENV)/bin/fedlora sweep benchmarks/headline.toml --out benchmarks/runs/headline
 	$(VENV)/bin/fedlora sweep benchmarks/drift.toml --out benchmarks/runs/drift
 	$(VENV)/bin/fedlora sweep benchmarks/horizon.toml --out benchmarks/runs/horizon
-	$(PY) benchmarks/readme_tables.py exactness
+	$(PY) benchmarks/readme_tables.py exactness headline
 
 bench-rolora-scaling: install
 	$(PY) benchmarks/pool_dolly.py benchmarks/runs/dolly-pooled.json

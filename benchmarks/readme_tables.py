@@ -1,10 +1,12 @@
-"""Copy the generated benchmark results into README.md, between markers, so the README's
-tables are always the last measured ones and never typed by hand.
+"""Copy the generated benchmark results into the documentation (docs/benchmarks.md,
+docs/flower.md) and README's headline, between markers, so the tables are always the last
+measured ones and never typed by hand.
 
     <!-- results:aggregation -->  …  <!-- /results:aggregation -->
 
 The quality results are first composed from the quality sweeps' own ``comparison.md`` (and
 their plots copied beside), as ``fedlora compare`` wrote them after ``make bench-quality``.
+Images are linked as ``results/<name>.png``: ``docs/generate.py`` copies them into the site.
 """
 
 from __future__ import annotations
@@ -47,28 +49,31 @@ def compose_quality() -> bool:
     return True
 
 
-def update(readme: str, name: str) -> str:
+#: the page each result is inserted in
+PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md"}
+DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
+
+
+def update(page: str, name: str) -> str:
     results = RESULTS / f"{name}.md"
     if not results.is_file():
-        return readme
+        return page
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-    if start not in readme or end not in readme:
-        sys.exit(f"README.md lacks the markers {start} … {end}")
+    if start not in page or end not in page:
+        sys.exit(f"{PAGES.get(name, DEFAULT_PAGE)} lacks the markers {start} … {end}")
     body = demote_headings(results.read_text(encoding="utf-8").strip())
-    body = re.sub(r"\]\(([^/)]+\.png)\)", r"](benchmarks/results/\1)", body)  # images, seen from the README
-    before, rest = readme.split(start, 1)
+    body = re.sub(r"\]\(([^/)]+\.png)\)", r"](results/\1)", body)  # images, as the site holds them
+    before, rest = page.split(start, 1)
     return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main() -> None:
-    path = ROOT / "README.md"
-    readme = path.read_text(encoding="utf-8")
     names = sys.argv[1:] or ("aggregation", "perf", "flower_overhead", "quality", "flora_warm_single_client", "privacy")
     if "quality" in names and not compose_quality():
-        print("no quality sweep has a comparison.md yet; README's quality section left as it is")
+        print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:
-        readme = update(readme, name)
-    path.write_text(readme, encoding="utf-8")
+        path = PAGES.get(name, DEFAULT_PAGE)
+        path.write_text(update(path.read_text(encoding="utf-8"), name), encoding="utf-8")
 
 
 if __name__ == "__main__":

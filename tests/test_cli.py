@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -15,6 +18,7 @@ from typer.testing import CliRunner
 from fedlora import cli
 from fedlora.aggregation import aggregator_class, available_aggregators
 from fedlora.engine.config import ConfigError, RunConfig, build_config
+from fedlora.models import load_model
 
 runner = CliRunner()
 TINY = ["--model", "tiny-llama", "--local-steps", "1", "--batch-size", "2", "--max-length", "32"]
@@ -143,10 +147,23 @@ def test_run_writes_every_output_then_export_eval_and_report(client_dir, tmp_pat
     merged = invoke("export", out, "--merged", tmp_path / "merged")
     assert merged.exit_code == 0, merged.output
     assert (tmp_path / "merged" / "config.json").is_file()
-    adapter = invoke("export", out, "--adapter", tmp_path / "adapter", "--rank", "2")
+    adapter = invoke("export", out, "--adapter", tmp_path / "adapter", "--rank", "16")
     assert adapter.exit_code == 0, adapter.output
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert "relative Frobenius error" in " ".join(adapter.output.split())
+    # others can use them: the adapter names its base as given (not a cache folder) and, loaded by
+    # PEFT on that base, gives the merged export's logits (rank 16 holds the whole update: two
+    # rounds of ranks 4, 2 and 1); both carry a model card saying how they were made
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    tokens = torch.tensor([[1, 17, 42, 99, 7]])
+    merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
+    with_adapter = PeftModel.from_pretrained(load_model("tiny-llama")[0], str(tmp_path / "adapter"))
+    torch.testing.assert_close(with_adapter(tokens).logits, merged_logits, rtol=0, atol=1e-4)
+    for folder in ("merged", "adapter"):
+        card = (tmp_path / folder / "README.md").read_text()
+        assert "base_model: tiny-llama" in card and "`flora`" in card and "| rounds | 2" in card, folder
+        assert f"held-out loss after | {rows[-1]['eval_loss']:.4f}" in card, folder
 
     evaluated = invoke("eval", out, "--test-data", client_dir / "global_test.json")
     assert evaluated.exit_code == 0, evaluated.output
@@ -184,13 +201,6 @@ def test_config_fuzz_only_raises_config_errors(values):
         pass
 
 
-def test_readme_documents_every_config_key():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
-    assert documented == set(RunConfig.__dataclass_fields__)
-
-
 def _corrupt_metrics(run: Path) -> Path:
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"round": 0}\n{not json\n{"round": 2}\n')
@@ -216,15 +226,21 @@ def test_every_command_reports_a_bad_input_as_one_line(tmp_path, no_model_loadin
         assert part in message.replace(f"{tmp_path}/", ""), (part, message)
 
 
-@pytest.mark.parametrize("command", [["--help"], ["methods"]])
-def test_help_and_methods_import_no_heavy_library(command):
-    """`fedlora --help` and `fedlora methods` start fast because torch, transformers, PEFT and
-    Flower are imported only by the commands that use them."""
+@pytest.mark.parametrize("command, exit_code", [
+    (["--help"], 0), (["methods"], 0), (["methods", "hetlora"], 0),
+    # usage errors come before any heavy import
+    (["export", "run", "--merged", "a", "--adapter", "b"], 2), (["export", "run", "--adapter", "b"], 2),
+    (["run", "--resume", "run", "--lr", "1e-3"], 2),
+])
+def test_help_methods_and_usage_errors_import_no_heavy_library(command, exit_code):
+    """`fedlora --help`, `fedlora methods` and a command line a command refuses answer fast:
+    torch, transformers, PEFT and Flower are imported only by the commands that use them."""
     probe = ("import sys\n"
              "sys.argv = ['fedlora', *sys.argv[1:]]\n"
              "from fedlora.cli import app\n"
              "try:\n    app()\n"
-             "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+             "except SystemExit as stop:\n    print('exit', stop.code or 0)\n"
              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'flwr') if m in sys.modules))\n")
     completed = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
-    assert completed.stdout.strip().splitlines()[-1] == "[]"
+    *_, stopped, heavy = completed.stdout.strip().splitlines()
+    assert stopped == f"exit {exit_code}" and heavy == "[]", completed.stdout

@@ -18,7 +18,7 @@ from fedlora.aggregation import Aggregator, GlobalUpdate, LoraFactors, MethodOpt
     available_aggregators, example_weights, factors_to_tensors, get_aggregator, tensors_to_factors
 from fedlora.aggregation.method import option
 from fedlora.aggregation.fedit import FedIT
-from fedlora.aggregation.registry import AGGREGATORS, method_summaries
+from fedlora.aggregation.registry import AGGREGATORS, describe_methods
 from fedlora.engine.config import build_config, save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
@@ -138,7 +138,7 @@ def run(config, out: Path) -> list[dict]:
 
 def test_a_method_defined_outside_src_runs_end_to_end_and_resumes_exactly(client_dir, tmp_path,
                                                                            momentum_registered):
-    assert "momentum" in available_aggregators() and "server momentum" in method_summaries()["momentum"]
+    assert "momentum" in available_aggregators() and "server momentum" in describe_methods()["momentum"].summary
     uninterrupted = run(config_for(client_dir, tmp_path / "full", method="momentum"), tmp_path / "full")
     # two rounds, then the same run resumed to three: the velocity comes back from the checkpoint
     first_two = config_for(client_dir, tmp_path / "resumed", method="momentum", rounds=2)
@@ -230,8 +230,8 @@ def test_the_client_app_answers_identify_and_sync_without_importing_transformers
 
 
 def test_listing_methods_and_building_the_cli_import_no_torch():
-    code = ("import sys; import fedlora.cli; from fedlora.aggregation.registry import method_summaries; "
-            "method_summaries(); print('torch' in sys.modules)")
+    code = ("import sys; import fedlora.cli; from fedlora.aggregation.registry import describe_methods; "
+            "describe_methods(); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip() == "False"
 

@@ -9,9 +9,15 @@
 Names are imported on first use, so ``import fedlora`` (and ``fedlora --help``) stays light.
 """
 
+import logging
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+# bitsandbytes, imported by PEFT whenever it is installed, warns on every import of its CPU
+# backend that an optional kernel package (fetched from the Hub) is missing; it falls back to
+# plain torch, which fedlora's quantised runs on a CPU say themselves
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     **dict.fromkeys(("run", "resume", "load_run", "RunResult"), "fedlora.api"),

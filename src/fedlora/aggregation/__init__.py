@@ -12,7 +12,7 @@ _EXPORTS = {
                      "tensors_to_factors"), "fedlora.aggregation.factors"),
     **dict.fromkeys(("Accumulator", "Aggregator", "ClientPlan", "MethodOptions", "Regularizer", "RunShape"),
                     "fedlora.aggregation.method"),
-    **dict.fromkeys(("aggregator_class", "available_aggregators", "get_aggregator", "method_summaries"),
+    **dict.fromkeys(("aggregator_class", "available_aggregators", "describe_methods", "get_aggregator"),
                     "fedlora.aggregation.registry"),
 }
 

@@ -18,6 +18,10 @@ class Centralized(FLoRA):
     """
 
     name = "centralized"
+    paper = ""  # a baseline
+    exact = True
+    sends = "— (one client holds every record)"
+    receives = "—"
     runtimes = ("inprocess",)
 
     @classmethod

@@ -28,6 +28,10 @@ class FedExLoRA(FedIT):
     """
 
     name = "fedex"
+    paper = "Singhal et al., arXiv 2410.09432"
+    exact = True
+    sends = "A_k, B_k"
+    receives = "Ā, B̄ and the exact residual, merged"
     Options = FedExOptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,

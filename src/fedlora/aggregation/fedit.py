@@ -32,6 +32,10 @@ class FedIT(Aggregator):
     """
 
     name = "fedit"
+    paper = "Zhang et al., ICASSP 2024, arXiv 2305.05644"
+    exact = False
+    sends = "A_k, B_k"
+    receives = "Ā, B̄"
     heterogeneous_ranks = False
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,

@@ -49,6 +49,10 @@ class FedMomentum(FLoRAWarm):
     """
 
     name = "fedmomentum"
+    paper = "arXiv 2603.08014"
+    exact = True
+    sends = "A_k, B_k"
+    receives = "the leading rank-r adapter and the merged rest"
     heterogeneous_ranks = False
 
     def shared_rank(self, updates: list[ClientUpdate]) -> int:

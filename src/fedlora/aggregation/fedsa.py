@@ -29,6 +29,10 @@ class FedSALoRA(Aggregator):
     """
 
     name = "fedsa"
+    paper = "Guo et al., ICLR 2025, arXiv 2410.01463"
+    exact = None
+    sends = "A_k (B_k stays on the client)"
+    receives = "Ā"
     heterogeneous_ranks = False
     kept_on_client = frozenset({"B"})  # so only A is uploaded
     client_dp = True

@@ -64,6 +64,10 @@ class FedSVD(FFALoRA):
     """
 
     name = "fedsvd"
+    paper = "arXiv 2505.12805"
+    exact = True
+    sends = "B_k"
+    receives = "the re-factored pair (A orthonormal)"
     client_dp = False
     Options = FedSVDOptions
 

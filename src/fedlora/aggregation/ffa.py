@@ -41,6 +41,10 @@ class FFALoRA(Aggregator):
     """Clients train only B on a shared, frozen A (Sun et al., 2024); the B average is exact."""
 
     name = "ffa"
+    paper = "Sun et al., ICLR 2024, arXiv 2403.12313"
+    exact = True
+    sends = "B_k"
+    receives = "B̄ (A fixed from round 1)"
     heterogeneous_ranks = False
     client_dp = True
 

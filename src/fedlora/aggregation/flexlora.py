@@ -20,6 +20,10 @@ class FlexLoRA(Aggregator):
     """
 
     name = "flexlora"
+    paper = "Bai et al., NeurIPS 2024, arXiv 2402.11505"
+    exact = False
+    sends = "A_k, B_k at its rank"
+    receives = "the exact update's SVD cut to its own rank"
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,
                 server_round: int | None = None) -> GlobalUpdate:

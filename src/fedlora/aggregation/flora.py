@@ -42,6 +42,10 @@ class FLoRA(Aggregator):
     """
 
     name = "flora"
+    paper = "Wang et al., NeurIPS 2024, arXiv 2409.05976"
+    exact = True
+    sends = "A_k, B_k at its rank"
+    receives = "the stack (rank Σ r_k of the round), merged; then a fresh LoRA"
     Options = FLoRAOptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,

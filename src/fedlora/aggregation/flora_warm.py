@@ -62,6 +62,9 @@ class FLoRAWarm(Aggregator):
     """
 
     name = "flora-warm"
+    exact = True
+    sends = "A_k, B_k at its rank"
+    receives = "an adapter of rank r_min and the merged rest (≤ FLoRA's stack)"
     Options = FLoRAWarmOptions
 
     def shared_rank(self, updates: list[ClientUpdate]) -> int:

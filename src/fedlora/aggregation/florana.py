@@ -39,6 +39,10 @@ class FLoRANA(Aggregator):
     """
 
     name = "florana"
+    paper = "arXiv 2509.26399"
+    exact = False
+    sends = "A_k, B_k"
+    receives = "the best rank-r pair of the exact update"
     heterogeneous_ranks = False
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,

@@ -48,6 +48,10 @@ class FLoRIST(FLoRA):
     """
 
     name = "florist"
+    paper = "Ramesh & Dass, MLSys 2026, arXiv 2506.09199"
+    exact = False
+    sends = "A_k, B_k at its rank"
+    receives = "one pair holding `threshold` of the stack's energy, merged"
     Options = FLoRISTOptions
 
     def broadcast(self, stacked: dict[str, LoraFactors]) -> GlobalUpdate:

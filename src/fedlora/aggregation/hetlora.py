@@ -88,6 +88,10 @@ class HetLoRA(ZeroPad):
     """
 
     name = "hetlora"
+    paper = "Cho et al., EMNLP 2024, arXiv 2401.06432"
+    exact = False
+    sends = "A_k, B_k at its (self-pruned) rank"
+    receives = "the norm-weighted zero-padded average, cut to its rank"
     heterogeneous_ranks = True
     Options = HetLoRAOptions
 

@@ -17,6 +17,9 @@ class LocalOnly(Aggregator):
     """
 
     name = "local"
+    exact = None
+    sends = "— (nothing leaves a client)"
+    receives = "—"
     personalised = True
 
     def setup(self, context) -> None:

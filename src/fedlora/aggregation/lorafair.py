@@ -58,6 +58,10 @@ class LoRAFAIR(FedIT):
     """
 
     name = "lorafair"
+    paper = "Bian et al., ICCV 2025, arXiv 2411.14961"
+    exact = False
+    sends = "A_k, B_k"
+    receives = "Ā and the corrected B"
     Options = LoRAFAIROptions
 
     def combine(self, updates: list[ClientUpdate], weights: list[float] | Tensor | None = None, *,

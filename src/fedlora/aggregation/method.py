@@ -114,6 +114,15 @@ class Aggregator(ABC):
     """
 
     name: ClassVar[str]
+    #: the paper it follows (authors, venue, arXiv id); empty for fedlora's own and the baselines
+    paper: ClassVar[str] = ""
+    #: whether each round changes the global model by exactly Σ_k p_k Δ_k, the example-weighted
+    #: average of the clients' changes (its ``aggregation_error`` is 0 up to rounding); None for
+    #: a personalised method, which has no global model
+    exact: ClassVar[bool | None] = False
+    #: what a client sends and what it downloads, in words (``fedlora methods``, the docs)
+    sends: ClassVar[str] = ""
+    receives: ClassVar[str] = ""
     #: the method's options (a :class:`MethodOptions` subclass)
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: clients of different ranks can be aggregated

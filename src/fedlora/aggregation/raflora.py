@@ -43,6 +43,10 @@ class RaFLoRA(FlexLoRA):
     """
 
     name = "raflora"
+    paper = "Wu et al., arXiv 2602.13486"
+    exact = False
+    sends = "A_k, B_k at its rank"
+    receives = "the partition-weighted sum's SVD cut to its own rank"
 
     def global_sum(self, updates: list[ClientUpdate], weights: list[float]) -> dict[str, LoraFactors]:
         """The partition-weighted sum per module, factored."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
-from importlib.util import find_spec
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlora.aggregation.facts import MethodFacts, method_facts
 from fedlora.imports import resolve
 
 if TYPE_CHECKING:
@@ -41,16 +39,10 @@ def available_aggregators() -> list[str]:
     return list(AGGREGATORS)
 
 
-def method_summaries() -> dict[str, str]:
-    """Each method's one-line summary (the first line of its class docstring), read from the
-    source without importing it, so listing methods costs no torch import."""
-    summaries = {}
-    for name, target in AGGREGATORS.items():
-        module_name, class_name = target.split(":")
-        tree = ast.parse(Path(find_spec(module_name).origin).read_text(encoding="utf-8"))
-        cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name)
-        summaries[name] = (ast.get_docstring(cls) or "").strip().splitlines()[0]
-    return summaries
+def describe_methods() -> dict[str, MethodFacts]:
+    """What every registered method declares (summary, paper, exactness, capabilities, what
+    travels, options), read from the source without importing it: no torch import."""
+    return {name: method_facts(name, target) for name, target in AGGREGATORS.items()}
 
 
 def aggregator_class(name: str) -> type[Aggregator]:

@@ -32,6 +32,10 @@ class RoLoRA(Aggregator):
     """
 
     name = "rolora"
+    paper = "Chen et al., arXiv 2409.02346"
+    exact = True
+    sends = "the round's factor (B odd, A even rounds)"
+    receives = "its average"
     heterogeneous_ranks = False
     client_dp = True
     Options = RoLoRAOptions

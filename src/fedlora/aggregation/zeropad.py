@@ -19,6 +19,10 @@ class ZeroPad(FedIT):
     """
 
     name = "zeropad"
+    paper = ""  # a baseline, not FedIT's
+    exact = False
+    sends = "A_k, B_k at its rank"
+    receives = "Ā, B̄ zero-padded to the largest rank, cut to its own"
     heterogeneous_ranks = True
 
     def average_module(self, updates: list[ClientUpdate], weights: list[float], module: str) -> LoraFactors:

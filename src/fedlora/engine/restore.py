@@ -18,11 +18,13 @@ from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import check_model_fits, load_run_model, run_prompt_format
 from fedlora.lora import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight
-from fedlora.models import pad_token_id
+from fedlora.engine.model_card import model_card
+from fedlora.models import pad_token_id, published_name
 
 
 @dataclass
 class RestoredRun:
+    run_dir: Path
     config: RunConfig
     global_model: GlobalModel
     tokenizer: object
@@ -51,7 +53,7 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     method.setup(MethodPart.context(state["method"]))
     MethodPart(method).load_state_dict((state["method"], with_prefix("method/", tensors)))
     adapter = method.evaluation_adapters().get(None)
-    return RestoredRun(config, global_model, tokenizer, adapter, state["completed_round"])
+    return RestoredRun(Path(run_dir), config, global_model, tokenizer, adapter, state["completed_round"])
 
 
 def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
@@ -71,10 +73,12 @@ def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
 
 
 def export_merged(restored: RestoredRun, out_dir: Path) -> None:
-    """A plain ``save_pretrained`` model with every update merged into its weights."""
+    """A plain ``save_pretrained`` model with every update merged into its weights, and its card."""
     with restored.model() as model:
         model.save_pretrained(out_dir)
         restored.tokenizer.save_pretrained(out_dir)
+    card = model_card(restored.run_dir, restored.config, restored.completed_round, kind="merged model")
+    (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")
 
 
 def export_adapter(restored: RestoredRun, out_dir: Path, rank: int) -> float:
@@ -88,5 +92,12 @@ def export_adapter(restored: RestoredRun, out_dir: Path, rank: int) -> float:
             delta = base_weight(model, name).float() - base_weight(original, name).float()
             factors[name], error = low_rank_adapter(delta, rank)
             errors.append(error)
-    save_adapter(original, factors, rank, float(rank), restored.config.target_modules, out_dir)
+    save_adapter(original, factors, rank, float(rank), restored.config.target_modules, out_dir,
+                 base_name=published_name(restored.config.model))
+    usage = (f"Load with PEFT on its base: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\""
+             f"{published_name(restored.config.model)}\"), \"<this folder>\")`. It is the best rank-{rank} "
+             f"approximation of the run's whole accumulated update (relative Frobenius error {max(errors):.3e}).")
+    card = model_card(restored.run_dir, restored.config, restored.completed_round,
+                      kind=f"LoRA adapter, rank {rank}", extra=usage)
+    (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")
     return max(errors)

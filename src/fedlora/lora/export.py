@@ -39,18 +39,22 @@ def low_rank_adapter(delta: Tensor, rank: int) -> tuple[LoraFactors, float]:
 
 
 def save_adapter(base_model: nn.Module, factors: dict[str, LoraFactors], rank: int, alpha: float,
-                 target_modules: Iterable[str], out_dir: str | Path) -> Path:
+                 target_modules: Iterable[str], out_dir: str | Path, *, base_name: str | None = None) -> Path:
     """Write ``factors`` as a PEFT adapter (adapter_model.safetensors + adapter_config.json).
 
     ``base_model`` is a plain transformers model; it is wrapped for the save and unwrapped
     again, so it leaves unchanged. Factors whose scale differs from ``alpha / rank`` are
-    rescaled so the saved adapter applies the same update.
+    rescaled so the saved adapter applies the same update. ``base_name`` is the base as users
+    know it (a Hub id), recorded as the adapter's ``base_model_name_or_path`` in place of the
+    folder the model was loaded from.
     """
     if isinstance(base_model, PeftModel):
         raise ValueError("save_adapter needs the plain base model; call remove_lora on the PEFT model first")
     peft_model = attach_lora(base_model, rank, alpha, target_modules)
     try:
         set_factors(peft_model, factors)
+        if base_name is not None:
+            peft_model.peft_config["default"].base_model_name_or_path = base_name
         peft_model.save_pretrained(str(out_dir))
     finally:
         remove_lora(peft_model)
