@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
+.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-eval bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ bench-aggregation: install
 bench-perf: install
 	$(PY) benchmarks/perf.py
 	$(PY) benchmarks/readme_tables.py perf
+
+# fedlora's MMLU scoring against lm-evaluation-harness, generation speed, the demo's evaluation share
+bench-eval: install
+	$(PY) benchmarks/eval.py
+	$(PY) benchmarks/readme_tables.py eval eval_summary
 
 # resumable sweeps (stop at any time, run again to continue), then README's quality section
 bench-quality: install

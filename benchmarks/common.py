@@ -13,6 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Container, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,7 @@ SHARED_DATA = Path("../shared/data")
 DOLLY = SHARED_DATA / "dolly-10clients"
 DOLLY_TEST = DOLLY / "global_test.json"
 MMLU = SHARED_DATA / "mmlu" / "mmlu_test_1444.json"
+DEMO_CONFIG = Path("configs/demo.toml")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -75,6 +77,41 @@ def measure_in_subprocess(script: str, args: Sequence[str], env: dict[str, str] 
         sys.stderr.write(completed.stderr)
         raise SystemExit(f"measurement {' '.join(args)} failed (exit {completed.returncode})")
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def timed(function) -> dict:
+    """CPU and wall seconds of one call, and what it returned."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    value = function()
+    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "value": value}
+
+
+def timed_mmlu_scoring(model_name: str, batch_size: int) -> tuple:
+    """``model_name`` loaded with packing where it computes it, every MMLU question, and fedlora's
+    scoring of them timed after a warm-up batch: (model, tokenizer, questions, packing, timed)."""
+    from fedlora.attention import enable_packing
+    from fedlora.data import load_mmlu
+    from fedlora.eval.mmlu import answer_log_likelihoods
+    from fedlora.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    questions = load_mmlu(MMLU)
+    packing = enable_packing(model)
+    answer_log_likelihoods(model, tokenizer, questions[:batch_size], batch_size=batch_size, packed=packing)
+    scored = timed(lambda: answer_log_likelihoods(model, tokenizer, questions, batch_size=batch_size, packed=packing))
+    return model, tokenizer, questions, packing, scored
+
+
+def run_cli(arguments: Sequence[str]) -> float:
+    """Wall seconds of ``fedlora <arguments>`` as a user runs it (this venv's console script)."""
+    command = [str(Path(sys.executable).parent / "fedlora"), *arguments]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout + completed.stderr)
+        raise SystemExit(f"{' '.join(command)} failed (exit {completed.returncode})")
+    return seconds
 
 
 def spread(values: Sequence[float]) -> tuple[float, float, float]:

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 import aggregation
-from common import DOLLY, DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, MMLU, RESULTS, dolly_client_files, \
+from common import DEMO_CONFIG, DOLLY, DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, RESULTS, dolly_client_files, \
     environment_line, heavy_imports, markdown_table, measure_in_subprocess, peak_rss_mb, pool_dolly, prepare, \
-    require_shared_data, run_federation, spread, spread_text, write_result
+    require_shared_data, run_cli, run_federation, spread, spread_text, timed, timed_mmlu_scoring, write_result
 
 # (a) client training step
 STEP_MODEL = "smollm2-135m"
@@ -54,7 +54,7 @@ STEP_GOAL = 1.05
 # (b) server ÷ client time, a real FLoRA run
 SERVER_RUN = {"model": "smollm2-135m", "data": str(DOLLY), "method": "flora",
               "ranks": [64, 32, 16, 16, 8, 8, 4, 4, 4], "clients_per_round": 3, "local_steps": 3,
-              "rounds": 3, "batch_size": 4, "max_length": 128, "test_limit": 16, "mmlu_limit": 8, "seed": 0}
+              "rounds": 3, "batch_size": 4, "max_length": 128, "test_limit": 16, "generation_limit": 8, "seed": 0}
 SERVER_GOAL = 0.05
 
 # (c) memory against the number of clients
@@ -79,9 +79,9 @@ MMLU_BATCH = 8
 MMLU_GOAL_SECONDS = 180.0
 
 # (f) the demo on both runtimes
-DEMO_CONFIG = Path("configs/demo.toml")
 DEMO_GOAL = 1.5
-DEMO_KEYS = ("round", "eval_loss", "perplexity", "mmlu_acc", "train_loss", "bytes_up", "bytes_down", "clients")
+DEMO_KEYS = ("round", "eval_loss", "perplexity", "rouge_l", "sample_generation", "train_loss", "bytes_up",
+             "bytes_down", "clients")
 
 # (h) CLI start-up: a fresh interpreter per call, as a user's shell starts it
 CLI_COMMANDS = (("--help",), ("methods",))
@@ -271,13 +271,6 @@ def padded_full_logits_loss(model, examples, pad_id: int, batch_size: int) -> fl
     return total_nll / total_tokens
 
 
-def timed(function) -> dict:
-    """CPU and wall seconds of one call, and what it returned."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    value = function()
-    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "value": value}
-
-
 def part_heldout() -> dict:
     from fedlora.attention import enable_packing
     from fedlora.data import load_records, tokenize_records
@@ -342,16 +335,7 @@ def left_padded_mmlu_scores(model, tokenizer, questions, batch_size: int) -> tor
 
 
 def part_mmlu() -> dict:
-    from fedlora.attention import enable_packing
-    from fedlora.data import load_mmlu
-    from fedlora.eval.mmlu import answer_log_likelihoods
-    from fedlora.models import load_model
-
-    model, tokenizer = load_model(STEP_MODEL)
-    questions = load_mmlu(MMLU)
-    packing = enable_packing(model)
-    answer_log_likelihoods(model, tokenizer, questions[:MMLU_BATCH], batch_size=MMLU_BATCH, packed=packing)  # warm-up
-    new = timed(lambda: answer_log_likelihoods(model, tokenizer, questions, batch_size=MMLU_BATCH, packed=packing))
+    model, tokenizer, questions, packing, new = timed_mmlu_scoring(STEP_MODEL, MMLU_BATCH)
     old = timed(lambda: left_padded_mmlu_scores(model, tokenizer, questions, MMLU_BATCH))
     new_scores, old_scores = new.pop("value"), old.pop("value")
     new_choices, old_choices = new_scores.argmax(dim=-1), old_scores.argmax(dim=-1)
@@ -370,14 +354,7 @@ def run_demo(out: Path, runtime: str) -> dict:
     """Wall seconds of ``fedlora run configs/demo.toml`` on ``runtime``, and its metrics rows."""
     from fedlora.report import read_metrics
 
-    command = [str(Path(sys.executable).parent / "fedlora"), "run", str(DEMO_CONFIG), "--out", str(out),
-               "--runtime", runtime]
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"{' '.join(command)} failed (exit {completed.returncode})")
+    seconds = run_cli(["run", str(DEMO_CONFIG), "--out", str(out), "--runtime", runtime])
     return {"seconds": seconds, "rows": [{key: row.get(key) for key in DEMO_KEYS} for row in read_metrics(out)]}
 
 
@@ -491,7 +468,8 @@ def server_section(result: dict) -> tuple[list[str], list[list]]:
         f"A real in-process FLoRA run: {run['model']}, Dolly clients with ranks "
         f"{','.join(map(str, run['ranks']))}, {run['clients_per_round']} clients × {run['local_steps']} steps "
         f"× {run['rounds']} rounds, batch {run['batch_size']}, max_length {run['max_length']}, held-out loss on "
-        f"{run['test_limit']} records and MMLU on {run['mmlu_limit']} questions (final round). Server = "
+        f"{run['test_limit']} records and answers to {run['generation_limit']} held-out prompts (rounds 0 and last). "
+        "Server = "
         "validation + aggregation + merge into the base (`server_seconds`); client = the clients' "
         "`train` calls (`client_seconds`); evaluation is shown apart and not in the ratio; the round "
         f"(`seconds`) is all three, sampling included. Peak RSS {result['peak_rss_mb']:.0f} MB.", "",
@@ -599,7 +577,7 @@ def demo_section(result: dict) -> tuple[list[str], list[list]]:
     inprocess, flower = result["inprocess"], result["flower"]
     rows = [[row["round"], f"{row['eval_loss']:.4f}", f"{other['eval_loss']:.4f}",
              "—" if row["train_loss"] is None else f"{row['train_loss']:.4f}",
-             "—" if row.get("mmlu_acc") is None else f"{row['mmlu_acc']:.3f}"]
+             "—" if row.get("rouge_l") is None else f"{row['rouge_l']:.4f}"]
             for row, other in zip(inprocess["rows"], flower["rows"], strict=True)]
     lines = [
         "## (f) The demo on Flower's Deployment Engine", "",
@@ -608,7 +586,7 @@ def demo_section(result: dict) -> tuple[list[str], list[list]]:
         f"fresh run folder, every core: {inprocess['seconds']:.0f} s in-process, {flower['seconds']:.0f} s on "
         f"Flower. Every metric of every round ({', '.join(DEMO_KEYS)}) is "
         f"{'bit-identical' if result['identical'] else 'NOT identical'} between the two.", "",
-        *markdown_table(["round", "eval loss in-process", "eval loss Flower", "train loss", "MMLU acc"], rows), ""]
+        *markdown_table(["round", "eval loss in-process", "eval loss Flower", "train loss", "ROUGE-L"], rows), ""]
     return lines, [["(f) demo wall time, Flower ÷ in-process",
                     *ratio_cells([flower["seconds"] / inprocess["seconds"]], DEMO_GOAL)],
                    ["(f) demo metrics bit-identical (1 = yes)", *ratio_cells([float(result["identical"])], 1.0,

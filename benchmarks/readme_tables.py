@@ -50,7 +50,8 @@ def compose_quality() -> bool:
 
 
 #: the page each result is inserted in
-PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md"}
+PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md",
+         "eval_summary": ROOT / "README.md"}
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
@@ -68,7 +69,8 @@ def update(page: str, name: str) -> str:
 
 
 def main() -> None:
-    names = sys.argv[1:] or ("aggregation", "perf", "flower_overhead", "quality", "flora_warm_single_client", "privacy")
+    names = sys.argv[1:] or ("aggregation", "perf", "eval", "eval_summary", "flower_overhead", "quality",
+                             "flora_warm_single_client", "privacy")
     if "quality" in names and not compose_quality():
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:

@@ -54,7 +54,10 @@ EVAL_KEYS = ("round", "eval_loss", "perplexity", "train_loss", "bytes_up", "byte
 def tiny_config(client_dir: Path, out: Path, **overrides) -> RunConfig:
     # float32 on every device: the tests built on it check float32 exactness (bfloat16: test_bf16_run.py)
     values = {"model": "tiny-llama", "dtype": "float32", "data": str(client_dir), "rounds": 2, "local_steps": 2,
-              "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2}
+              "batch_size": 2, "max_length": 48, "ranks": [4, 2, 1], "out": str(out), "lr": 1e-2,
+              "generation_limit": 2, "max_new_tokens": 8,
+              # validation every round: a run resumed with more rounds then has the rows of one that had them all
+              "val_every": 1}
     values.update(overrides)
     return build_config(values)
 

@@ -167,7 +167,7 @@ def test_run_writes_every_output_then_export_eval_and_report(client_dir, tmp_pat
 
     evaluated = invoke("eval", out, "--test-data", client_dir / "global_test.json")
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.output)["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
+    assert json.loads(evaluated.stdout)["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
 
     invoke("run", *TINY, "--data", client_dir, "--rounds", "1", "--method", "fedit", "--ranks", "2",
            "--out", tmp_path / "runs" / "fedit")

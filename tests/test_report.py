@@ -119,7 +119,8 @@ def test_write_report_with_the_round_loop_summary(tmp_path):
     report = write_report(tmp_path)[0].read_text()
     assert "| best_eval_loss | 2 |" in report
     assert "| final eval_loss | 2.0000 |" in report
-    assert "| final mmlu_acc | 50.00% |" in report
+    # 2 of 4 right: Wilson 95 % interval 0.5 ± 1.96·√(0.25/4 + 1.96²/64)/(1 + 1.96²/4) = [0.150, 0.850]
+    assert "| final mmlu_acc | 50.0% [15.0, 85.0] n=4 |" in report
     assert "### MMLU per subject (round 1)" in report
     assert "| law | 100.00% | 2 |" in report and "| math | 0.00% | 2 |" in report
     assert "down vs full fine-tuning: 0.4000%" in report

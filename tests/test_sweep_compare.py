@@ -15,17 +15,18 @@ import pytest
 
 from fedlora.sweep.compare import build_comparison, write_comparison
 from fedlora.sweep.plan import plan_sweep
-from fedlora.sweep.stats import mean_interval, paired_difference, t_quantile, wilson_interval
+from fedlora.stats import mean_interval, paired_difference, t_quantile, wilson_interval
 
 T_975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # the t quantile for 2 degrees of freedom has a closed form
 SEEDS = (0, 1, 2)
 LRS = (1e-3, 1e-2, 1e-1)
 
 
-def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int = 2, missing: tuple[str, ...] = ()):
+def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int = 2, missing: tuple[str, ...] = (),
+                rouge=None):
     """A sweep folder: the plan of a real sweep document, and for every run the metrics rows
     ``losses(method, lr, seed) -> (test_loss, val_loss)`` gives its final round (earlier rounds
-    are higher by 0.1 a round)."""
+    are higher by 0.1 a round); ``rouge(method, lr, seed)``, if given, the final round's ROUGE-L."""
     plan = plan_sweep({"run": {"model": "tiny-llama", "rounds": rounds}, "grid": {"seed": list(SEEDS), "lr": list(LRS)},
                        "tune": {"keys": ["lr"]}, "settings": {"hom": {"ranks": [4], "methods": list(methods)}}},
                       "sweep.toml")
@@ -39,6 +40,8 @@ def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int =
         run_dir.mkdir(parents=True)
         rows = [{"round": r, "method": run.method, "eval_loss": test + 0.1 * (rounds - r),
                  "val_loss": val + 0.1 * (rounds - r)} for r in range(rounds + 1)]
+        if rouge is not None:
+            rows[-1]["rouge_l"] = rouge(run.method, run.point["lr"], run.point["seed"])
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         communication = {"up_vs_full_finetuning": 0.01, "down_vs_full_finetuning": 0.02}
         (run_dir / "summary.json").write_text(json.dumps({"method": run.method, "communication": communication}))
@@ -137,6 +140,34 @@ def test_intervals_and_paired_differences_match_a_hand_computation(tmp_path):
     assert "**flora does not have the lowest mean final test loss here**" in markdown
     assert json.loads(paths[0].read_text())["settings"]["hom"]["methods"]["fedex"]["vs_reference"]["significant"]
     assert paths[2].stat().st_size > 0
+
+
+def test_rouge_l_is_compared_over_seeds_and_paired_against_the_reference(tmp_path):
+    rouge = {"flora": (0.30, 0.34, 0.29), "fedit": (0.25, 0.27, 0.26)}
+    write_sweep(tmp_path / "sweep", ("flora", "fedit"), three_methods,
+                rouge=lambda method, lr, seed: rouge[method][seed])
+    # a chosen run scored after the sweep: its later ROUGE-L replaces the row's
+    chosen = build_comparison(tmp_path / "sweep")["settings"]["hom"]["methods"]["fedit"]["runs"][0]
+    assert chosen.endswith("seed=0")
+    later = {"round": 2, "eval_loss": FEDIT[0], "rouge_l": 0.20}
+    (tmp_path / "sweep" / chosen / "final-test.json").write_text(json.dumps(later))
+    rouge["fedit"] = (0.20, 0.27, 0.26)
+    methods = build_comparison(tmp_path / "sweep")["settings"]["hom"]["methods"]
+    for name in ("flora", "fedit"):
+        mean, low, high = hand_interval(rouge[name])
+        assert methods[name]["rouge_l"] == {"mean": pytest.approx(mean), "ci95": pytest.approx([low, high])}
+    mean, low, high = hand_interval([a - b for a, b in zip(rouge["fedit"], rouge["flora"])])
+    versus = methods["fedit"]["rouge_l_vs_reference"]
+    assert versus["mean"] == pytest.approx(mean) and versus["ci95"] == pytest.approx([low, high])
+    assert versus["significant"] == (high < 0 or low > 0)
+    markdown = write_comparison(tmp_path / "sweep")[1].read_text()
+    assert "final ROUGE-L [95 % CI] | Δ ROUGE-L vs flora" in markdown
+    assert f"| {mean:+.4f} [{low:+.4f}, {high:+.4f}] |" in markdown
+
+
+def test_a_sweep_without_generation_has_no_rouge_columns(tmp_path):
+    write_sweep(tmp_path / "sweep", ("flora",), three_methods)
+    assert "ROUGE-L" not in write_comparison(tmp_path / "sweep")[1].read_text()
 
 
 def test_a_method_with_unfinished_runs_is_listed_and_left_out(tmp_path):

@@ -13,7 +13,8 @@ import fedlora
 from fedlora.engine.config import ConfigError, build_config
 from fedlora.sweep import run_sweep
 from fedlora.sweep.plan import plan_sweep
-from fedlora.trackers import mlflow_store
+from fedlora.engine.rows import RoundRow
+from fedlora.trackers import mlflow_store, round_metrics
 
 TINY = {"model": "tiny-llama", "dtype": "float32", "rounds": 2, "local_steps": 1, "batch_size": 2,
         "max_length": 32, "ranks": [2], "lr": 1e-2, "mmlu_limit": 0, "method": "fedit"}
@@ -98,3 +99,14 @@ def test_a_sweep_logs_each_run_into_one_group(client_dir, tmp_path):
 def test_an_unknown_tracker_is_a_one_line_error():
     with pytest.raises(ConfigError, match="'report_to' names 'comet'; choose among tensorboard, mlflow, wandb"):
         build_config({"report_to": ["comet"]})
+
+
+def test_a_row_logs_every_finite_number_with_lm_eval_tasks_by_task_and_metric():
+    row = RoundRow.from_json({"round": 3, "method": "flora", "eval_loss": 2.5, "rouge_l": 0.25, "skipped": False,
+                              "sample_generation": {"prompt": "p", "reference": "r", "answer": "a"},
+                              "tasks": {"hellaswag": {"acc": 0.5, "acc_stderr": 0.1, "n": 20}},
+                              "truncation_error": float("nan"), "broadcast_rank": 12})
+    assert round_metrics(row) == {"eval_loss": 2.5, "rouge_l": 0.25, "hellaswag/acc": 0.5, "hellaswag/acc_stderr": 0.1,
+                                  "hellaswag/n": 20.0, "broadcast_rank": 12.0, "bytes_up": 0.0, "bytes_down": 0.0,
+                                  "params_up": 0.0, "params_down": 0.0, "client_seconds": 0.0,
+                                  "server_seconds": 0.0, "eval_seconds": 0.0, "seconds": 0.0}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.data import DataError, Record, load_records, split_clients, tokenize_records
-from fedlora.engine.config import ConfigError, build_config, save_config
+from fedlora.engine.config import ConfigError, RunConfig, build_config, save_config
 from fedlora.engine.setup import prepare_run
 from fedlora.engine.metrics import read_metrics
 from fedlora.runtime.inprocess import run_inprocess
@@ -56,7 +56,7 @@ def token_ids(examples) -> list[list[int]]:
 
 def tiny(client_dir: Path, out: Path, **overrides):
     values = {"model": "tiny-llama", "data": str(client_dir), "rounds": 2, "local_steps": 1, "batch_size": 2,
-              "max_length": 32, "ranks": [2], "lr": 1e-2, "validation_fraction": 0.2, "out": str(out)}
+              "max_length": 32, "ranks": [2], "lr": 1e-2, "validation_fraction": 0.2, "val_every": 1, "out": str(out)}
     config = build_config({**values, **overrides})
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.json")
@@ -117,11 +117,17 @@ def test_a_client_of_the_shared_fixture_keeps_all_but_one_record_by_default(clie
     assert {cid: len(e) for cid, e in setup.client_examples.items()} == {"0": 7, "1": 11, "2": 19}
 
 
-def test_eval_every_scores_the_test_set_on_round_0_every_kth_and_the_last_round_and_validation_always(
+def test_eval_every_scores_the_test_set_on_round_0_every_kth_and_the_last_round_and_val_every_the_validation(
         client_dir, tmp_path):
-    every_round = run_tiny(client_dir, tmp_path / "every", rounds=4, validation_fraction=0.2)
-    sparse = run_tiny(client_dir, tmp_path / "sparse", rounds=4, validation_fraction=0.2, eval_every=3)
+    every_round = run_tiny(client_dir, tmp_path / "every", rounds=4, validation_fraction=0.2, val_every=1)
+    sparse = run_tiny(client_dir, tmp_path / "sparse", rounds=4, validation_fraction=0.2, eval_every=3, val_every=2)
+    assert RunConfig().val_every == 0
+    by_default = run_tiny(client_dir, tmp_path / "default", rounds=4, validation_fraction=0.2, val_every=0)
     assert [row["round"] for row in sparse if "eval_loss" in row] == [0, 3, 4]
-    for dense, row in zip(every_round, sparse):  # skipping an evaluation changes no training
-        assert row["val_loss"] == dense["val_loss"] and row["train_loss"] == dense["train_loss"]
-        assert row.get("eval_loss", dense["eval_loss"]) == dense["eval_loss"]
+    assert [row["round"] for row in sparse if "val_loss" in row] == [0, 2, 4]
+    # by default the validation loss only where tuning reads it: the final round
+    assert [row["round"] for row in by_default if "val_loss" in row] == [4]
+    for dense, row, default in zip(every_round, sparse, by_default):  # skipping an evaluation changes no training
+        assert row["train_loss"] == dense["train_loss"] == default["train_loss"]
+        assert row.get("eval_loss", dense["eval_loss"]) == dense["eval_loss"] == default["eval_loss"]
+        assert row.get("val_loss", dense["val_loss"]) == dense["val_loss"] == default.get("val_loss", dense["val_loss"])

@@ -155,7 +155,7 @@ def execute(config: RunConfig, run_dir: Path, observers: Sequence[RunObserver] =
         from fedlora.runtime.inprocess import run_inprocess
 
         runtime = {"loaded": loaded} | ({"evaluation": evaluation} if evaluation is not None else {})
-        summary = run_inprocess(prepare_run(config, run_dir, log=observer.log, mmlu_progress=observer.mmlu_progress,
+        summary = run_inprocess(prepare_run(config, run_dir, log=observer.log, progress=observer.evaluation_progress,
                                             **runtime), observer)
     write_summary(run_dir, {**summary, "wall_seconds": time.perf_counter() - started})
     write_report(run_dir)

@@ -104,9 +104,11 @@ app.command()(run)
 
 
 def _print_summary(result) -> None:
-    from fedlora.report import console_table, format_bytes
+    from fedlora.report import console_table, format_bytes, generation_lines
 
     console.print(console_table(result.rows, title=f"{result.summary['method']}: all rounds"))
+    for line in generation_lines(result.rows, width=max(40, console.width - 4)):
+        console.print(f"  {line}")
     comm = result.summary["communication"]
     console.print(f"communication: up {format_bytes(comm['bytes_up'])} "
                   f"({comm['up_vs_full_finetuning']:.4f} of full fine-tuning), down "
@@ -166,18 +168,29 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder, or a fold
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run folder: evaluates its latest global model")],
-    test_data: Annotated[Optional[str], Opt()] = None,
-    mmlu: Annotated[Optional[str], Opt()] = None,
-    mmlu_limit: Annotated[Optional[int], Opt()] = None,
-    test_limit: Annotated[Optional[int], Opt()] = None,
+    test_data: Annotated[Optional[str], Opt(help="held-out records (default: the run's)")] = None,
+    test_limit: Annotated[Optional[int], Opt(help="loss on the first N test records")] = None,
+    generation_limit: Annotated[Optional[int], Opt(help="answer the first N test records (0: none)")] = None,
+    max_new_tokens: Annotated[Optional[int], Opt(help="tokens per generated answer at most")] = None,
+    mmlu: Annotated[Optional[str], Opt(help="MMLU file in FLoRA's format (fedlora's fast scoring)")] = None,
+    mmlu_limit: Annotated[Optional[int], Opt(help="the first N MMLU questions")] = None,
+    tasks: Annotated[Optional[str], Opt(help="lm-evaluation-harness tasks, comma-separated: fedlora_mmlu, "
+                                             "fedlora_generation or any lm-eval task available offline")] = None,
+    tasks_limit: Annotated[Optional[int], Opt(help="documents per lm-eval task")] = None,
 ) -> None:
-    """Evaluate a run's global model: held-out loss and MMLU accuracy."""
+    """Evaluate a run's global model: held-out loss, generation (ROUGE-L, exact match), MMLU,
+    lm-eval tasks; prints every metric as JSON."""
     from fedlora.engine.restore import evaluate_restored, restore_global_model
+    from fedlora.runtime.observer import RichObserver
 
     try:
         restored = restore_global_model(run_dir)
-        overrides = _given(dict(test_data=test_data, mmlu=mmlu, mmlu_limit=mmlu_limit, test_limit=test_limit))
-        metrics = evaluate_restored(restored, overrides)
+        overrides = _given(dict(test_data=test_data, test_limit=test_limit, generation_limit=generation_limit,
+                                max_new_tokens=max_new_tokens, mmlu=mmlu, mmlu_limit=mmlu_limit, eval_tasks=tasks,
+                                tasks_limit=tasks_limit))
+        # notes and progress on standard error: standard output is the JSON alone
+        with RichObserver(Console(stderr=True, markup=False)) as observer:
+            metrics = evaluate_restored(restored, overrides, log=observer.log, progress=observer.evaluation_progress)
     except USER_ERRORS as error:
         _fail(error)
     console.print_json(json.dumps({k: v for k, v in metrics.items() if k != "mmlu_per_subject"}))

@@ -292,6 +292,16 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model was built for (its config's positions), as lm-evaluation-harness
+    reads it; None where the config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(length := getattr(config, key, None), int):
+            return length
+    return None
+
+
 def pad_token_id(tokenizer) -> int:
     """The pad id to batch with: the tokenizer's pad token, else eos, else 0.
 

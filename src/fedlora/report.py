@@ -5,10 +5,9 @@ goes, so a crashed run keeps every finished round), ``summary.json`` (the final 
 replaced atomically) and, once :func:`write_report` runs, ``report.md`` and ``curves.png``.
 :func:`compare_runs` draws several run folders side by side.
 
-Row keys understood here (all optional except ``round``): ``round``, ``method``,
-``eval_loss``, ``perplexity``, ``val_loss``, ``mmlu_acc``, ``mmlu_per_subject`` (``{subject: {"acc", "n"}}``),
-``train_loss``, ``aggregation_error``, ``broadcast_error``, ``bytes_up``, ``bytes_down``, ``seconds``;
-others are kept but not shown.
+The rows are :class:`~fedlora.engine.rows.RoundRow`; a table shows each column some row has
+a value in, accuracies with their n and 95 % Wilson interval, lm-eval's tasks a column per
+metric. Keys that are not a RoundRow field are kept but not shown.
 summary.json's scalars are listed as they are; its ``mmlu_per_subject``, when given, replaces
 the latest row's, and its communication ledger summary
 (``fedlora.engine.ledger.Ledger.summary``: ``bytes_up``, ``bytes_down``,
@@ -29,6 +28,7 @@ from rich.table import Table
 
 from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_summary
 from fedlora.engine.rows import RoundRow, read_rows
+from fedlora.stats import wilson_interval
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
@@ -60,26 +60,76 @@ def _significant(value: float) -> str:
     return f"{value:.3g}"
 
 
-#: row key (also the column header) → its formatter, for the per-round tables (markdown, console)
-ROUND_COLUMNS: dict[str, Callable[[Any], str]] = {
-    "round": str,
-    "method": str,
-    "eval_loss": _fixed(4),
-    "perplexity": _fixed(2),
-    "val_loss": _fixed(4),
-    "mmlu_acc": _percent,
-    "train_loss": _fixed(4),
-    "aggregation_error": _significant,
-    "broadcast_error": _significant,
-    "bytes_up": format_bytes,
-    "bytes_down": format_bytes,
-    "seconds": _fixed(1),
+def accuracy_text(accuracy: float, n: int | float | None) -> str:
+    """An accuracy with its n and 95 % Wilson interval: ``23.4% [19.1, 28.2] n=300``."""
+    if not n or math.isnan(accuracy):
+        return _percent(accuracy)
+    _, low, high = wilson_interval(accuracy * n, round(n))
+    return f"{100 * accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}] n={round(n)}"
+
+
+#: what a column shows of a row; None: not measured that round
+Cell = Callable[[RoundRow], str | None]
+
+
+def _shown(key: str, fmt: Callable[[Any], str]) -> Cell:
+    return lambda row: None if (value := getattr(row, key)) is None else fmt(value)
+
+
+def _accuracy(key: str, n_key: str) -> Cell:
+    return lambda row: None if (value := getattr(row, key)) is None else accuracy_text(value, getattr(row, n_key))
+
+
+#: column header (a row key) → what it shows, for the per-round tables (markdown, console)
+ROUND_COLUMNS: dict[str, Cell] = {
+    "round": _shown("round", str),
+    "method": _shown("method", str),
+    "eval_loss": _shown("eval_loss", _fixed(4)),
+    "perplexity": _shown("perplexity", _fixed(2)),
+    "val_loss": _shown("val_loss", _fixed(4)),
+    "rouge_l": _shown("rouge_l", _fixed(4)),
+    "exact_match": _accuracy("exact_match", "generation_n"),
+    "mmlu_acc": _accuracy("mmlu_acc", "mmlu_total"),
+    "train_loss": _shown("train_loss", _fixed(4)),
+    "aggregation_error": _shown("aggregation_error", _significant),
+    "broadcast_error": _shown("broadcast_error", _significant),
+    "bytes_up": _shown("bytes_up", format_bytes),
+    "bytes_down": _shown("bytes_down", format_bytes),
+    "eval_seconds": _shown("eval_seconds", _fixed(1)),
+    "seconds": _shown("seconds", _fixed(1)),
 }
 
+#: lm-eval metrics that are a share of documents right: shown with a Wilson interval
+TASK_ACCURACIES = ("acc", "acc_norm", "exact_match")
 
-def _cell(row: RoundRow, key: str, fmt: Callable[[Any], str]) -> str:
-    value = getattr(row, key)
-    return MISSING if value is None else fmt(value)
+
+def task_metric_text(scores: dict, metric: str) -> str:
+    """An lm-eval metric of one task with its n: an accuracy with its Wilson interval, another
+    metric ± 1.96 standard errors where lm-eval gives one."""
+    value, n = scores[metric], scores.get("n")
+    if metric in TASK_ACCURACIES:
+        return accuracy_text(value, n)
+    stderr = scores.get(f"{metric}_stderr")
+    spread = f" ± {1.96 * stderr:.4f}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
+    return f"{value:.4f}{spread}" + (f" n={n}" if n else "")
+
+
+def _task_columns(rows: list[RoundRow]) -> dict[str, Cell]:
+    """A column per (lm-eval task, metric) any row measured, ``task/metric``."""
+    names = dict.fromkeys((task, metric) for row in rows for task, scores in (row.tasks or {}).items()
+                          for metric in scores if metric != "n" and not metric.endswith("_stderr"))
+
+    def cell(task: str, metric: str) -> Cell:
+        return lambda row: (None if metric not in (row.tasks or {}).get(task, {})
+                            else task_metric_text(row.tasks[task], metric))
+    return {f"{task}/{metric}": cell(task, metric) for task, metric in names}
+
+
+def _columns(rows: list[RoundRow]) -> dict[str, Cell]:
+    """Every column, lm-eval's tasks before the training and communication ones."""
+    position = list(ROUND_COLUMNS).index("train_loss")
+    items = list(ROUND_COLUMNS.items())
+    return dict(items[:position] + list(_task_columns(rows).items()) + items[position:])
 
 
 def _markdown_table(headers: list[str], body: Iterable[list[str]]) -> list[str]:
@@ -89,24 +139,44 @@ def _markdown_table(headers: list[str], body: Iterable[list[str]]) -> list[str]:
 
 
 def rounds_markdown(rows: list[RoundRow]) -> list[str]:
-    """The per-round metrics as markdown table lines."""
-    return _markdown_table(list(ROUND_COLUMNS),
-                           ([_cell(row, key, fmt) for key, fmt in ROUND_COLUMNS.items()]
-                            for row in rows))
+    """The per-round metrics as markdown table lines: the columns some row has a value in."""
+    shown = _measured_columns(rows)
+    return _markdown_table(list(shown), ([cell(row) or MISSING for cell in shown.values()] for row in rows))
+
+
+def _measured_columns(rows: list[RoundRow]) -> dict[str, Cell]:
+    return {key: cell for key, cell in _columns(rows).items()
+            if key in ("round", "method") or any(cell(row) is not None for row in rows)}
 
 
 def console_table(rows: list[RoundRow], title: str | None = None) -> Table:
-    """The per-round metrics as a rich table for the CLI: report.md's columns, but for those no
-    row has a value in (a run without MMLU, a method without a global model to compare)."""
+    """The per-round metrics as a rich table for the CLI: report.md's columns, those some row
+    has a value in (a run without MMLU, a method without a global model to compare)."""
     table = Table(title=title)
-    shown = {key: fmt for key, fmt in ROUND_COLUMNS.items()
-             if key in ("round", "method") or any(getattr(row, key) is not None for row in rows)}
+    shown = _measured_columns(rows)
     for key in shown:
         # headers break at "_" (eval / loss): narrow terminals cut fewer columns
         table.add_column(key.replace("_", "\n"), justify="left" if key == "method" else "right")
     for row in rows:
-        table.add_row(*(_cell(row, key, fmt) for key, fmt in shown.items()))
+        table.add_row(*(cell(row) or MISSING for cell in shown.values()))
     return table
+
+
+def generation_lines(rows: list[RoundRow], *, width: int | None = None) -> list[str]:
+    """The first held-out prompt the rows' generation answered, its reference, and the answers
+    of the first and the latest round that generated (before and after training), each cut to
+    ``width`` characters if given."""
+    generated = [row for row in rows if row.sample_generation]
+    if not generated:
+        return []
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if width is None or len(text) <= width else text[:width - 1] + "…"
+    sample = generated[0].sample_generation
+    lines = [f"prompt: {cut(sample['prompt'])}", f"reference: {cut(sample['reference'])}"]
+    answered = generated[:1] + generated[1:][-1:]
+    return lines + [f"answer, round {row.round}: {cut(row.sample_generation['answer'])}" for row in answered]
 
 
 def _series(rows: list[RoundRow], key: str) -> tuple[list[int], list[float]]:
@@ -119,17 +189,21 @@ def _total(rows: list[RoundRow], key: str) -> int:
     return sum(getattr(row, key) or 0 for row in rows)
 
 
-#: the last row's metrics shown in the final summary, beside summary.json's own scalars
-FINAL_METRICS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correct", "mmlu_total")
+#: the last row's measurements shown in the final summary, beside summary.json's own scalars
+FINAL_METRICS = ("eval_loss", "perplexity", "val_loss", "rouge_l", "exact_match", "mmlu_acc")
 
 
 def _summary_section(rows: list[RoundRow], summary: dict) -> list[str]:
-    """summary.json's scalars, the last round's metrics, MMLU per subject, communication."""
+    """summary.json's scalars, the last round's measurements, the generated answers, MMLU per
+    subject, communication."""
     last = rows[-1]
+    columns = _columns(rows)
     entries = [(key, _scalar_text(value)) for key, value in summary.items()
                if not isinstance(value, (dict, list))]
-    entries += [(f"final {key}", ROUND_COLUMNS.get(key, _scalar_text)(getattr(last, key)))
-                for key in FINAL_METRICS if getattr(last, key) is not None]
+    finals = [*FINAL_METRICS, *_task_columns(rows)]
+    entries += [(f"final {key}", text) for key in finals if (text := columns[key](last)) is not None]
+    if last.eval_tokens is not None:
+        entries.append(("final eval_tokens", str(last.eval_tokens)))
     lines = ["## Final summary", ""]
     lines += _markdown_table(["metric", "value"], ([key, text] for key, text in entries))
     lines.append("")
@@ -146,6 +220,10 @@ def _summary_section(rows: list[RoundRow], summary: dict) -> list[str]:
             ([subject, _percent(entry["acc"]), str(entry["n"])]
              for subject, entry in sorted(per_subject.items())))
         lines.append("")
+
+    answered = generation_lines(rows)
+    if answered:
+        lines += ["### A held-out prompt answered", ""] + [f"- {line}" for line in answered] + [""]
 
     lines += _communication_lines(rows, summary)
     lines += _privacy_lines(summary)
@@ -221,25 +299,56 @@ def finish_round_axis(ax, *, empty: str) -> None:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
+def _accuracy_points(rows: list[RoundRow]) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Every accuracy the rows measured: (round, accuracy, Wilson low, high) by name."""
+    series: dict[str, list[tuple[int, float, float, float]]] = {}
+
+    def add(name: str, row: RoundRow, accuracy: float, n: int | float | None) -> None:
+        if n and not math.isnan(accuracy):
+            series.setdefault(name, []).append((row.round, accuracy, *wilson_interval(accuracy * n, round(n))[1:]))
+
+    for row in rows:
+        if row.mmlu_acc is not None:
+            add("MMLU", row, row.mmlu_acc, row.mmlu_total)
+        for task, scores in (row.tasks or {}).items():
+            for metric in TASK_ACCURACIES:
+                if metric in scores:
+                    add(f"{task}/{metric}", row, scores[metric], scores.get("n"))
+    return series
+
+
 def _plot_curves(path: Path, runs: dict[str, list[RoundRow]]) -> None:
-    """eval_loss and mmlu_acc against round, one line per run, into a two-panel PNG.
+    """Held-out loss, and where measured ROUGE-L and accuracies (with their 95 % Wilson
+    intervals), against round, one colour per run, into one PNG. Every panel spans every
+    round of the runs on an integer axis, so a value measured once is a marker at its round.
 
     Uses the object-oriented ``Figure`` API, which renders with Agg without touching pyplot's
     global state, so it is safe in headless and multi-threaded callers.
     """
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    loss_ax, mmlu_ax = fig.subplots(1, 2)
+    every_row = [row for rows in runs.values() for row in rows]
+    panels = ["loss"] + [name for name, measured in (("rouge_l", any(r.rouge_l is not None for r in every_row)),
+                                                     ("accuracy", bool(_accuracy_points(every_row)))) if measured]
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = dict(zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]))
     for index, (label, rows) in enumerate(runs.items()):
-        color = f"C{index}"  # one colour per run in both panels, measured in both or not
-        for ax, key in ((loss_ax, "eval_loss"), (mmlu_ax, "mmlu_acc")):
+        color = f"C{index}"  # one colour per run in every panel
+        for key, style, suffix in (("eval_loss", "-", ""), ("val_loss", "--", " (validation)")):
             rounds, values = _series(rows, key)
             if rounds:
-                ax.plot(rounds, values, marker="o", markersize=3, color=color, label=label)
-    for ax, title in ((loss_ax, "held-out loss"), (mmlu_ax, "MMLU accuracy")):
-        ax.set_title(title)
+                axes["loss"].plot(rounds, values, style, marker="o", markersize=3, color=color, label=label + suffix)
+        if "rouge_l" in axes and (series := _series(rows, "rouge_l"))[0]:
+            axes["rouge_l"].plot(*series, marker="o", markersize=4, color=color, label=label)
+        for marker, (name, points) in zip("osD^v", _accuracy_points(rows).items()):
+            rounds, accuracies, lows, highs = zip(*points)
+            errors = [[a - low for a, low in zip(accuracies, lows)], [high - a for a, high in zip(accuracies, highs)]]
+            axes["accuracy"].errorbar(rounds, accuracies, yerr=errors, marker=marker, markersize=4, capsize=3,
+                                      color=color, label=f"{label}: {name}")
+    titles = {"loss": ("held-out loss", "loss"), "rouge_l": ("generation: ROUGE-L F", "rouge_l"),
+              "accuracy": ("accuracy (95 % Wilson interval)", "accuracy")}
+    last_round = max((row.round for row in every_row), default=0)
+    for name, ax in axes.items():
+        ax.set(title=titles[name][0], ylabel=titles[name][1], xlim=(-0.5, last_round + 0.5))
         finish_round_axis(ax, empty="not measured")
-    loss_ax.set_ylabel("eval_loss")
-    mmlu_ax.set_ylabel("mmlu_acc")
     fig.savefig(path, dpi=120)
 
 
@@ -279,7 +388,7 @@ def write_report(out_dir: str | Path) -> list[Path]:
 def compare_runs(parent_dir: str | Path) -> list[Path]:
     """Compare every subfolder of ``parent_dir`` holding a metrics.jsonl (one run each).
 
-    Writes ``comparison.md`` (final and best eval loss, final MMLU, total bytes per run) and
+    Writes ``comparison.md`` (final and best eval loss, final ROUGE-L and MMLU, total bytes per run) and
     one ``curves.png`` with every run drawn together; returns the paths written.
     """
     parent_dir = Path(parent_dir)
@@ -296,7 +405,8 @@ def compare_runs(parent_dir: str | Path) -> list[Path]:
     for name, rows in runs.items():
         summary = read_summary(parent_dir / name)
         _, losses = _series(rows, "eval_loss")
-        _, accs = _series(rows, "mmlu_acc")
+        _, rouges = _series(rows, "rouge_l")
+        mmlu_row = next((row for row in reversed(rows) if row.mmlu_acc is not None), None)
         up, down = _byte_totals(rows, summary)
         body.append([
             name,
@@ -304,12 +414,13 @@ def compare_runs(parent_dir: str | Path) -> list[Path]:
             str(max(row.round for row in rows)),
             f"{losses[-1]:.4f}" if losses else MISSING,
             f"{min(losses):.4f}" if losses else MISSING,
-            _percent(accs[-1]) if accs else MISSING,
+            f"{rouges[-1]:.4f}" if rouges else MISSING,
+            ROUND_COLUMNS["mmlu_acc"](mmlu_row) if mmlu_row else MISSING,
             format_bytes(up),
             format_bytes(down),
         ])
     lines = [f"# Run comparison: {parent_dir.name}", ""]
-    lines += _markdown_table(["run", "method", "rounds", "final eval_loss", "best eval_loss",
+    lines += _markdown_table(["run", "method", "rounds", "final eval_loss", "best eval_loss", "final rouge_l",
                               "final mmlu_acc", "total up", "total down"], body)
     lines += ["", f"![curves]({CURVES_FILE})", ""]
 

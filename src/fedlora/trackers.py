@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any
 
 from fedlora.engine.config import RunConfig
 from fedlora.engine.rows import RoundRow
@@ -46,8 +45,11 @@ def trackers_for(config: RunConfig, run_dir: Path, group: TrackerGroup | None = 
 
 
 def round_metrics(row: RoundRow) -> dict[str, float]:
-    """Every finite number a row holds (its fields and the method's diagnostics), by name."""
-    values = {**{key: value for key, value in row.to_json().items() if key != "round"}, **row.extra}
+    """Every finite number a row holds (its fields, the method's diagnostics and each lm-eval
+    task's metrics as ``<task>/<metric>``), by name."""
+    values = {**{key: value for key, value in row.to_json().items() if key != "round"}, **row.extra,
+              **{f"{task}/{metric}": value for task, scores in (row.tasks or {}).items()
+                 for metric, value in scores.items()}}
     return {key: float(value) for key, value in values.items()
             if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)}
 

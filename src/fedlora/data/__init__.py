@@ -9,9 +9,11 @@ from fedlora.data.prompts import (
     PROMPT_FORMATS,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
+    GenerationPrompt,
     TokenizationStats,
     collate,
     format_prompt,
+    generation_prompts,
     resolve_prompt_format,
     tokenize_record,
     tokenize_records,
@@ -30,8 +32,8 @@ from fedlora.data.validation import hold_out, split_clients, validation_count
 
 __all__ = [
     "IGNORE_INDEX", "PROMPT_FORMATS", "LazyTokenizedRecords", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "AnyRecord",
-    "Conversation", "DataError", "LoadReport", "MMLUQuestion", "Message", "Record", "TokenizationStats",
-    "TokenizedExample", "centralize", "client_files", "collate", "format_prompt", "hold_out", "load_clients",
+    "Conversation", "DataError", "GenerationPrompt", "LoadReport", "MMLUQuestion", "Message", "Record", "TokenizationStats",
+    "TokenizedExample", "centralize", "client_files", "collate", "format_prompt", "generation_prompts", "hold_out", "load_clients",
     "load_mmlu", "load_records", "load_records_with_report", "mmlu_prompt", "resolve_prompt_format",
     "split_clients", "tokenize_record", "tokenize_records", "validation_count",
 ]

@@ -74,6 +74,52 @@ def tokenize_record(tokenizer, record: AnyRecord, max_length: int, *,
     return _encoder(tokenizer, max_length, prompt_format, [record]).encode(record)[0]
 
 
+@dataclass(frozen=True)
+class GenerationPrompt:
+    """A held-out record as a model is asked it: the tokens up to where its answer starts, as
+    training renders them, and the answer it should give."""
+
+    prompt_ids: list[int]
+    reference: str
+
+
+def generation_prompt(tokenizer, record: AnyRecord, max_length: int, *,
+                      prompt_format: str = "alpaca") -> GenerationPrompt | None:
+    """The record rendered whole as training renders it, up to where its last answer starts, and
+    that answer's text (the response; a conversation's last assistant turn); None when that
+    prompt alone is longer than ``max_length`` tokens."""
+    example = tokenize_record(tokenizer, record, _UNCUT, prompt_format=prompt_format)
+    labels = example.labels
+    start = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+    if start > max_length:
+        return None
+    if isinstance(record, Conversation):
+        answer = next(m.content for m in reversed(record.messages) if m.role == "assistant")
+    else:
+        answer = record.output
+    return GenerationPrompt(example.input_ids[:start], answer)
+
+
+#: a length no record reaches: the record rendered whole
+_UNCUT = 1 << 30
+
+
+def generation_prompts(tokenizer, records: Sequence[AnyRecord], max_length: int, limit: int, *,
+                       prompt_format: str = "alpaca") -> tuple[list[GenerationPrompt], int]:
+    """The first ``limit`` records whose prompt fits ``max_length``, as :class:`GenerationPrompt`,
+    and how many records before the last one taken were passed over as too long."""
+    prompts, skipped = [], 0
+    for record in records:
+        if len(prompts) == limit:
+            break
+        prompt = generation_prompt(tokenizer, record, max_length, prompt_format=prompt_format)
+        if prompt is None:
+            skipped += 1
+        else:
+            prompts.append(prompt)
+    return prompts, skipped
+
+
 def tokenize_records(tokenizer, records: Sequence[AnyRecord], max_length: int, *,
                      prompt_format: str = "alpaca") -> tuple[list[TokenizedExample], TokenizationStats]:
     """:func:`tokenize_record` over many records, counting what max_length cut."""

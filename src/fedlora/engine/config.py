@@ -122,10 +122,19 @@ class RunConfig:
     eval_batch_size: int = option(8, "examples per evaluation batch", minimum=1)
     test_limit: int | None = option(None, "evaluate loss on the first N test records", positive=True)
     eval_every: int = option(1, "test loss every K rounds (round 0 and the final round always)", minimum=1)
-    val_every: int = option(1, "validation loss every K rounds (0: the final round only, where tuning reads it)",
+    val_every: int = option(0, "validation loss every K rounds (0: the final round only, where tuning reads it)",
                             minimum=0)
     mmlu_limit: int | None = option(None, "score the first N MMLU questions (0: no MMLU)", minimum=0)
     mmlu_every: int = option(0, "MMLU every K rounds (default: final round only)", minimum=0)
+    generation_limit: int = option(8, "answer the first N held-out records by greedy generation, scored "
+                                      "with ROUGE-L and exact match (0: none)", minimum=0)
+    generation_every: int = option(0, "generation every K rounds (round 0 and the final round always)", minimum=0)
+    max_new_tokens: int = option(64, "tokens generated per answer at most (it stops at EOS)", minimum=1)
+    eval_tasks: list[str] = option(help="lm-evaluation-harness tasks run on the global model: fedlora_mmlu, "
+                                        "fedlora_generation or any lm-eval task whose data is available offline",
+                                   factory=list)
+    tasks_every: int = option(0, "eval_tasks every K rounds (default: the final round only)", minimum=0)
+    tasks_limit: int | None = option(None, "documents per lm-eval task (default: all)", positive=True)
     # runtime and outputs
     runtime: str = option("inprocess", "inprocess (default) or flower", choices=RUNTIMES)
     superlink: str | None = option(None, "HOST:PORT of an existing Flower SuperLink")
@@ -186,7 +195,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
         return float(value)
     if expected is list and key == "ranks" and isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if expected is list and key in ("ranks", "target_modules", "report_to") and isinstance(value, str):
+    if expected is list and key in ("ranks", "target_modules", "report_to", "eval_tasks") and isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
         if key == "ranks":
             try:
@@ -306,6 +315,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
     if not config.target_modules:
         fail("target_modules", "must name at least one module")
     check_trackers(config, fail)
+    check_eval_tasks(config, fail)
     check_privacy(config, fail)
 
 
@@ -316,6 +326,19 @@ def check_trackers(config: RunConfig, fail: Callable[[str, str], None]) -> None:
             fail("report_to", f"names {name!r}; choose among {', '.join(TRACKER_PACKAGES)}")
         if find_spec(TRACKER_PACKAGES[name]) is None:
             fail("report_to", f"names {name!r} but its package is not installed: pip install 'fedlora[{name}]'")
+
+
+def check_eval_tasks(config: RunConfig, fail: Callable[[str, str], None]) -> None:
+    """lm-eval is installed when tasks are named, and fedlora's own tasks have their inputs."""
+    if not config.eval_tasks:
+        return
+    if find_spec("lm_eval") is None:
+        fail("eval_tasks", "need lm-evaluation-harness: pip install 'lm-eval[hf]'")
+    if "fedlora_mmlu" in config.eval_tasks and not config.mmlu:
+        fail("eval_tasks", "name 'fedlora_mmlu', which scores the questions of the 'mmlu' file: give one")
+    if "fedlora_generation" in config.eval_tasks and not config.generation_limit:
+        fail("eval_tasks", "name 'fedlora_generation', which answers the first 'generation_limit' test records: "
+                           "set it above 0")
 
 
 def check_client_count(config: RunConfig, num_clients: int) -> None:
@@ -353,7 +376,7 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 #: what a key added since a run folder was written meant for that run, where its default now differs
-KEYS_BEFORE_THEY_EXISTED = {"prompt_format": "alpaca"}
+KEYS_BEFORE_THEY_EXISTED = {"prompt_format": "alpaca", "generation_limit": 0}
 
 
 def load_saved_config(path: Path) -> RunConfig:

@@ -13,7 +13,8 @@ Log = Callable[[str], None]
 
 
 def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
-    """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset."""
+    """Fill in data defaults: the shared Dolly clients when present, else the Hub dataset; the
+    test records beside the clients' files."""
     if config.data_on_nodes:
         return config  # the server reads no client data, so there is nothing to default from it
     data = config.data
@@ -21,13 +22,11 @@ def resolve_data_paths(config: RunConfig, log: Log) -> RunConfig:
         log(f"{DEFAULT_DATA} not found: using {HUB_FALLBACK_DATA} split by {config.partition} over "
             f"{config.partition_by} into {config.clients or 10} clients")
         data = HUB_FALLBACK_DATA
-    test_data, mmlu = config.test_data, config.mmlu
+    # MMLU is not looked for: at chance on small models and costly, it is scored only when asked
+    test_data = config.test_data
     if test_data is None and Path(data, "global_test.json").is_file():
         test_data = str(Path(data, "global_test.json"))
-    shared_mmlu = Path(data).parent / "mmlu" / "mmlu_test_1444.json"
-    if mmlu is None and Path(data).is_dir() and shared_mmlu.is_file():
-        mmlu = str(shared_mmlu)
-    return config.replace(data=data, test_data=test_data, mmlu=mmlu)
+    return config.replace(data=data, test_data=test_data)
 
 
 def load_client_records(config: RunConfig) -> dict[str, list[AnyRecord]]:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 from fedlora.aggregation import LoraFactors, get_aggregator
 from fedlora.attention import enable_packing
-from fedlora.data import load_mmlu, load_records, tokenize_records
 from fedlora.engine.checkpoint import load_latest_checkpoint, with_prefix
 from fedlora.engine.run_state import MethodPart
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_saved_config
-from fedlora.engine.evaluator import Evaluator
+from fedlora.engine.evaluator import Progress, evaluation_inputs, run_evaluator
 from fedlora.engine.global_model import GlobalModel
-from fedlora.engine.inputs import check_model_fits, load_run_model, run_prompt_format
+from fedlora.engine.inputs import Log, check_model_fits, load_run_model, resolve_data_paths, run_prompt_format
 from fedlora.lora import low_rank_adapter, save_adapter
 from fedlora.lora.merge import base_weight
 from fedlora.engine.model_card import model_card
@@ -56,18 +55,18 @@ def restore_global_model(run_dir: Path) -> RestoredRun:
     return RestoredRun(Path(run_dir), config, global_model, tokenizer, adapter, state["completed_round"])
 
 
-def evaluate_restored(restored: RestoredRun, overrides: dict) -> dict:
-    config = build_config(overrides, source="command line", base=restored.config)
-    test_records = load_records(config.test_data)[:config.test_limit] if config.test_data else []
-    questions = load_mmlu(config.mmlu, limit=config.mmlu_limit) if config.mmlu else []
-    if not test_records and not questions:
-        raise ConfigError("nothing to evaluate: give --test-data and/or --mmlu")
-    pad_id = pad_token_id(restored.tokenizer)
-    examples, _ = tokenize_records(restored.tokenizer, test_records, config.max_length,
-                                   prompt_format=run_prompt_format(config, restored.tokenizer))
+def evaluate_restored(restored: RestoredRun, overrides: dict, *, log: Log = lambda message: None,
+                      progress: Progress | None = None) -> dict:
+    """The run's evaluation of its latest global model (its configuration with ``overrides``),
+    every measurement it has inputs for; the base weights are as loaded afterwards."""
+    config = resolve_data_paths(build_config(overrides, source="command line", base=restored.config), log)
+    test_records, questions = evaluation_inputs(config)
     packed = config.packing and enable_packing(restored.global_model.model)
-    evaluator = Evaluator(restored.tokenizer, pad_id, examples, questions, final_round=restored.completed_round,
-                          batch_size=config.eval_batch_size, packed=packed)
+    evaluator = run_evaluator(config, restored.tokenizer, pad_token_id(restored.tokenizer), test_records, questions,
+                              prompt_format=run_prompt_format(config, restored.tokenizer), log=log,
+                              progress=progress, packed=packed, final_round=restored.completed_round)
+    if not evaluator.due(restored.completed_round):
+        raise ConfigError("nothing to evaluate: give --test-data, --mmlu or --tasks")
     with restored.model() as model:
         return {"round": restored.completed_round, **evaluator(model, restored.completed_round)}
 

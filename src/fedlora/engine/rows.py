@@ -13,7 +13,8 @@ from fedlora.engine.metrics import read_metrics, rewrite_metrics
 
 #: measurements a round may not make: absent from its JSON when not made
 _OPTIONAL = ("aggregation_error", "broadcast_error", "eval_loss", "perplexity", "eval_tokens", "val_loss",
-             "mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject", "per_client", "privacy",
+             "mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject", "rouge_l", "exact_match",
+             "generation_n", "generated_tokens", "sample_generation", "tasks", "per_client", "privacy",
              "client_privacy")
 
 
@@ -53,6 +54,15 @@ class RoundRow:
     mmlu_correct: int | None = None
     mmlu_total: int | None = None
     mmlu_per_subject: dict | None = None
+    #: greedy answers to held-out prompts (fedlora.eval.generation): mean ROUGE-L F and exact
+    #: match over ``generation_n`` prompts, the tokens generated, the first prompt answered
+    rouge_l: float | None = None
+    exact_match: float | None = None
+    generation_n: int | None = None
+    generated_tokens: int | None = None
+    sample_generation: dict | None = None
+    #: lm-evaluation-harness results: {task: {metric: value, "<metric>_stderr": …, "n": documents}}
+    tasks: dict | None = None
     per_client: dict | None = None
     #: each client's (ε, δ) so far: sample-level (DP-SGD) and client-level (DP-FedAvg)
     privacy: dict | None = None

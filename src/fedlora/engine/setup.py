@@ -8,7 +8,7 @@ it does with each base merge) it passes in here, and the Federation receives it 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -17,7 +17,7 @@ from fedlora.aggregation import GlobalUpdate, RunContext, RunShape, aggregator_c
 from fedlora.data import LazyTokenizedRecords, split_clients
 from fedlora.engine.config import RunConfig, check_client_count
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.evaluator import Evaluator, evaluation_inputs, run_evaluator
+from fedlora.engine.evaluator import Evaluator, Progress, evaluation_inputs, run_evaluator
 from fedlora.engine.federation import Evaluate, Federation
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import (Log, check_model_fits, load_client_records, load_run_model, resolve_data_paths,
@@ -55,7 +55,7 @@ def arranged(config: RunConfig, clients: dict[str, list]) -> tuple[RunConfig, di
 def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print,
                 loaded: tuple[nn.Module, object] | None = None,
                 evaluation: Callable[[Evaluator, GlobalModel], Evaluate] = lambda evaluator, model: evaluator,
-                mmlu_progress: Callable[[int, int], None] | None = None,
+                progress: Progress | None = None,
                 client_models: ClientModels | None = None, runtime_state: Mapping[str, Stateful] = {},
                 on_merge: Callable[[int, GlobalUpdate], None] | None = None) -> RunSetup:
     """Load data first (cheap, most likely to be wrong), then the model; build the federation.
@@ -63,7 +63,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print,
     ``loaded`` is an already loaded (model, tokenizer) of ``config.model`` in its pristine
     state, for callers running many federations on one model (a sweep); ``evaluation`` turns
     the run's evaluator into what the federation calls on the global model (a sweep's:
-    remembered results).
+    remembered results); ``progress``: how far a long measurement (MMLU, generation) has got.
     ``client_models``: where the clients' own models are evaluated; by default from the run
     folder's client stores, here. ``runtime_state`` and ``on_merge``: see :class:`Federation`.
     """
@@ -82,7 +82,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print,
                        for cid, records in clients.items()}
     trainer = LocalTrainer.from_config(model, pad_id, config, log=log)
     evaluator = run_evaluator(config, tokenizer, pad_id, test_records, questions, prompt_format=prompt_format,
-                              log=log, mmlu_progress=mmlu_progress, validation_records=validation_records,
+                              log=log, progress=progress, validation_records=validation_records,
                               packed=trainer.packing)
     # with the data on the nodes the server knows the clients by partition id, their sizes not at all
     client_sizes = ({str(i): None for i in range(num_clients)} if config.data_on_nodes

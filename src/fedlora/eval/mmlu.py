@@ -11,7 +11,9 @@ letter follows ``Answer:`` in text, so the model is scored right after ``Answer:
 byte-level vocabulary splits `` A`` into two tokens, so the space goes into the prompt and the
 bare letter is scored. Prompts of similar lengths share a batch, packed in one row (``packed``, for a
 model that computes packed sequences apart) or right-padded, and the LM head is applied only
-to each prompt's last position, so batched scores equal unbatched ones.
+to each prompt's last position, so batched scores equal unbatched ones. A prompt longer than
+the model's context (:func:`fedlora.models.context_length`) loses its start, as
+lm-evaluation-harness cuts it, so both score the same tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fedlora.data.batches import token_batch
 from fedlora.data.mmlu import LETTERS, MMLUQuestion, mmlu_prompt
 from fedlora.data.prompts import IGNORE_INDEX, TokenizedExample
 from fedlora.forward import eval_mode
-from fedlora.models import ModelError, model_device, pad_token_id
+from fedlora.models import ModelError, context_length, model_device, pad_token_id
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,14 @@ def answer_log_likelihoods(model: nn.Module, tokenizer, questions: Sequence[MMLU
         return scores
     prompts = [mmlu_prompt(question) for question in questions]
     form = answer_tokens(tokenizer, prompts[0])  # one form for all: every prompt ends alike
-    # the contexts as unlabelled examples: only their last positions are scored
-    contexts = [TokenizedExample(ids, [IGNORE_INDEX] * len(ids), truncated=False)
-                for ids in (_encode(tokenizer, form.context(prompt)) for prompt in prompts)]
+    # the contexts as unlabelled examples: only their last positions are scored; one longer than
+    # the model's context loses its start, as lm-evaluation-harness cuts it
+    limit = context_length(model)
+    contexts = []
+    for prompt in prompts:
+        ids = _encode(tokenizer, form.context(prompt))
+        kept = ids[-limit:] if limit else ids
+        contexts.append(TokenizedExample(kept, [IGNORE_INDEX] * len(kept), truncated=len(kept) < len(ids)))
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     letter_ids = torch.tensor(form.letter_ids, device=device)

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlora.engine.config import RunConfig
 from fedlora.engine.rows import RoundRow
 from fedlora.engine.task import ClientResult, ClientTask
-from fedlora.report import console_table
+from fedlora.report import console_table, generation_lines
 
 if TYPE_CHECKING:
     from fedlora.api import RunResult
@@ -36,7 +36,8 @@ class RunObserver:
 
     def round_finished(self, row: RoundRow) -> None: ...
 
-    def mmlu_progress(self, done: int, total: int) -> None: ...
+    def evaluation_progress(self, what: str, done: int, total: int) -> None:
+        """A long measurement (MMLU, generation) has scored ``done`` of ``total``."""
 
     def log(self, message: str) -> None: ...
 
@@ -82,10 +83,10 @@ class RichObserver(RunObserver):
         self.rows: list[RoundRow] = []
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=self.console)
-        self.rounds = self.progress.add_task("rounds", total=None, note="")
+        self.rounds = self.progress.add_task("rounds", total=None, note="", visible=False)
         self.clients = self.progress.add_task("clients", total=None, note="", visible=False)
         self.steps = self.progress.add_task("steps", total=None, note="", visible=False)
-        self.mmlu = self.progress.add_task("MMLU", total=None, note="", visible=False)
+        self.evaluation = self.progress.add_task("evaluation", total=None, note="", visible=False)
 
     def __enter__(self) -> RichObserver:
         self.progress.start()
@@ -95,7 +96,7 @@ class RichObserver(RunObserver):
         self.progress.stop()
 
     def run_started(self, config: RunConfig, run_dir: Path) -> None:
-        self.progress.update(self.rounds, total=config.rounds)
+        self.progress.update(self.rounds, total=config.rounds, visible=True)
 
     def round_started(self, server_round: int, tasks: list[ClientTask]) -> None:
         self.progress.update(self.rounds, description=f"round {server_round}")
@@ -121,9 +122,11 @@ class RichObserver(RunObserver):
         self.progress.update(self.steps, visible=False)
         self.console.print(console_table(self.rows[-1:] if len(self.rows) > 1 else self.rows,
                                          title=f"round {row.round}"))
+        for line in generation_lines([row], width=max(40, self.console.width - 4)):
+            self.console.print(f"  {line}")
 
-    def mmlu_progress(self, done: int, total: int) -> None:
-        self.progress.update(self.mmlu, completed=done, total=total, visible=done < total)
+    def evaluation_progress(self, what: str, done: int, total: int) -> None:
+        self.progress.update(self.evaluation, description=what, completed=done, total=total, visible=done < total)
 
     def log(self, message: str) -> None:
         self.console.log(message)

@@ -2,7 +2,9 @@
 comparison.md and comparison.png.
 
 Per (setting, method): the tuned values chosen on validation loss, then on the test set at
-that choice only the final and best test loss (mean over seeds, 95 % t-interval), MMLU
+that choice only the final and best test loss (mean over seeds, 95 % t-interval), ROUGE-L of
+the final model's generated answers where the runs generated (likewise, with its paired
+difference to the reference), MMLU
 (Wilson interval over the questions of every seed's run), communication per round as a
 fraction of full fine-tuning, and the paired difference of the final test loss to a reference
 method over the seeds both ran (same seed: same data split, client sampling and initial
@@ -26,7 +28,7 @@ from fedlora.report import finish_round_axis
 from fedlora.sweep.outcomes import RunOutcome, is_finished
 from fedlora.sweep.plan import SEED, TuningRule, point_name
 from fedlora.sweep.runner import PLAN_FILE
-from fedlora.sweep.stats import CONFIDENCE, mean_interval, paired_difference, wilson_interval
+from fedlora.stats import CONFIDENCE, mean_interval, paired_difference, wilson_interval
 from fedlora.sweep.tuning import Choice, choose, groups
 
 JSON_FILE = "comparison.json"
@@ -89,7 +91,10 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
         if reference in variant["methods"]:
             variant["reference"] = reference
             for method, entry in variant["methods"].items():
-                entry["vs_reference"] = None if method == reference else _versus(entry, variant["methods"][reference])
+                if method != reference:
+                    theirs = variant["methods"][reference]
+                    entry["vs_reference"] = _versus(entry["test_loss_by_seed"], theirs["test_loss_by_seed"])
+                    entry["rouge_l_vs_reference"] = _versus(entry["rouge_l_by_seed"], theirs["rouge_l_by_seed"])
     measured = {"runs": len(outcomes), "planned": planned,
                 "run_seconds": sum(o.summary.get("wall_seconds", 0.0) for o in outcomes.values()),
                 "final_mmlu_seconds": sum((o.final_mmlu or {}).get("seconds", 0.0) for o in outcomes.values())}
@@ -107,6 +112,7 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         "at_grid_edge": choice.at_edge,
         "seeds": len(chosen),
         "test_loss": _interval([o.final_test_loss for o in chosen]),
+        "rouge_l": _interval([o.final_rouge_l for o in chosen]),
         "best_test_loss": _interval([o.best_test_loss for o in chosen]),
         "val_loss": _interval([o.final_val_loss for o in chosen]),
         "mmlu": _mmlu([o.mmlu(question_set) for o in chosen]),
@@ -115,12 +121,14 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         "upload_per_round_vs_full": _communication(chosen, "up_vs_full_finetuning"),
         "download_per_round_vs_full": _communication(chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
+        "rouge_l_vs_reference": None,
         "runs": [run.folder for run in choice.runs],
         "test_loss_per_round": [_interval(list(losses)) for losses in per_round],
         "tuning": [{"values": c.values, "seeds": len(c.val_losses), "val_loss": mean_interval(c.val_losses).to_json()}
                    for c in choice.candidates],
         # what the paired differences pair
         "test_loss_by_seed": {str(run.point.get(SEED)): outcomes[run.folder].final_test_loss for run in choice.runs},
+        "rouge_l_by_seed": {str(run.point.get(SEED)): outcomes[run.folder].final_rouge_l for run in choice.runs},
     }
     return entry
 
@@ -145,8 +153,8 @@ def _communication(chosen: list[RunOutcome], key: str) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def _versus(entry: dict, reference: dict) -> dict | None:
-    ours, theirs = entry["test_loss_by_seed"], reference["test_loss_by_seed"]
+def _versus(ours: dict[str, float | None], theirs: dict[str, float | None]) -> dict | None:
+    """The paired difference ours − theirs over the seeds both measured."""
     seeds = [seed for seed in ours if seed in theirs and ours[seed] is not None and theirs[seed] is not None]
     if not seeds:
         return None
@@ -222,6 +230,11 @@ def comparison_markdown(comparison: dict) -> str:
     described.append(f"Test loss: final round, mean over seeds with its 95 % t-interval; best: the lowest over "
                      f"the trained rounds. Δ: final test loss minus {reference}'s, paired by seed, mean with its "
                      "95 % t-interval; significant when the interval excludes 0.")
+    if any(entry.get("rouge_l") for variant in comparison["settings"].values()
+           for entry in variant["methods"].values()):
+        described.append("ROUGE-L: the final model's greedy answers to the first held-out test prompts, mean "
+                         "ROUGE-L F over them, then over seeds with its 95 % t-interval; its Δ paired by seed "
+                         f"against {reference}'s like the loss's (higher is better).")
     if comparison["final"]:
         described.append("MMLU: scored once on each chosen run's final model, "
                          f"{comparison['final']['questions'] or 'all'} questions each; the interval is Wilson's "
@@ -252,14 +265,19 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
     reference = variant["reference"]
     lines = [f"## {name}", ""]
     if methods:
+        # generation's columns where it was measured (a sweep whose runs generated)
+        generated = any(entry.get("rouge_l") for entry in methods.values())
+        rouge_headers = (f"final ROUGE-L [95 % CI] | Δ ROUGE-L vs {reference or 'reference'} [95 % CI] | "
+                         if generated else "")
         lines += ["| method | chosen | seeds | final test loss [95 % CI] | best test loss | final val loss | "
-                  f"MMLU acc [95 % CI] | aggregation error | broadcast error | up / round vs full FT | "
+                  f"{rouge_headers}MMLU acc [95 % CI] | aggregation error | broadcast error | up / round vs full FT | "
                   f"down / round vs full FT | Δ vs {reference or 'reference'} [95 % CI] | significant |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * generated) + "---:|---:|---:|---:|---:|---:|---|"]
         for method, entry in methods.items():
+            rouge = [_interval_text(entry["rouge_l"]), _interval_text(entry["rouge_l_vs_reference"], "+.4f")]
             cells = [method, point_name(entry["chosen"]) if entry["chosen"] else "—", str(entry["seeds"]),
                      _interval_text(entry["test_loss"]), _interval_text(entry["best_test_loss"]),
-                     _interval_text(entry["val_loss"]), _accuracy(entry["mmlu"]),
+                     _interval_text(entry["val_loss"]), *(rouge if generated else []), _accuracy(entry["mmlu"]),
                      _interval_text(entry["aggregation_error"], ".3g"), _interval_text(entry["broadcast_error"], ".3g"),
                      _fraction(entry["upload_per_round_vs_full"]), _fraction(entry["download_per_round_vs_full"]),
                      _interval_text(entry["vs_reference"], "+.4f"),

@@ -60,6 +60,15 @@ class RunOutcome:
         return self.test_losses()[-1]
 
     @property
+    def final_rouge_l(self) -> float | None:
+        """The final model's ROUGE-L on the held-out prompts: scored after the run
+        (:data:`FINAL_TEST_FILE`) where the sweep deferred it, else in its last round."""
+        later = self.final_test or {}
+        if later.get("round") == self.rows[-1].round and "rouge_l" in later:
+            return later["rouge_l"]
+        return self.rows[-1].rouge_l
+
+    @property
     def best_test_loss(self) -> float | None:
         """Best over the trained rounds (round 0 is the same untrained model for every method)."""
         losses = [loss for loss in self.test_losses()[1:] if loss is not None and not math.isnan(loss)]

@@ -29,7 +29,7 @@ class SweepObserver:
 
     def final_started(self, run: PlannedRun, what: str) -> None: ...
 
-    def mmlu_progress(self, done: int, total: int) -> None: ...
+    def evaluation_progress(self, what: str, done: int, total: int) -> None: ...
 
     def log(self, message: str) -> None: ...
 
@@ -79,7 +79,7 @@ class RichSweepObserver(SweepObserver):
         self.console = console
         self.run_display = _RoundsOfOneRun(console)
         self.progress = self.run_display.progress
-        self.mmlu = self.progress.add_task("MMLU", total=None, note="", visible=False)
+        self.evaluation = self.progress.add_task("evaluation", total=None, note="", visible=False)
         self.sweep = self.progress.add_task("sweep", total=None, note="")
         self.done: list[tuple[str, float]] = []
         self.pending: list[str] = []  # the method of every run still to run
@@ -118,8 +118,8 @@ class RichSweepObserver(SweepObserver):
     def final_started(self, run: PlannedRun, what: str) -> None:
         self.progress.update(self.sweep, description=f"final {what}: {run.folder}")
 
-    def mmlu_progress(self, done: int, total: int) -> None:
-        self.progress.update(self.mmlu, completed=done, total=total, visible=done < total)
+    def evaluation_progress(self, what: str, done: int, total: int) -> None:
+        self.progress.update(self.evaluation, description=what, completed=done, total=total, visible=done < total)
 
     def log(self, message: str) -> None:
         """Each message once: runs of one sweep repeat the same notes (truncated records, …)."""

@@ -171,7 +171,7 @@ def _execute(run: PlannedRun, plan: SweepPlan, out_dir: Path, models: ModelCache
     with restored_afterwards(GlobalModel(loaded[0], check_model_fits(config))):
         result = execute(config, run_dir, [engine_observer], loaded=loaded, tracker_group=TrackerGroup(
             Path(plan.source).stem, out_dir), evaluation=lambda evaluator, model: evaluations.wrap(
-                replace(evaluator, deferred_test=plan.test_chosen_only), models.key, model.adapted_modules))
+                replace(evaluator, deferred=plan.test_chosen_only), models.key, model.adapted_modules))
     # this invocation's share of the run (all of it unless it resumed), for the sweep's measured time
     seconds = result.summary["wall_seconds"]
     observer.run_finished(run, RunOutcome.read(run_dir), seconds, resumed)
@@ -209,7 +209,8 @@ def _already_scored(previous: dict | None, spec: dict) -> bool:
 
 
 #: what a final score keeps of the evaluation (the local baseline's per-client results are dropped)
-FINAL_KEYS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject")
+FINAL_KEYS = ("eval_loss", "perplexity", "eval_tokens", "mmlu_acc", "mmlu_correct", "mmlu_total", "mmlu_per_subject",
+              "rouge_l", "exact_match", "generation_n", "generated_tokens", "sample_generation")
 
 
 def _write_final(path: Path, spec: dict, what: str, run: PlannedRun, config: RunConfig,
@@ -224,15 +225,15 @@ def _write_final(path: Path, spec: dict, what: str, run: PlannedRun, config: Run
 
 
 def _test_evaluator(evaluator: Evaluator) -> Evaluator:
-    """The run's own evaluator (its test examples, batching and packing), scoring the test set alone."""
-    return replace(evaluator, validation_examples=(), questions=[])
+    """The run's own evaluator (its test examples and prompts, batching and packing), scoring the
+    test set alone: its loss and the answers generated."""
+    return replace(evaluator, validation_examples=(), questions=(), tasks=())
 
 
 def _mmlu_evaluator(questions: list, observer: SweepObserver) -> Callable[[Evaluator], Evaluator]:
     def make(evaluator: Evaluator) -> Evaluator:
-        return Evaluator(evaluator.tokenizer, evaluator.pad_token_id, [], questions,
-                         final_round=evaluator.final_round, batch_size=evaluator.batch_size,
-                         mmlu_progress=observer.mmlu_progress)
+        return Evaluator(evaluator.tokenizer, evaluator.pad_token_id, evaluator.final_round, questions=questions,
+                         batch_size=evaluator.batch_size, progress=observer.evaluation_progress)
     return make
 
 
@@ -286,13 +287,13 @@ def restored_afterwards(global_model: GlobalModel) -> Iterator[None]:
 
 
 class ExactEvaluations:
-    """Evaluates each distinct model once per sweep process.
+    """Makes each measurement of each distinct model once per sweep process.
 
     Every run scores the untrained model in round 0, and the local baseline scores every
-    client's model every round though only the sampled ones changed. An evaluation is a pure
-    function of the weights and the evaluation data, so it is looked up by a digest of both:
-    the adapted modules' weights (the only ones a run changes), the loaded model, the examples
-    and questions. A result is reused only for bit-identical inputs.
+    client's model every round though only the sampled ones changed. A measurement is a pure
+    function of the weights and the evaluation data, so it is looked up by its name and a digest
+    of both: the adapted modules' weights (the only ones a run changes), the loaded model, the
+    examples, questions and prompts. A result is reused only for bit-identical inputs.
     """
 
     def __init__(self):
@@ -302,11 +303,14 @@ class ExactEvaluations:
         inputs = _evaluator_digest(evaluator)
 
         def evaluate(model: nn.Module, server_round: int) -> dict:
-            key = (model_key, inputs, evaluator.test_due(server_round), evaluator.mmlu_due(server_round),
-                   evaluator.validation_due(server_round), _weights_digest(model, modules))
-            if key not in self._results:
-                self._results[key] = evaluator(model, server_round)
-            return copy.deepcopy(self._results[key])
+            weights = _weights_digest(model, modules)
+            metrics = {}
+            for measurement in evaluator.due(server_round):
+                key = (model_key, inputs, measurement, weights)
+                if key not in self._results:
+                    self._results[key] = evaluator.measure(model, (measurement,))
+                metrics.update(copy.deepcopy(self._results[key]))
+            return metrics
         return evaluate
 
 
@@ -314,7 +318,9 @@ def _evaluator_digest(evaluator: Evaluator) -> str:
     examples = [[[e.input_ids, e.labels] for e in evaluator.test_examples],
                 [[e.input_ids, e.labels] for e in evaluator.validation_examples]]
     questions = [[q.question, q.choices, q.answer, q.subject] for q in evaluator.questions]
-    text = json.dumps([examples, questions, evaluator.batch_size, evaluator.packed])
+    prompts = [[p.prompt_ids, p.reference] for p in evaluator.generation_prompts]
+    text = json.dumps([examples, questions, prompts, list(evaluator.tasks), evaluator.batch_size, evaluator.packed,
+                       evaluator.max_new_tokens, evaluator.tasks_limit])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -21,7 +21,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedlora.aggregation import AggregationError, LoraFactors
-from fedlora.engine.task import ClientFailure
 from fedlora.engine.update_log import UpdateLog
 from fedlora.runtime.flower.wire import EVALUATE_ACTION, IDENTIFY_ACTION, UPDATE_KEY, Catchup, CodecError, \
     decode_metrics, decode_node_state, encode_evaluation, wire_bytes

@@ -1,0 +1,138 @@
+"""lm-evaluation-harness as the evaluation engine for tasks, on the model in memory.
+
+:func:`run_tasks` scores a model (the caller merges the global adapter and restores the base
+weights afterwards) on lm-eval tasks by name, through ``lm_eval.simple_evaluate`` with an
+``HFLM`` wrapping the model and its tokenizer: no reload, no Hub. fedlora ships offline task
+definitions (``tasks/``): ``fedlora_mmlu``, FLoRA's MMLU file with fedlora's own prompt, and
+``fedlora_generation``, greedy answers to held-out records scored by ROUGE-L and exact match;
+any task lm-eval knows runs too where its data is available offline, and one whose data is not
+is a one-line :class:`TaskDataMissing`. lm-eval is imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedlora.data.mmlu import LETTERS, MMLUQuestion
+from fedlora.errors import FedloraError
+from fedlora.models import context_length
+from fedlora.data.prompts import GenerationPrompt
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+#: fedlora's task → the placeholder data file its YAML names
+FEDLORA_TASKS = {"fedlora_mmlu": "QUESTIONS.jsonl", "fedlora_generation": "PROMPTS.jsonl"}
+
+
+class TaskDataMissing(FedloraError):
+    """An lm-eval task whose data cannot be had offline; names the task and what to do."""
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """The Hub and datasets offline while lm-eval runs, so that missing data fails at once."""
+    import datasets
+
+    saved = {key: os.environ.get(key) for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    was = datasets.config.HF_HUB_OFFLINE
+    os.environ.update(dict.fromkeys(saved, "1"))
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """lm-eval's own log at errors only while it runs: its notes on an in-memory model are expected here."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _task_folder(folder: Path, tasks: Sequence[str], questions: Sequence[MMLUQuestion],
+                 prompts: Sequence[GenerationPrompt], tokenizer, max_new_tokens: int) -> None:
+    """fedlora's task definitions asked for, with their data written beside them."""
+    shutil.copyfile(TASKS_DIR / "utils.py", folder / "utils.py")
+    for task in set(tasks) & set(FEDLORA_TASKS):
+        if task == "fedlora_mmlu":
+            if not questions:
+                raise TaskDataMissing("lm-eval task 'fedlora_mmlu' needs MMLU questions: give the run an 'mmlu' file")
+            rows = [{"question": q.question, "choices": list(q.choices), "answer": LETTERS.index(q.answer),
+                     "subject": q.subject.replace("_", " ")} for q in questions]
+        else:
+            if not prompts:
+                raise TaskDataMissing("lm-eval task 'fedlora_generation' needs held-out records: give the run "
+                                      "'test_data'")
+            rows = [{"prompt": tokenizer.decode(p.prompt_ids), "reference": p.reference} for p in prompts]
+        data = folder / f"{task}.jsonl"
+        _write_jsonl(data, rows)
+        definition = (TASKS_DIR / f"{task}.yaml").read_text(encoding="utf-8")
+        definition = definition.replace(FEDLORA_TASKS[task], str(data)).replace("max_gen_toks: 64",
+                                                                              f"max_gen_toks: {max_new_tokens}")
+        (folder / f"{task}.yaml").write_text(definition, encoding="utf-8")
+
+
+def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, questions: Sequence[MMLUQuestion] = (),
+              prompts: Sequence[GenerationPrompt] = (), batch_size: int = 8, max_new_tokens: int = 64,
+              limit: int | None = None, samples: bool = False) -> dict[str, Any]:
+    """``{task: {metric: value, "n": documents}}`` of lm-eval's run of ``tasks`` on ``model``
+    (each metric's standard error as ``<metric>_stderr``); with ``samples`` also ``"samples"``:
+    lm-eval's per-document records, by task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="fedlora-lm-eval-") as folder, offline(), quiet():
+        _task_folder(Path(folder), tasks, questions, prompts, tokenizer, max_new_tokens)
+        manager = TaskManager(include_path=folder)
+        unknown = [task for task in tasks if task not in manager.all_tasks]
+        if unknown:
+            raise TaskDataMissing(f"lm-eval knows no task {unknown[0]!r} (fedlora's own: {', '.join(FEDLORA_TASKS)})")
+        # the context fedlora's own MMLU scoring cuts prompts to, so both score the same tokens
+        context = context_length(model)
+        language_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                              **({"max_length": context} if context else {}))
+        try:
+            results = simple_evaluate(model=language_model, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      log_samples=samples)
+        except (ConnectionError, OSError, ValueError) as error:
+            if "offline" not in str(error).lower() and "connect" not in str(error).lower():
+                raise
+            raise TaskDataMissing(f"lm-eval task {', '.join(tasks)}: its data is not available offline "
+                                  f"({type(error).__name__}); download it once where the Hub is reachable "
+                                  "(its datasets land in the Hugging Face cache), or write it as a local "
+                                  "JSON task (see fedlora/eval/tasks/)") from None
+    metrics: dict[str, Any] = {}
+    for task, values in results["results"].items():
+        # lm-eval names a metric "<metric>,<filter>"; fedlora's tasks and most others have one filter
+        scores = {key.split(",")[0]: float(value) for key, value in values.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        documents = results.get("n-samples", {}).get(task)  # a group of tasks has none of its own
+        metrics[task] = {**scores, **({"n": documents["effective"]} if documents else {})}
+    if samples:
+        metrics["samples"] = results["samples"]
+    return metrics
