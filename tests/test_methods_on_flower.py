@@ -27,7 +27,7 @@ from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
 from fedlora.runtime.inprocess import run_inprocess
 
-from support import run_on_in_memory_flower, tiny_config
+from support import run_on_in_memory_flower, tiny_config, without_times
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
@@ -52,10 +52,6 @@ def in_process(client_dir: Path, out: Path, method: str) -> list[dict]:
 def over_flower(client_dir: Path, out: Path, nodes_dir: Path, method: str) -> tuple[list[dict], dict]:
     _, report = run_on_in_memory_flower(config_for(client_dir, out, method, runtime="flower"), nodes_dir)
     return read_metrics(out), report
-
-
-def without_times(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
 
 
 def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -61,11 +61,13 @@ class LoraFactors:
 
 @dataclass
 class ClientUpdate:
-    """What one client sends after local training: its factors per module and its data size."""
+    """What one client sends after local training: its factors per module, its data size and the
+    examples its training processed this round (steps × batch size as run; None where not reported)."""
 
     factors: dict[str, LoraFactors]
     num_examples: int
     client_id: str
+    num_processed: int | None = None
 
 
 @dataclass
@@ -100,6 +102,35 @@ class GlobalUpdate:
     @property
     def modules(self) -> list[str]:
         return list(self.factors)
+
+
+#: how a round weighs its clients (the run's ``weighting``): ``examples``, by their dataset sizes
+#: (each method's own default rule, which for all but HetLoRA and client-level DP is exactly
+#: that); ``uniform``, equally; ``processed``, by the examples their training processed this
+#: round (FederatedScope's convention: its clients report ``ctx.num_samples``, summed batch
+#: sizes, and its FedAvg weighs by them; uniform when every client runs the same full batches)
+WEIGHTINGS = ("examples", "uniform", "processed")
+
+
+def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float] | None:
+    """The p_k a round's ``updates`` are aggregated with under ``weighting`` (shares summing to
+    1), or None for ``examples``: the method's own default, the example shares but where its
+    rule says otherwise (HetLoRA's update norms, client-level DP's 1/m). The one place a run's
+    weighting is turned into weights."""
+    if weighting == "examples":
+        return None
+    if weighting == "uniform":
+        return [1 / len(updates)] * len(updates)
+    if weighting != "processed":
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    for update in updates:
+        if update.num_processed is None:
+            raise AggregationError("did not report the examples it processed, which weighting 'processed' needs",
+                                   client_id=update.client_id, rule="num_processed")
+    total = sum(update.num_processed for update in updates)
+    if total <= 0:
+        raise AggregationError("no client processed an example this round", rule="weights")
+    return [update.num_processed / total for update in updates]
 
 
 def example_weights(updates: list[ClientUpdate], weights: list[float] | Tensor | None) -> list[float]:
@@ -153,7 +184,8 @@ def check_modules_and_shapes(update: ClientUpdate, shapes: dict[str, tuple[int, 
 
 
 def check_num_examples(update: ClientUpdate, max_examples: int | None = None) -> None:
-    """``num_examples`` is a positive integer, at most ``max_examples`` when that is given."""
+    """``num_examples`` is a positive integer, at most ``max_examples`` when that is given;
+    ``num_processed``, where reported, a non-negative integer."""
     count = update.num_examples
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
         raise AggregationError(f"num_examples must be a positive integer, got {count!r}",
@@ -161,6 +193,10 @@ def check_num_examples(update: ClientUpdate, max_examples: int | None = None) ->
     if max_examples is not None and count > max_examples:
         raise AggregationError(f"num_examples {count} exceeds the maximum {max_examples}",
                                client_id=update.client_id, rule="num_examples")
+    processed = update.num_processed
+    if processed is not None and (not isinstance(processed, int) or isinstance(processed, bool) or processed < 0):
+        raise AggregationError(f"num_processed must be a non-negative integer, got {processed!r}",
+                               client_id=update.client_id, rule="num_processed")
 
 
 def check_factors(factors: LoraFactors, *, client_id: str | None = None, module: str | None = None) -> None:

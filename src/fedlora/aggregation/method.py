@@ -280,6 +280,8 @@ class Accumulator:
         self.aggregator = aggregator
         self.slots = list(slots)
         self.filled: dict[int, ClientUpdate] = {}  # slot → the update added there
+        #: the weights :meth:`result` was last given (None: the method's default)
+        self.weights: list[float] | Tensor | None = None
 
     def add(self, update: ClientUpdate) -> None:
         """Take in one update; AggregationError for one that cannot join (it is not added)."""
@@ -301,16 +303,18 @@ class Accumulator:
         return slot
 
     def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
+        """The method's update of the updates added and not dropped (``weights`` in their order)."""
+        self.weights = weights
         return self.aggregator.combine(self.updates(), weights, server_round=server_round)
 
     def updates(self) -> list[ClientUpdate]:
         """The updates added and not dropped, in slot order."""
         return [self.filled[slot] for slot in sorted(self.filled)]
 
-    def exact_sum(self, weights: list[float] | Tensor | None = None) -> dict[str, LoraFactors]:
+    def exact_sum(self) -> dict[str, LoraFactors]:
         """``Σ_k p_k s_k B_k A_k`` of the updates added and not dropped, per module, factored
         (FLoRA's stack): what exact aggregation gives, for the engine's aggregation error; ``p_k``
-        are ``weights``, by default the example shares. Only the accumulator still holds what
-        the uploads were, so it is asked, after :meth:`result`."""
+        are the weights :meth:`result` was given, by default the example shares. Only the
+        accumulator still holds what the uploads were, so it is asked, after :meth:`result`."""
         updates = self.updates()
-        return stack(updates, example_weights(updates, weights))
+        return stack(updates, example_weights(updates, self.weights))

@@ -109,18 +109,20 @@ class LocalTrainer:
                 set_factors(peft_model, plan.start, leading=True)
             set_trainable(peft_model, plan.trainable)
             with self.compute.applied(peft_model):
-                losses = self._optimize(peft_model, task, examples, on_step)
+                losses, processed = self._optimize(peft_model, task, examples, on_step)
             factors = get_factors(peft_model)
         finally:
             self.model = remove_lora(peft_model)
-        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
+        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id,
+                              num_processed=processed)
         # DP-SGD's losses are not privatised: they stay with the client (on_step) and none is sent
         train_loss = None if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
         return ClientResult(update=update, train_loss=train_loss, steps=len(losses),
                             seconds=time.perf_counter() - started)
 
     def _optimize(self, model: nn.Module, task: ClientTask, examples: Sequence[TokenizedExample],
-                  on_step: StepCallback | None) -> list[float]:
+                  on_step: StepCallback | None) -> tuple[list[float], int]:
+        """Take the task's steps; each step's loss and the examples the steps processed in all."""
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
         if task.dp_noise_multiplier is not None:  # sample-level DP: Opacus' loop, loaded for DP runs only
@@ -131,11 +133,13 @@ class LocalTrainer:
         device = model_device(model)
         factors = live_factors(model)
         model.train()
-        losses = []
+        losses, processed = [], 0
         for step in range(task.local_steps):
             step_loss = 0.0
             for _ in range(self.grad_accum):
-                batch = token_batch(next(batches), self.pad_token_id, packed=self.packing).to(device)
+                drawn = next(batches)  # an epoch's last batch may be short
+                processed += len(drawn)
+                batch = token_batch(drawn, self.pad_token_id, packed=self.packing).to(device)
                 nll, tokens = summed_nll(model, batch)
                 loss = nll / (tokens * self.grad_accum)
                 self._objective(loss, factors, task.plan.regularizer).backward()
@@ -146,7 +150,7 @@ class LocalTrainer:
             if on_step is not None:
                 on_step(step + 1, step_loss)
         model.eval()
-        return losses
+        return losses, processed
 
     def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors],
                    regularizer: Regularizer | None) -> torch.Tensor:

@@ -32,6 +32,13 @@ def received(update: ClientUpdate, task: ClientTask) -> ClientUpdate:
     return replace(update, factors=factors)
 
 
+def most_processed(task: ClientTask, update: ClientUpdate, config: RunConfig) -> int:
+    """The most examples a client's steps can process: full batches every step, or, for DP-SGD's
+    Poisson batches, every example every step."""
+    per_step = update.num_examples if task.dp_noise_multiplier is not None else config.batch_size * config.grad_accum
+    return task.local_steps * per_step
+
+
 def admit(update: ClientUpdate, task: ClientTask | None, shapes: dict[str, tuple[int, int]],
           config: RunConfig) -> ClientUpdate:
     """The update as received, once it passed every rule; AggregationError (client, module, rule)
@@ -42,6 +49,11 @@ def admit(update: ClientUpdate, task: ClientTask | None, shapes: dict[str, tuple
                                rule="unexpected")
     update = received(update, task)
     validate_update(update, shapes, max_norm=config.max_update_norm, max_examples=config.max_examples)
+    most = most_processed(task, update, config)
+    if update.num_processed is not None and update.num_processed > most:
+        raise AggregationError(f"num_processed {update.num_processed} exceeds the {most} examples its "
+                               f"{task.local_steps} steps can process", client_id=update.client_id,
+                               rule="num_processed")
     expected_scale = config.scale_for(task.plan.rank)
     for module, factors in update.factors.items():
         if not math.isclose(factors.scale, expected_scale, rel_tol=1e-6):

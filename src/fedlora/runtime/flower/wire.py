@@ -307,6 +307,8 @@ def encode_result(result: ClientResult, *, replica_round: int,
                "seconds": float(result.seconds), "replica-round": replica_round}
     if result.train_loss is not None:  # a withheld loss is sent as no key at all
         metrics["train-loss"] = float(result.train_loss)
+    if result.update.num_processed is not None:
+        metrics["num-processed"] = result.update.num_processed
     content = RecordDict({
         METRICS_KEY: MetricRecord(metrics),
         RESULT_KEY: ConfigRecord({"client-id": result.update.client_id}),
@@ -324,8 +326,9 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     if factors is None:
         raise CodecError(f"train reply lacks the {UPDATE_KEY!r} record")
     # num-examples may be any integer: the update's checks reject a bad count under their rule
+    processed = _int(metric("num-processed"), "num-processed", minimum=None) if "num-processed" in metrics else None
     update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
-                          client_id=_str(client_id, "client-id"))
+                          client_id=_str(client_id, "client-id"), num_processed=processed)
     train_loss = _float(metric("train-loss"), "train-loss") if "train-loss" in metrics else None
     result = ClientResult(update=update, train_loss=train_loss,
                           steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
