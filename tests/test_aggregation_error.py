@@ -23,7 +23,7 @@ from fedlora.lora.merge import base_weight
 from support import tiny_config
 
 #: methods whose global model changes by exactly Σ p_k Δ_k (up to float32 rounding of the factors)
-EXACT = ("flora", "flora-warm", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "centralized")
+EXACT = ("flora", "flora-warm", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "ravan", "centralized")
 #: methods whose clients keep models of their own: no global model to compare
 PERSONALISED = ("fedsa", "local")
 
@@ -32,7 +32,8 @@ def dense(factors: dict[str, LoraFactors] | None, module: str) -> torch.Tensor |
     if not factors or module not in factors:
         return 0.0
     f = factors[module]
-    return f.scale * f.B.double() @ f.A.double()
+    B = f.B.double() @ torch.block_diag(*f.H.double()) if f.H is not None else f.B.double()
+    return f.scale * B @ f.A.double()
 
 
 def squared(matrix: torch.Tensor | float) -> float:
@@ -73,6 +74,11 @@ def synthetic_result(task: ClientTask, shapes: dict, scale: float, size: int, ge
     factors it trains."""
     factors = {}
     for module, (d, n) in shapes.items():
+        start = task.plan.start[module] if task.plan.start is not None else None
+        if start is not None and start.H is not None:  # a core trained between frozen heads (RAVAN)
+            H = start.H * (start.scale / scale) + 0.3 * torch.randn(start.H.shape, generator=generator)
+            factors[module] = LoraFactors(start.A, start.B, scale, H)
+            continue
         A = (torch.rand(task.plan.rank, n, generator=generator) * 2 - 1) / math.sqrt(n)
         B = torch.zeros(d, task.plan.rank)
         if task.plan.start is not None:

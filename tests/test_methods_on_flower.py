@@ -31,9 +31,10 @@ from support import run_on_in_memory_flower, tiny_config, without_times
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
-         "fedsvd": [2], "florana": [2], "fedmomentum": [2]}
+         "fedsvd": [2], "florana": [2], "fedmomentum": [2], "ravan": [2]}
 #: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
-OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}}}
+OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}},
+             "ravan": {"method_options": {"heads": 2}}}
 
 
 def config_for(client_dir: Path, out: Path, method: str, **overrides):
@@ -92,6 +93,17 @@ def fedsvd_sends_B_only(run_dir: Path, nodes_dir: Path, rows: list[dict], report
         assert wire < BYTES_PER_PARAM * (row["params_up"] + len(row["clients"]) * a_params)  # no A travelled
 
 
+def ravan_sends_the_cores_only(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    shapes = factor_sizes(run_dir)
+    cores = len(shapes) * 2 * 2 * 2  # modules × 2 heads × r × r
+    for row in rows[1:]:
+        assert row["params_up"] == row["params_down"] == len(row["clients"]) * cores
+        transfer = report["transfers"][str(row["round"])]
+        heads = len(row["clients"]) * sum(4 * (d + n) for d, n in shapes.values())  # A and B at rank h·r = 4
+        assert transfer["bytes_up"] < BYTES_PER_PARAM * (row["params_up"] + heads)  # the frozen heads stayed
+        assert transfer["bytes_down"] < BYTES_PER_PARAM * (row["params_down"] + heads)  # both ways
+
+
 def florist_downloads_one_global_pair(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
     pair = load_file(run_dir / BASE_LOG_DIR / "round-000001.safetensors")
     pair_params = sum(tensor.numel() for key, tensor in pair.items() if not key.endswith(".scale"))
@@ -108,7 +120,8 @@ def hetlora_clients_send_their_self_pruned_ranks(run_dir: Path, nodes_dir: Path,
 
 
 LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair,
-                 "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only}
+                 "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only,
+                 "ravan": ravan_sends_the_cores_only}
 
 
 @pytest.mark.parametrize("method", list(RANKS))

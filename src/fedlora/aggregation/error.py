@@ -44,6 +44,7 @@ class FactoredSum:
 
 def _core_norms(blocks: list[LoraFactors], coefficients: list[list[float]]) -> list[float]:
     """``‖Σ_i c_i s_i B_i A_i‖_F²`` for each coefficient list ``c`` (one value per block)."""
+    blocks = [block.plain() for block in blocks]  # a core folded into B
     ranks = [block.rank for block in blocks]
     B = torch.cat([block.B.to(torch.float64) * block.scale for block in blocks], dim=1)
     A = torch.cat([block.A.to(device=B.device, dtype=torch.float64) for block in blocks])

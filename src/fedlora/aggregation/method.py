@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fedlora.aggregation.factored import fit_ranks, stack
 from fedlora.aggregation.factors import FACTOR_NAMES, AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, \
-    MethodState, RunContext, check_updates, example_weights, factors_to_tensors, tensors_to_factors
+    MethodState, RunContext, check_updates, example_weights, factor_names, factors_to_tensors, tensors_to_factors
 from fedlora.imports import resolve
 
 T = TypeVar("T")
@@ -63,6 +63,21 @@ class Regularizer:
 
 
 @dataclass(frozen=True)
+class Drawn:
+    """Factors of a plan's start that every client draws itself, the same on every client and so
+    never sent (RAVAN's frozen heads): ``draw(start, **options)`` gives the start with the
+    ``names`` factors filled in (the server's start already holds them; what a client receives
+    holds zeros in their place). Named by reference, as :class:`Regularizer`."""
+
+    draw: str
+    names: frozenset[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, start: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+        return resolve(self.draw)(start, **self.options)
+
+
+@dataclass(frozen=True)
 class ClientPlan:
     """What a method asks of one client in one round."""
 
@@ -80,13 +95,24 @@ class ClientPlan:
     kept: frozenset[str] = frozenset()
     #: a term added to its training loss (HetLoRA's rank regulariser); None: none
     regularizer: Regularizer | None = None
+    #: factors of ``start`` the client draws itself, never sent (RAVAN's frozen heads); None: none.
+    #: A start whose factors carry a core H (RAVAN) gives the client's LoRA that core, trained as "H"
+    drawn: Drawn | None = None
 
     def __post_init__(self) -> None:
         if self.kept & self.uploads:
             raise ValueError(f"a client sends {sorted(self.kept & self.uploads)}, which it keeps and never sends")
-        if self.start is None and (self.uploads != frozenset(FACTOR_NAMES) or self.kept):
+        if self.start is None and (self.uploads != frozenset(FACTOR_NAMES) or self.kept or self.drawn):
             raise ValueError("a client that does not send every factor needs a start: the server takes the "
                              "factors it does not send from there")
+        unknown = (self.trainable | self.uploads) - factor_names(self.start)
+        if unknown:
+            raise ValueError(f"a client cannot train or send {sorted(unknown)}: its start has no such factor")
+
+    @property
+    def sent(self) -> frozenset[str]:
+        """The factors of ``start`` the server sends: all but those the client keeps or draws."""
+        return factor_names(self.start) - self.kept - (self.drawn.names if self.drawn else frozenset())
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ AGGREGATORS: dict[str, str] = {
     "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
     "florana": "fedlora.aggregation.florana:FLoRANA",
     "fedmomentum": "fedlora.aggregation.fedmomentum:FedMomentum",
+    "ravan": "fedlora.aggregation.ravan:RAVAN",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }

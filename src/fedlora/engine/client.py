@@ -105,8 +105,9 @@ class LocalTrainer:
         peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
                                  use_rslora=self.use_rslora, seed=task.init_seed)
         try:
-            if plan.start is not None:
-                set_factors(peft_model, plan.start, leading=True)
+            start = plan.drawn(plan.start) if plan.drawn is not None else plan.start  # RAVAN's frozen heads
+            if start is not None:
+                set_factors(peft_model, start, leading=True)
             set_trainable(peft_model, plan.trainable)
             with self.compute.applied(peft_model):
                 losses, processed = self._optimize(peft_model, task, examples, on_step)

@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from fedlora.aggregation import AggregationError, ClientUpdate
-from fedlora.aggregation.factors import FACTOR_NAMES
+from fedlora.aggregation.factors import CORE, FACTOR_NAMES, factor_names
 from fedlora.aggregation.validation import validate_update
 from fedlora.engine.config import RunConfig
 from fedlora.engine.task import ClientTask
@@ -55,7 +55,12 @@ def admit(update: ClientUpdate, task: ClientTask | None, shapes: dict[str, tuple
                                f"{task.local_steps} steps can process", client_id=update.client_id,
                                rule="num_processed")
     expected_scale = config.scale_for(task.plan.rank)
+    core = CORE in factor_names(task.plan.start)
     for module, factors in update.factors.items():
+        if (factors.H is not None) != core:
+            raise AggregationError("sent a core H it was not asked for" if factors.H is not None else
+                                   "sent no core H, which its plan trains", client_id=update.client_id,
+                                   module=module, rule="shape")
         if not math.isclose(factors.scale, expected_scale, rel_tol=1e-6):
             raise AggregationError(f"scale {factors.scale:g} differs from the assigned α/r = {expected_scale:g}",
                                    client_id=update.client_id, module=module, rule="scale")

@@ -1,0 +1,187 @@
+"""RAVAN, Fed-PLoRA and FLoRA with AdaLoRA clients against float64 dense computations of their
+definitions, and on the engine.
+
+Each method runs rounds through setup / plan / aggregate / commit on random clients of unequal
+size, every client starting from the plan it is given; the references are built here from the
+raw tensors in float64, without library code. The engine tests run tiny-llama in-process and
+check what the ledger counts; the same runs over Flower are in test_methods_on_flower.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedlora.aggregation import AggregationError, ClientPlan, ClientUpdate, LoraFactors, RunContext, get_aggregator
+from fedlora.aggregation.ravan import with_bases
+from fedlora.engine.config import save_config
+from fedlora.engine.metrics import read_metrics
+from fedlora.engine.setup import prepare_run
+from fedlora.lora import get_factors, set_factors, set_trainable
+from fedlora.lora.core import CoredLinear
+from fedlora.runtime.inprocess import run_inprocess
+
+import support
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.0.self_attn.v_proj": (8, 10)}
+EXAMPLES = {"c0": 5, "c1": 17, "c2": 9}
+ROUNDS = (1, 2, 3)
+
+
+def context(ranks: dict[str, int], scale=lambda rank: 2.0) -> RunContext:
+    return RunContext(ranks=ranks, scales={cid: scale(rank) for cid, rank in ranks.items()}, shapes=SHAPES, seed=5)
+
+
+def shares(clients=EXAMPLES) -> list[float]:
+    return [count / sum(clients.values()) for count in clients.values()]
+
+
+def dense(factors: LoraFactors | None) -> torch.Tensor | float:
+    """``scale·B·blockdiag(H)·A`` in float64, from the raw tensors."""
+    if factors is None:
+        return 0.0
+    B = factors.B.double()
+    if factors.H is not None:
+        B = B @ torch.block_diag(*factors.H.double())
+    return factors.scale * B @ factors.A.double()
+
+
+def relative(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+def run(client_dir: Path, out: Path, method: str, **overrides):
+    """Two rounds of three clients, two a round (so that one misses a round)."""
+    config = support.tiny_config(client_dir, out, **{"method": method, "ranks": [2], "rounds": 2,
+                                                     "clients_per_round": 2, **overrides})
+    out.mkdir(parents=True)
+    save_config(config, out / "config.json")
+    setup = prepare_run(config, out, log=lambda message: None)
+    run_inprocess(setup)
+    return setup.federation, read_metrics(out)
+
+
+# -- RAVAN ------------------------------------------------------------------------------------
+
+HEADS, HEAD_RANK = 3, 2
+
+
+def ravan_trained(client_id: str, plan: ClientPlan, generator: torch.Generator) -> ClientUpdate:
+    """What a client uploads: the start's frozen heads, its own s_h·H_h (random steps from the start's H)."""
+    factors = {module: replace(start, H=start.H + 0.3 * torch.randn(start.H.shape, generator=generator))
+               for module, start in plan.start.items()}
+    return ClientUpdate(factors, EXAMPLES[client_id], client_id)
+
+
+def test_ravan_averages_the_cores_on_frozen_seeded_heads_exactly():
+    method = get_aggregator("ravan", heads=HEADS)
+    method.setup(context(dict.fromkeys(EXAMPLES, HEAD_RANK)))
+    generator = torch.Generator().manual_seed(1)
+    rank = HEADS * HEAD_RANK
+    for server_round in ROUNDS:
+        plans = {cid: method.plan(cid, server_round) for cid in EXAMPLES}
+        for cid, plan in plans.items():
+            assert plan.rank == rank and plan.trainable == plan.uploads == {"H"} and plan.sent == {"H"}, cid
+            assert plan.drawn.names == {"A", "B"}
+            # what a client receives (zeros for A and B) and draws from the seed is the server's start
+            received = {module: replace(f, A=torch.zeros_like(f.A), B=torch.zeros_like(f.B))
+                        for module, f in plan.start.items()}
+            for module, drawn in plan.drawn(received).items():
+                start = plan.start[module]
+                assert torch.equal(drawn.A, start.A) and torch.equal(drawn.B, start.B) and drawn.H is start.H
+                assert start.A.shape == (rank, SHAPES[module][1]) and start.H.shape == (HEADS, HEAD_RANK, HEAD_RANK)
+                if server_round == 1:
+                    assert not start.H.any()  # the base model to begin with
+                else:
+                    assert torch.equal(start.H, method.global_update.factors[module].H)
+        updates = [ravan_trained(cid, plan, generator) for cid, plan in plans.items()]
+        update = method.aggregate(updates, server_round=server_round)
+        assert not update.merge and not update.residual
+        for module in SHAPES:
+            start = plans["c0"].start[module]
+            A, B = start.A.double(), start.B.double()
+            mean_H = sum(p * u.factors[module].H.double() for p, u in zip(shares(), updates))
+            blocks = torch.block_diag(*mean_H)
+            got = update.factors[module]
+            # the definition, s·Σ_h B_h H̄_h A_h, head by head
+            by_heads = sum(B[:, h * HEAD_RANK:(h + 1) * HEAD_RANK] @ mean_H[h] @ A[h * HEAD_RANK:(h + 1) * HEAD_RANK]
+                           for h in range(HEADS))
+            assert relative(dense(got), 2.0 * by_heads) < 1e-6
+            assert relative(dense(got), 2.0 * B @ blocks @ A) < 1e-6
+            # exact: Σ p_k ΔW_k
+            assert relative(dense(got), sum(p * dense(u.factors[module]) for p, u in zip(shares(), updates))) < 1e-6
+            assert relative(update.delta(module, torch.float64), dense(got)) < 1e-12
+        method.commit(server_round, update)
+
+
+def test_ravan_refuses_heads_that_differ_from_the_seeded_ones():
+    method = get_aggregator("ravan", heads=2)
+    method.setup(context(dict.fromkeys(EXAMPLES, 2)))
+    updates = [ravan_trained(cid, method.plan(cid, 1), torch.Generator().manual_seed(2)) for cid in EXAMPLES]
+    module = next(iter(SHAPES))
+    tampered = updates[1].factors[module]
+    updates[1].factors[module] = replace(tampered, B=tampered.B + 1e-3)
+    with pytest.raises(AggregationError) as error:
+        method.aggregate(updates)
+    assert (error.value.rule, error.value.client_id, error.value.module) == ("frozen", "c1", module)
+
+
+@pytest.mark.parametrize("heads", [0, -1, 1.5, True])
+def test_ravan_rejects_a_bad_head_count(heads):
+    with pytest.raises(ValueError, match="heads"):
+        get_aggregator("ravan", heads=heads)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(10, 12, bias=False)
+
+    def forward(self, x):
+        return self.q_proj(x)
+
+
+def test_a_core_in_a_peft_lora_computes_its_heads_and_trains_only_h_and_s():
+    """PEFT's own forward with the core: x·(W + s·B·blockdiag(s_h H_h)·A)ᵀ, against float64."""
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(), LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj"]))
+    A, B, H = torch.randn(6, 10), torch.randn(12, 6), torch.randn(3, 2, 2)
+    set_factors(model, {"q_proj": LoraFactors(A, B, 4.0, H)})  # scale 4 on an adapter of scaling 2: H doubles
+    set_trainable(model, {"H"})
+    layer = model.base_model.model.q_proj
+    assert isinstance(layer.lora_A["default"], CoredLinear)
+    assert {name.split(".")[-1] for name, p in model.named_parameters() if p.requires_grad} == {"core", "head_scale"}
+    with torch.no_grad():
+        layer.lora_A["default"].head_scale.copy_(torch.tensor([1.0, -0.5, 3.0]))
+    x = torch.randn(5, 10)
+    scaled = H.double() * 2 * torch.tensor([1.0, -0.5, 3.0], dtype=torch.float64)[:, None, None]
+    expected = x.double() @ (layer.base_layer.weight.double()
+                             + 2.0 * B.double() @ torch.block_diag(*scaled) @ A.double()).T
+    torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+    factors = get_factors(model)["q_proj"]  # what a client uploads: s_h·H_h at the adapter's scaling
+    assert factors.scale == 2.0 and torch.equal(factors.A, A) and torch.equal(factors.B, B)
+    torch.testing.assert_close(factors.H.double(), scaled, rtol=1e-6, atol=1e-6)
+    model(x).square().sum().backward()
+    assert layer.lora_A["default"].core.grad is not None and layer.lora_A["default"].weight.grad is None
+
+
+def test_ravan_runs_on_tiny_llama_and_only_the_cores_travel(client_dir, tmp_path):
+    federation, rows = run(client_dir, tmp_path / "ravan", "ravan", method_options={"heads": 2})
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert not any(row["rejected"] or row["skipped"] for row in rows[1:])
+    assert rows[2]["eval_loss"] != rows[0]["eval_loss"]
+    cores = len(federation.shapes) * 2 * 2 * 2  # modules × h × r × r
+    for row in rows[1:]:
+        clients = len(row["clients"])
+        assert row["params_up"] == row["params_down"] == clients * cores  # the frozen heads never travel
+        assert row["aggregation_error"] < 1e-5
+    for module, factors in federation.method.global_update.factors.items():
+        assert factors.rank == 4 and factors.H.shape == (2, 2, 2) and factors.H.any()
+        received = {module: replace(factors, A=torch.zeros_like(factors.A), B=torch.zeros_like(factors.B))}
+        drawn = with_bases(received, seed=federation.config.seed)[module]
+        assert torch.equal(drawn.A, factors.A) and torch.equal(drawn.B, factors.B)
