@@ -445,7 +445,7 @@ def test_homogeneous_methods_declare_it():
     assert flags == {"flora": True, "flora-warm": True, "fedit": False, "zeropad": True, "ffa": False, "rolora": False,
                      "flexlora": True, "fedex": False, "fedsa": False, "lorafair": False, "florist": True,
                      "hetlora": True, "raflora": True, "fedsvd": False, "florana": False, "fedmomentum": False,
-                     "ravan": False,
+                     "ravan": False, "fedplora": True,
                      "centralized": True, "local": True}
 
 

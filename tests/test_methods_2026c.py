@@ -185,3 +185,92 @@ def test_ravan_runs_on_tiny_llama_and_only_the_cores_travel(client_dir, tmp_path
         received = {module: replace(factors, A=torch.zeros_like(factors.A), B=torch.zeros_like(factors.B))}
         drawn = with_bases(received, seed=federation.config.seed)[module]
         assert torch.equal(drawn.A, factors.A) and torch.equal(drawn.B, factors.B)
+
+
+# -- Fed-PLoRA ----------------------------------------------------------------------------------
+
+PLORA_RANKS = {"c0": 4, "c1": 2, "c2": 1}
+
+
+def lora_trained(client_id: str, plan: ClientPlan, scale: float, generator: torch.Generator) -> ClientUpdate:
+    """The client's LoRA as the trainer starts it from ``plan`` (the start at its own scale), then
+    random steps on both factors."""
+    factors = {}
+    for module, start in plan.start.items():
+        A = start.A + 0.3 * torch.randn(start.A.shape, generator=generator)
+        B = start.B * (start.scale / scale) + 0.3 * torch.randn(start.B.shape, generator=generator)
+        factors[module] = LoraFactors(A, B, scale)
+    return ClientUpdate(factors, EXAMPLES[client_id], client_id)
+
+
+def test_fedplora_folds_the_untrained_modules_and_averages_each_module_over_its_trainers():
+    method = get_aggregator("fedplora")
+    method.setup(context(PLORA_RANKS, scale=lambda rank: 8 / rank))
+    generator, drawn = torch.Generator().manual_seed(3), []
+    for server_round in ROUNDS:
+        glob = method.global_update.factors if method.global_update is not None else None
+        plans = {cid: method.plan(cid, server_round) for cid in EXAMPLES}
+        chosen = {cid: method.selection(cid, server_round) for cid in EXAMPLES}
+        for cid, plan in plans.items():
+            assert plan.rank == PLORA_RANKS[cid] == len(chosen[cid]) and plan.trainable == plan.uploads == {"A", "B"}
+            assert (plan.folded is None) == (PLORA_RANKS[cid] == 4)
+            for module in SHAPES:
+                # the client starts from exactly the global model: its modules plus the folded rest
+                whole = dense(plan.start[module]) + dense(plan.folded[module] if plan.folded else None)
+                reference = method.modules()[module]
+                assert relative(whole, dense(reference)) < 1e-12 if reference.B.any() else not whole.any()
+                if glob is not None:  # from the global modules themselves, those chosen
+                    assert torch.equal(plan.start[module].A, glob[module].A[chosen[cid]])
+        assert chosen["c0"] == [0, 1, 2, 3]
+        drawn.append(tuple(chosen["c1"]))
+        updates = [lora_trained(cid, plan, 8 / plan.rank, generator) for cid, plan in plans.items()]
+        update = method.aggregate(updates, server_round=server_round)
+        assert not update.merge and update.info["global_rank"] == 4
+        p = dict(zip(EXAMPLES, shares()))
+        for module in SHAPES:
+            previous = method.modules()[module]
+            expected = 0.0
+            for j in range(4):  # module j averaged over the clients that trained it, float64
+                holders = [(p[u.client_id], u.factors[module], chosen[u.client_id].index(j))
+                           for u in updates if j in chosen[u.client_id]]
+                total = sum(weight for weight, _, _ in holders)
+                A_j = sum(weight / total * f.A[i].double() for weight, f, i in holders)
+                B_j = sum(weight / total * f.scale * f.B[:, i].double() for weight, f, i in holders)
+                expected = expected + torch.outer(B_j, A_j)
+            assert relative(dense(update.factors[module]), expected) < 1e-6
+            assert previous is not update.factors[module]
+        method.commit(server_round, update)
+    assert len(set(drawn)) > 1  # a new draw every round
+
+
+def test_fedplora_with_one_rank_is_fedit():
+    method = get_aggregator("fedplora")
+    method.setup(context(dict.fromkeys(EXAMPLES, 3)))
+    generator = torch.Generator().manual_seed(4)
+    plans = {cid: method.plan(cid, 1) for cid in EXAMPLES}
+    assert all(plan.folded is None for plan in plans.values())
+    updates = [lora_trained(cid, plan, 2.0, generator) for cid, plan in plans.items()]
+    ours, fedit = method.aggregate(updates, server_round=1), get_aggregator("fedit").aggregate(updates)
+    for module in SHAPES:
+        assert relative(ours.delta(module, torch.float64), fedit.delta(module, torch.float64)) < 1e-6
+
+
+def test_fedplora_runs_on_tiny_llama_leaves_the_base_weights_alone_and_counts_every_module_down(client_dir,
+                                                                                                  tmp_path):
+    config = support.tiny_config(client_dir, tmp_path / "run", method="fedplora", ranks=[4, 2, 1], rounds=2,
+                                 clients_per_round=2)
+    (tmp_path / "run").mkdir()
+    setup = prepare_run(config, tmp_path / "run", log=lambda message: None)
+    pristine = setup.federation.global_model.adapted_weights()
+    run_inprocess(setup)
+    rows = read_metrics(tmp_path / "run")
+    federation = setup.federation
+    # every fold was temporary: nothing was merged, so the base weights are the pristine ones, bit for bit
+    assert all(torch.equal(weight, pristine[name]) for name, weight in federation.global_model.adapted_weights().items())
+    per_rank = sum(d + n for d, n in federation.shapes.values())
+    ranks = dict(zip("012", [4, 2, 1]))
+    for row in rows[1:]:
+        assert not row["rejected"] and row["broadcast_error"] < 1e-9  # each client starts from the global model
+        assert row["params_down"] == len(row["clients"]) * 4 * per_rank  # all R modules, trained or folded
+        assert row["params_up"] == sum(ranks[cid] for cid in row["clients"]) * per_rank
+    assert rows[2]["eval_loss"] != rows[0]["eval_loss"]

@@ -98,8 +98,8 @@ def round_errors(method: Aggregator, before: Mapping[str | None, Mapping[str, Lo
                 .add(after[None]).add(before[None], -1.0))
     broadcast = 0.0
     for client_id, weight in client_weights.items():
-        deviation = relative_error(FactoredSum().add(method.plan(client_id, next_round).start),
-                                   FactoredSum().add(after[None]))
+        plan = method.plan(client_id, next_round)  # what it folds into its weights is part of its start
+        deviation = relative_error(FactoredSum().add(plan.start).add(plan.folded), FactoredSum().add(after[None]))
         if deviation is None:
             broadcast = None
             break

@@ -98,6 +98,9 @@ class ClientPlan:
     #: factors of ``start`` the client draws itself, never sent (RAVAN's frozen heads); None: none.
     #: A start whose factors carry a core H (RAVAN) gives the client's LoRA that core, trained as "H"
     drawn: Drawn | None = None
+    #: factors merged into the client's frozen weights for this round only, under its LoRA
+    #: (Fed-PLoRA's untrained modules): it trains from base + folded + start; None: none
+    folded: dict[str, LoraFactors] | None = None
 
     def __post_init__(self) -> None:
         if self.kept & self.uploads:

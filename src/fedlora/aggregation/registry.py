@@ -28,6 +28,7 @@ AGGREGATORS: dict[str, str] = {
     "florana": "fedlora.aggregation.florana:FLoRANA",
     "fedmomentum": "fedlora.aggregation.fedmomentum:FedMomentum",
     "ravan": "fedlora.aggregation.ravan:RAVAN",
+    "fedplora": "fedlora.aggregation.fedplora:FedPLoRA",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }

@@ -19,7 +19,7 @@ from fedlora.forward import summed_nll
 from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
     set_trainable
-from fedlora.lora.merge import base_weight
+from fedlora.lora.merge import base_weight, merged_for_now
 
 StepCallback = Callable[[int, float], None]
 
@@ -102,18 +102,19 @@ class LocalTrainer:
             raise DataError(f"client {task.client_id!r} has no training examples")
         started = time.perf_counter()
         plan = task.plan
-        peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
-                                 use_rslora=self.use_rslora, seed=task.init_seed)
-        try:
-            start = plan.drawn(plan.start) if plan.drawn is not None else plan.start  # RAVAN's frozen heads
-            if start is not None:
-                set_factors(peft_model, start, leading=True)
-            set_trainable(peft_model, plan.trainable)
-            with self.compute.applied(peft_model):
-                losses, processed = self._optimize(peft_model, task, examples, on_step)
-            factors = get_factors(peft_model)
-        finally:
-            self.model = remove_lora(peft_model)
+        with merged_for_now(self.model, plan.folded):  # Fed-PLoRA's untrained modules, for this round
+            peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
+                                     use_rslora=self.use_rslora, seed=task.init_seed)
+            try:
+                start = plan.drawn(plan.start) if plan.drawn is not None else plan.start  # RAVAN's frozen heads
+                if start is not None:
+                    set_factors(peft_model, start, leading=True)
+                set_trainable(peft_model, plan.trainable)
+                with self.compute.applied(peft_model):
+                    losses, processed = self._optimize(peft_model, task, examples, on_step)
+                factors = get_factors(peft_model)
+            finally:
+                self.model = remove_lora(peft_model)
         update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id,
                               num_processed=processed)
         # DP-SGD's losses are not privatised: they stay with the client (on_step) and none is sent

@@ -67,9 +67,11 @@ class Ledger:
     def charge(self, task: ClientTask, reply: ClientUpdate) -> None:
         """A client that replied to ``task`` (its update accepted or not): it caught up with the
         merges it missed and downloaded its start but for the factors it keeps or draws itself,
-        and uploaded the factors it was asked to send."""
+        and what it folds into its weights for the round, and uploaded the factors it was asked
+        to send."""
         cid, server_round, plan = task.client_id, task.server_round, task.plan
-        down = self.catchup_params(cid, server_round - 1) + factor_params(plan.start, plan.sent)
+        down = (self.catchup_params(cid, server_round - 1) + factor_params(plan.start, plan.sent)
+                + factor_params(plan.folded))
         self.transfers.append(Transfer(server_round, cid, factor_params(reply.factors, plan.uploads), down))
         self.merged_through[cid] = server_round - 1
 

@@ -44,6 +44,7 @@ EVALUATE_ACTION = "evaluate"
 
 TASK_KEY = "task"
 START_KEY = "start"
+FOLDED_KEY = "folded"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 RESULT_KEY = "result"
@@ -228,8 +229,9 @@ def _config_key(field_name: str) -> str:
 
 
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
-    """A train instruction: the task and its plan, the start factors but those the client keeps
-    itself, and the base updates to merge first."""
+    """A train instruction: the task and its plan, the start factors but those the client keeps or
+    draws itself, the factors it folds into its weights for the round, and the base updates to
+    merge first."""
     plan = task.plan
     # an optional field travels only when set (a ConfigRecord holds no None)
     config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS
@@ -244,6 +246,8 @@ def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
     content = RecordDict({TASK_KEY: config})
     if plan.start is not None:
         put_factors(content, START_KEY, plan.start, plan.sent)
+    if plan.folded:
+        put_factors(content, FOLDED_KEY, plan.folded)
     put_catchup(content, catchup)
     return content
 
@@ -260,7 +264,8 @@ def decode_task(content: RecordDict) -> ClientTask:
         spec = json.loads(_str(value("drawn"), "drawn"))
         drawn = Drawn(draw=spec["draw"], names=frozenset(spec["names"]), options=spec["options"])
     plan = ClientPlan(rank=value("rank"), **{name: frozenset(value(name)) for name in _PLAN_NAME_SETS},
-                      start=get_factors(content, START_KEY), regularizer=regularizer, drawn=drawn)
+                      start=get_factors(content, START_KEY), regularizer=regularizer, drawn=drawn,
+                      folded=get_factors(content, FOLDED_KEY))
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
                          if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record}, plan=plan)
 
