@@ -23,7 +23,8 @@ from fedlora.lora.merge import base_weight
 from support import tiny_config
 
 #: methods whose global model changes by exactly Σ p_k Δ_k (up to float32 rounding of the factors)
-EXACT = ("flora", "flora-warm", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "ravan", "centralized")
+EXACT = ("flora", "flora-warm", "flora-adalora", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "ravan",
+         "centralized")
 #: methods whose clients keep models of their own: no global model to compare
 PERSONALISED = ("fedsa", "local")
 

@@ -22,8 +22,10 @@ from fedlora.aggregation.ravan import with_bases
 from fedlora.engine.config import save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
-from fedlora.lora import get_factors, set_factors, set_trainable
+from fedlora.lora import get_factors, remove_lora, set_factors, set_trainable
+from fedlora.lora.adalora import adalora_layers, allocate, attach_adalora, pruned_factors
 from fedlora.lora.core import CoredLinear
+from fedlora.models import load_model
 from fedlora.runtime.inprocess import run_inprocess
 
 import support
@@ -274,3 +276,88 @@ def test_fedplora_runs_on_tiny_llama_leaves_the_base_weights_alone_and_counts_ev
         assert row["params_down"] == len(row["clients"]) * 4 * per_rank  # all R modules, trained or folded
         assert row["params_up"] == sum(ranks[cid] for cid in row["clients"]) * per_rank
     assert rows[2]["eval_loss"] != rows[0]["eval_loss"]
+
+
+# -- FLoRA with AdaLoRA clients ----------------------------------------------------------------
+
+ADALORA = {"budget": 0.5, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1, "beta1": 0.85, "beta2": 0.85,
+           "orth_reg_weight": 0.5}
+
+
+def adalora_client(model, rank: int, seed: int, steps: int = 4):
+    """A client's AdaLoRA on ``model`` after ``steps`` SGD steps on a random quadratic of its
+    parameters, its budget allocated after each: (PEFT's own ΔW per module in float64, the
+    factors the client sends at scale α/r = 2)."""
+    peft_model = attach_adalora(model, rank, 2.0 * rank, ["q_proj", "v_proj"], steps, ADALORA, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    targets = [torch.randn(p.shape, generator=generator) for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    for step in range(1, steps + 1):
+        loss = sum(((p - t) ** 2).sum() * (1 + i % 3) for i, (p, t) in enumerate(zip(params, targets)))
+        loss.backward()
+        optimizer.step()
+        allocate(peft_model, step)
+        optimizer.zero_grad()
+    deltas = {name: layer.get_delta_weight("default").double() for name, layer in adalora_layers(peft_model).items()}
+    factors = pruned_factors(peft_model, 2.0)
+    remove_lora(peft_model)
+    return deltas, factors
+
+
+def test_flora_adalora_stacks_the_clients_pruned_triplets_exactly_against_peft_s_own_deltas():
+    model, _ = load_model("tiny-llama", dtype="float32")
+    ranks = {"c0": 8, "c1": 4, "c2": 2}
+    clients = {cid: adalora_client(model, rank, seed) for seed, (cid, rank) in enumerate(ranks.items())}
+    updates = [ClientUpdate(factors, EXAMPLES[cid], cid) for cid, (_, factors) in clients.items()]
+    sent = {cid: [f.rank for f in factors.values()] for cid, (_, factors) in clients.items()}
+    assert all(max(r) <= ranks[cid] for cid, r in sent.items())
+    assert any(len(set(r)) > 1 for r in sent.values())  # the budget moved between modules
+    assert sum(map(sum, sent.values())) < sum(rank * len(sent[cid]) for cid, rank in ranks.items())
+    method = get_aggregator("flora-adalora")
+    method.setup(RunContext(ranks=ranks, scales=dict.fromkeys(ranks, 2.0),
+                            shapes={m: tuple(f.shape) for m, f in updates[0].factors.items()}))
+    update = method.aggregate(updates)
+    assert update.merge and update.info["ranks_sent"] == sum(map(sum, sent.values()))
+    assert update.info["flora_ranks"] == sum(rank * len(sent[cid]) for cid, rank in ranks.items())
+    for module in updates[0].factors:
+        exact = sum(p * clients[cid][0][module] for p, cid in zip(shares(), ranks))
+        assert relative(update.delta(module, torch.float64), exact) < 1e-6
+        assert update.factors[module].rank == sum(sent[cid][list(updates[0].factors).index(module)] for cid in ranks)
+
+
+def test_a_fully_pruned_module_sends_one_zero_triplet():
+    model, _ = load_model("tiny-llama", dtype="float32")
+    peft_model = attach_adalora(model, 2, 4.0, ["q_proj"], 2, ADALORA, seed=0)
+    try:
+        layers = adalora_layers(peft_model)
+        first = next(iter(layers))
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.lora_E["default"].fill_(0.5)
+            layers[first].lora_E["default"].zero_()
+        factors = pruned_factors(peft_model, 2.0)
+    finally:
+        remove_lora(peft_model)
+    assert factors[first].rank == 1 and not factors[first].A.any()
+    assert all(f.rank == 2 for name, f in factors.items() if name != first)
+
+
+@pytest.mark.parametrize("options", [{"budget": 0}, {"budget": 1.5}, {"tinit": 0.6, "tfinal": 0.5}, {"delta_t": 0},
+                                     {"orth_reg_weight": -1.0}, {"beta1": 1.0}])
+def test_flora_adalora_rejects_bad_options(options):
+    with pytest.raises(ValueError):
+        get_aggregator("flora-adalora", **options)
+
+
+def test_flora_adalora_runs_on_tiny_llama_and_reports_the_ranks_it_saved(client_dir, tmp_path):
+    federation, rows = run(client_dir, tmp_path / "adalora", "flora-adalora", ranks=[4, 2, 1], local_steps=4)
+    ranks = dict(zip("012", [4, 2, 1]))
+    per_rank = {module: d + n for module, (d, n) in federation.shapes.items()}
+    for row in rows[1:]:
+        assert not row["rejected"] and row["aggregation_error"] < 1e-6  # exact, whatever the ranks sent
+        assert row["flora_ranks"] == sum(ranks[cid] for cid in row["clients"]) * len(per_rank)
+        assert len(row["clients"]) * len(per_rank) <= row["ranks_sent"] < row["flora_ranks"]
+        # what went up is the pruned factors: between one triplet a module and the assigned ranks
+        assert min(per_rank.values()) * row["ranks_sent"] <= row["params_up"] <= max(per_rank.values()) * row["ranks_sent"]
+    assert rows[2]["params_down"] > 0  # the round-1 stack, caught up on

@@ -31,10 +31,12 @@ from support import run_on_in_memory_flower, tiny_config, without_times
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
-         "fedsvd": [2], "florana": [2], "fedmomentum": [2], "ravan": [2], "fedplora": [4, 2, 1]}
+         "fedsvd": [2], "florana": [2], "fedmomentum": [2], "ravan": [2], "fedplora": [4, 2, 1],
+         "flora-adalora": [4, 2, 1]}
 #: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
 OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}},
-             "ravan": {"method_options": {"heads": 2}}}
+             "ravan": {"method_options": {"heads": 2}},
+             "flora-adalora": {"local_steps": 3}}  # steps for its budget to fall in
 
 
 def config_for(client_dir: Path, out: Path, method: str, **overrides):
@@ -111,6 +113,11 @@ def fedplora_downloads_every_module(run_dir: Path, nodes_dir: Path, rows: list[d
         assert BYTES_PER_PARAM * row["params_down"] < report["transfers"][str(row["round"])]["bytes_down"]
 
 
+def flora_adalora_sends_its_pruned_ranks(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    for row in rows[1:]:
+        assert row["ranks_sent"] < row["flora_ranks"]
+
+
 def florist_downloads_one_global_pair(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
     pair = load_file(run_dir / BASE_LOG_DIR / "round-000001.safetensors")
     pair_params = sum(tensor.numel() for key, tensor in pair.items() if not key.endswith(".scale"))
@@ -128,7 +135,8 @@ def hetlora_clients_send_their_self_pruned_ranks(run_dir: Path, nodes_dir: Path,
 
 LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair,
                  "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only,
-                 "ravan": ravan_sends_the_cores_only, "fedplora": fedplora_downloads_every_module}
+                 "ravan": ravan_sends_the_cores_only, "fedplora": fedplora_downloads_every_module,
+                 "flora-adalora": flora_adalora_sends_its_pruned_ranks}
 
 
 @pytest.mark.parametrize("method", list(RANKS))

@@ -384,9 +384,9 @@ def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
         assert {run.config.test_limit for run in plan.runs} == {None}  # the whole test set
         # every method and baseline; those that mix ranks in the heterogeneous setting too; raflora
         # and fedplora there only, as at one rank they are flexlora (test_aggregation_2026.py) and
-        # fedit (test_methods_2026c.py); fedmomentum nowhere, as it takes one rank and there is
-        # flora-warm (test_methods_2026b.py)
+        # fedit (test_methods_2026c.py), and flora-adalora, as FLoRA's appendix; fedmomentum
+        # nowhere, as it takes one rank and there is flora-warm (test_methods_2026b.py)
         methods = set(available_aggregators())
-        assert set(plan.settings["homogeneous"]) == methods - {"raflora", "fedplora", "fedmomentum"}
+        assert set(plan.settings["homogeneous"]) == methods - {"raflora", "fedplora", "flora-adalora", "fedmomentum"}
         assert set(plan.settings["heterogeneous"]) == {name for name in methods
                                                        if aggregator_class(name).heterogeneous_ranks}

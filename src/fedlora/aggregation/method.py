@@ -101,6 +101,10 @@ class ClientPlan:
     #: factors merged into the client's frozen weights for this round only, under its LoRA
     #: (Fed-PLoRA's untrained modules): it trains from base + folded + start; None: none
     folded: dict[str, LoraFactors] | None = None
+    #: train PEFT's AdaLoRA instead of LoRA, from ``rank`` (its init_r) to the budget these
+    #: settings give (FLoRA's appendix; keys of :func:`fedlora.lora.adalora.adalora_config`): it
+    #: sends, per module, the triplets its budget kept, at most ``rank``; None: LoRA
+    adalora: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kept & self.uploads:
@@ -111,6 +115,8 @@ class ClientPlan:
         unknown = (self.trainable | self.uploads) - factor_names(self.start)
         if unknown:
             raise ValueError(f"a client cannot train or send {sorted(unknown)}: its start has no such factor")
+        if self.adalora is not None and (self.start is not None or self.trainable != frozenset(FACTOR_NAMES)):
+            raise ValueError("an AdaLoRA client trains a fresh adapter, all of it")
 
     @property
     def sent(self) -> frozenset[str]:

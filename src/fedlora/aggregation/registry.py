@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 AGGREGATORS: dict[str, str] = {
     "flora": "fedlora.aggregation.flora:FLoRA",
     "flora-warm": "fedlora.aggregation.flora_warm:FLoRAWarm",
+    "flora-adalora": "fedlora.aggregation.flora_adalora:FLoRAAdaLoRA",
     "fedit": "fedlora.aggregation.fedit:FedIT",
     "zeropad": "fedlora.aggregation.zeropad:ZeroPad",
     "ffa": "fedlora.aggregation.ffa:FFALoRA",

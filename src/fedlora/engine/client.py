@@ -1,24 +1,28 @@
-"""Client training: one fresh LoRA on the shared base model, a readable AdamW loop, factors out."""
+"""Client training: one fresh LoRA (or AdaLoRA) on the shared base model, a readable AdamW loop, factors out."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
+from fedlora.aggregation import ClientPlan, ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
 from fedlora.attention import enable_packing
 from fedlora.data import DataError, TokenizedExample
 from fedlora.data.batches import token_batch
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.errors import FedloraError
 from fedlora.forward import summed_nll
 from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
     set_trainable
+from fedlora.lora.adalora import allocate, attach_adalora, pruned_factors, singular_vectors
 from fedlora.lora.merge import base_weight, merged_for_now
 
 StepCallback = Callable[[int, float], None]
@@ -103,16 +107,15 @@ class LocalTrainer:
         started = time.perf_counter()
         plan = task.plan
         with merged_for_now(self.model, plan.folded):  # Fed-PLoRA's untrained modules, for this round
-            peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
-                                     use_rslora=self.use_rslora, seed=task.init_seed)
+            peft_model = self._attach(task)
             try:
-                start = plan.drawn(plan.start) if plan.drawn is not None else plan.start  # RAVAN's frozen heads
-                if start is not None:
-                    set_factors(peft_model, start, leading=True)
-                set_trainable(peft_model, plan.trainable)
+                if plan.adalora is None:
+                    self._start(peft_model, plan)
                 with self.compute.applied(peft_model):
                     losses, processed = self._optimize(peft_model, task, examples, on_step)
-                factors = get_factors(peft_model)
+                factors = (get_factors(peft_model) if plan.adalora is None
+                           else pruned_factors(peft_model, task.alpha / (math.sqrt(plan.rank) if self.use_rslora
+                                                                         else plan.rank)))
             finally:
                 self.model = remove_lora(peft_model)
         update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id,
@@ -121,6 +124,28 @@ class LocalTrainer:
         train_loss = None if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
         return ClientResult(update=update, train_loss=train_loss, steps=len(losses),
                             seconds=time.perf_counter() - started)
+
+    def _attach(self, task: ClientTask) -> PeftModel:
+        """The client's fresh adapter on the model: a LoRA of the plan's rank, or, where the plan
+        says so, PEFT's AdaLoRA from that rank (FLoRA's appendix)."""
+        plan = task.plan
+        if plan.adalora is None:
+            return attach_lora(self.model, plan.rank, task.alpha, self.target_modules, use_rslora=self.use_rslora,
+                               seed=task.init_seed)
+        if task.dp_noise_multiplier is not None:
+            raise FedloraError(f"client {task.client_id!r}: AdaLoRA clients do not train with sample-level DP-SGD "
+                               "(its budget allocation runs outside Opacus' steps)")
+        return attach_adalora(self.model, plan.rank, task.alpha, self.target_modules, task.local_steps, plan.adalora,
+                              seed=task.init_seed)
+
+    @staticmethod
+    def _start(peft_model: PeftModel, plan: ClientPlan) -> None:
+        """The LoRA as the plan starts it: its start (RAVAN's frozen heads drawn first), only its
+        trainable factors trainable."""
+        start = plan.drawn(plan.start) if plan.drawn is not None else plan.start
+        if start is not None:
+            set_factors(peft_model, start, leading=True)
+        set_trainable(peft_model, plan.trainable)
 
     def _optimize(self, model: nn.Module, task: ClientTask, examples: Sequence[TokenizedExample],
                   on_step: StepCallback | None) -> tuple[list[float], int]:
@@ -133,7 +158,8 @@ class LocalTrainer:
                                  batch_size=self.batch_size, grad_accum=self.grad_accum, on_step=on_step)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
         device = model_device(model)
-        factors = live_factors(model)
+        adalora = task.plan.adalora is not None
+        factors = singular_vectors(model) if adalora else live_factors(model)  # what a regulariser sees
         model.train()
         losses, processed = [], 0
         for step in range(task.local_steps):
@@ -147,6 +173,8 @@ class LocalTrainer:
                 self._objective(loss, factors, task.plan.regularizer).backward()
                 step_loss += loss.item()
             optimizer.step()
+            if adalora:  # AdaLoRA scores its triplets on this step's gradients and prunes to its budget
+                allocate(model, step + 1)
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             if on_step is not None:

@@ -43,7 +43,7 @@ def admit(update: ClientUpdate, task: ClientTask | None, shapes: dict[str, tuple
           config: RunConfig) -> ClientUpdate:
     """The update as received, once it passed every rule; AggregationError (client, module, rule)
     for one that did not: not asked for, structure, finiteness, norm and example bounds, the
-    assigned rank and scale."""
+    assigned rank (at most it, for AdaLoRA) and scale."""
     if task is None:
         raise AggregationError("sent an update it was not asked for", client_id=update.client_id,
                                rule="unexpected")
@@ -64,7 +64,11 @@ def admit(update: ClientUpdate, task: ClientTask | None, shapes: dict[str, tuple
         if not math.isclose(factors.scale, expected_scale, rel_tol=1e-6):
             raise AggregationError(f"scale {factors.scale:g} differs from the assigned α/r = {expected_scale:g}",
                                    client_id=update.client_id, module=module, rule="scale")
-        if factors.rank != task.plan.rank:
+        if task.plan.adalora is not None:  # AdaLoRA sends the triplets its budget kept
+            if factors.rank > task.plan.rank:
+                raise AggregationError(f"rank {factors.rank} exceeds the assigned {task.plan.rank}",
+                                       client_id=update.client_id, module=module, rule="shape")
+        elif factors.rank != task.plan.rank:
             raise AggregationError(f"rank {factors.rank} differs from the assigned {task.plan.rank}",
                                    client_id=update.client_id, module=module, rule="shape")
     return update

@@ -243,6 +243,8 @@ def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
     if plan.drawn is not None:
         config["drawn"] = json.dumps({"draw": plan.drawn.draw, "names": sorted(plan.drawn.names),
                                       "options": dict(plan.drawn.options)})
+    if plan.adalora is not None:
+        config["adalora"] = json.dumps(dict(plan.adalora))
     content = RecordDict({TASK_KEY: config})
     if plan.start is not None:
         put_factors(content, START_KEY, plan.start, plan.sent)
@@ -265,7 +267,8 @@ def decode_task(content: RecordDict) -> ClientTask:
         drawn = Drawn(draw=spec["draw"], names=frozenset(spec["names"]), options=spec["options"])
     plan = ClientPlan(rank=value("rank"), **{name: frozenset(value(name)) for name in _PLAN_NAME_SETS},
                       start=get_factors(content, START_KEY), regularizer=regularizer, drawn=drawn,
-                      folded=get_factors(content, FOLDED_KEY))
+                      folded=get_factors(content, FOLDED_KEY),
+                      adalora=json.loads(_str(value("adalora"), "adalora")) if "adalora" in record else None)
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
                          if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record}, plan=plan)
 
