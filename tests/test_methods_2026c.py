@@ -19,7 +19,7 @@ from torch import nn
 
 from fedlora.aggregation import AggregationError, ClientPlan, ClientUpdate, LoraFactors, RunContext, get_aggregator
 from fedlora.aggregation.ravan import with_bases
-from fedlora.engine.config import save_config
+from fedlora.engine.config import ConfigError, save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
 from fedlora.lora import get_factors, remove_lora, set_factors, set_trainable
@@ -348,6 +348,12 @@ def test_a_fully_pruned_module_sends_one_zero_triplet():
 def test_flora_adalora_rejects_bad_options(options):
     with pytest.raises(ValueError):
         get_aggregator("flora-adalora", **options)
+
+
+def test_flora_adalora_refuses_sample_level_dp(client_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'dp' cannot protect 'flora-adalora'"):
+        support.tiny_config(client_dir, tmp_path, method="flora-adalora",
+                            dp={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5})
 
 
 def test_flora_adalora_runs_on_tiny_llama_and_reports_the_ranks_it_saved(client_dir, tmp_path):

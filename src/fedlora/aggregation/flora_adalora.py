@@ -82,6 +82,7 @@ class FLoRAAdaLoRA(FLoRA):
     sends = "P·Λ·Q per module, pruned: rank ≤ its own, per module"
     receives = "the stack (rank Σ of the ranks sent), merged; then a fresh AdaLoRA"
     Options = FLoRAAdaLoRAOptions
+    sample_dp = False  # AdaLoRA allocates its budget between optimizer steps, outside Opacus' DP-SGD
 
     def plan(self, client_id: str, server_round: int) -> ClientPlan:
         """A fresh AdaLoRA from the client's rank, with AdaLoRA's orthogonality penalty."""

@@ -165,6 +165,9 @@ class Aggregator(ABC):
     #: client-level DP-FedAvg can protect it: what it broadcasts is a weighted sum of the one
     #: factor its clients upload, the other shared or kept by each client (aggregation/dp.py)
     client_dp: ClassVar[bool] = False
+    #: its clients can train with sample-level DP-SGD (``dp``); not where their training does more
+    #: than steps of the optimizer (AdaLoRA's budget allocation)
+    sample_dp: ClassVar[bool] = True
     #: its clients keep models of their own: each is evaluated where it lives, and their mean reported
     personalised: ClassVar[bool] = False
     #: the runtimes it can run on
