@@ -70,6 +70,11 @@ def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
     return read_metrics(out)
 
 
+def without_times(rows: list[dict]) -> list[dict]:
+    """Metric rows without their wall-clock times."""
+    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """The deterministic part of metric rows (wall-clock times excluded)."""
     return [{key: row.get(key) for key in EVAL_KEYS} for row in rows]

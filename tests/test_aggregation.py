@@ -442,9 +442,10 @@ def test_homogeneous_methods_reject_mixed_ranks_and_suggest_exact_ones(name):
 
 def test_homogeneous_methods_declare_it():
     flags = {name: get_aggregator(name).heterogeneous_ranks for name in available_aggregators()}
-    assert flags == {"flora": True, "flora-warm": True, "fedit": False, "zeropad": True, "ffa": False, "rolora": False,
+    assert flags == {"flora": True, "flora-warm": True, "flora-adalora": True, "fedit": False, "zeropad": True, "ffa": False, "rolora": False,
                      "flexlora": True, "fedex": False, "fedsa": False, "lorafair": False, "florist": True,
                      "hetlora": True, "raflora": True, "fedsvd": False, "florana": False, "fedmomentum": False,
+                     "ravan": False, "fedplora": True,
                      "centralized": True, "local": True}
 
 

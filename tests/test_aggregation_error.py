@@ -23,7 +23,8 @@ from fedlora.lora.merge import base_weight
 from support import tiny_config
 
 #: methods whose global model changes by exactly Σ p_k Δ_k (up to float32 rounding of the factors)
-EXACT = ("flora", "flora-warm", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "centralized")
+EXACT = ("flora", "flora-warm", "flora-adalora", "fedex", "ffa", "rolora", "fedsvd", "fedmomentum", "ravan",
+         "centralized")
 #: methods whose clients keep models of their own: no global model to compare
 PERSONALISED = ("fedsa", "local")
 
@@ -32,7 +33,8 @@ def dense(factors: dict[str, LoraFactors] | None, module: str) -> torch.Tensor |
     if not factors or module not in factors:
         return 0.0
     f = factors[module]
-    return f.scale * f.B.double() @ f.A.double()
+    B = f.B.double() @ torch.block_diag(*f.H.double()) if f.H is not None else f.B.double()
+    return f.scale * B @ f.A.double()
 
 
 def squared(matrix: torch.Tensor | float) -> float:
@@ -73,6 +75,11 @@ def synthetic_result(task: ClientTask, shapes: dict, scale: float, size: int, ge
     factors it trains."""
     factors = {}
     for module, (d, n) in shapes.items():
+        start = task.plan.start[module] if task.plan.start is not None else None
+        if start is not None and start.H is not None:  # a core trained between frozen heads (RAVAN)
+            H = start.H * (start.scale / scale) + 0.3 * torch.randn(start.H.shape, generator=generator)
+            factors[module] = LoraFactors(start.A, start.B, scale, H)
+            continue
         A = (torch.rand(task.plan.rank, n, generator=generator) * 2 - 1) / math.sqrt(n)
         B = torch.zeros(d, task.plan.rank)
         if task.plan.start is not None:
@@ -134,7 +141,8 @@ def test_round_errors_equal_the_dense_computation(method, client_dir: Path, tmp_
         sizes = federation.schedule.client_sizes
         deviations = {}
         for task in tasks:
-            gap = sum(squared(dense(task.plan.start, m) - dense(adapter, m)) for m in exact)
+            # what a client folds into its weights for the round is part of where it starts (Fed-PLoRA)
+            gap = sum(squared(dense(task.plan.start, m) + dense(task.plan.folded, m) - dense(adapter, m)) for m in exact)
             whole = sum(squared(dense(adapter, m)) for m in exact)
             deviations[task.client_id] = math.sqrt(gap / whole) if whole > 0 else 0.0
         if len(tasks) == len(sizes):  # every client sampled: the broadcast error covers them all

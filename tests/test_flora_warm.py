@@ -172,7 +172,7 @@ def test_engine_rounds_are_exact_and_clients_start_from_the_global_model(client_
                 assert task.plan.start is None
             else:
                 with monkeypatch.context() as patch:  # no steps: the factors the LoRA starts from
-                    patch.setattr(LocalTrainer, "_optimize", lambda self, model, task, examples, on_step: [0.0])
+                    patch.setattr(LocalTrainer, "_optimize", lambda self, model, task, examples, on_step: ([0.0], 0))
                     started = trainer.train(task, setup.client_examples[task.client_id]).update.factors
                 for name, factors in adapter.factors.items():
                     assert relative(dense(started[name]), dense(factors)) < 1e-6, (task.client_id, name)

@@ -27,13 +27,16 @@ from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
 from fedlora.runtime.inprocess import run_inprocess
 
-from support import run_on_in_memory_flower, tiny_config
+from support import run_on_in_memory_flower, tiny_config, without_times
 
 pytestmark = pytest.mark.slow
 RANKS = {"fedsa": [2], "lorafair": [2], "florist": [4, 2, 1], "hetlora": [4, 2, 1], "raflora": [4, 2, 1],
-         "fedsvd": [2], "florana": [2], "fedmomentum": [2]}
+         "fedsvd": [2], "florana": [2], "fedmomentum": [2], "ravan": [2], "fedplora": [4, 2, 1],
+         "flora-adalora": [4, 2, 1]}
 #: HetLoRA runs a third round, every client sampled, so that self-pruned ranks travel too
-OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}}}
+OVERRIDES = {"hetlora": {"rounds": 3, "fraction": 1.0, "method_options": {"gamma": 0.5, "penalty": 1.0}},
+             "ravan": {"method_options": {"heads": 2}},
+             "flora-adalora": {"local_steps": 3}}  # steps for its budget to fall in
 
 
 def config_for(client_dir: Path, out: Path, method: str, **overrides):
@@ -52,10 +55,6 @@ def in_process(client_dir: Path, out: Path, method: str) -> list[dict]:
 def over_flower(client_dir: Path, out: Path, nodes_dir: Path, method: str) -> tuple[list[dict], dict]:
     _, report = run_on_in_memory_flower(config_for(client_dir, out, method, runtime="flower"), nodes_dir)
     return read_metrics(out), report
-
-
-def without_times(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
 
 
 def checkpoint_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -96,6 +95,29 @@ def fedsvd_sends_B_only(run_dir: Path, nodes_dir: Path, rows: list[dict], report
         assert wire < BYTES_PER_PARAM * (row["params_up"] + len(row["clients"]) * a_params)  # no A travelled
 
 
+def ravan_sends_the_cores_only(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    shapes = factor_sizes(run_dir)
+    cores = len(shapes) * 2 * 2 * 2  # modules × 2 heads × r × r
+    for row in rows[1:]:
+        assert row["params_up"] == row["params_down"] == len(row["clients"]) * cores
+        transfer = report["transfers"][str(row["round"])]
+        heads = len(row["clients"]) * sum(4 * (d + n) for d, n in shapes.values())  # A and B at rank h·r = 4
+        assert transfer["bytes_up"] < BYTES_PER_PARAM * (row["params_up"] + heads)  # the frozen heads stayed
+        assert transfer["bytes_down"] < BYTES_PER_PARAM * (row["params_down"] + heads)  # both ways
+
+
+def fedplora_downloads_every_module(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    per_rank = sum(d + n for d, n in factor_sizes(run_dir).values())
+    for row in rows[1:]:  # the modules it trains and those it folds into its weights travel
+        assert row["params_down"] == len(row["clients"]) * 4 * per_rank
+        assert BYTES_PER_PARAM * row["params_down"] < report["transfers"][str(row["round"])]["bytes_down"]
+
+
+def flora_adalora_sends_its_pruned_ranks(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
+    for row in rows[1:]:
+        assert row["ranks_sent"] < row["flora_ranks"]
+
+
 def florist_downloads_one_global_pair(run_dir: Path, nodes_dir: Path, rows: list[dict], report: dict):
     pair = load_file(run_dir / BASE_LOG_DIR / "round-000001.safetensors")
     pair_params = sum(tensor.numel() for key, tensor in pair.items() if not key.endswith(".scale"))
@@ -112,7 +134,9 @@ def hetlora_clients_send_their_self_pruned_ranks(run_dir: Path, nodes_dir: Path,
 
 
 LEDGER_CHECKS = {"fedsa": fedsa_sends_A_only_and_keeps_B_on_the_clients, "florist": florist_downloads_one_global_pair,
-                 "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only}
+                 "hetlora": hetlora_clients_send_their_self_pruned_ranks, "fedsvd": fedsvd_sends_B_only,
+                 "ravan": ravan_sends_the_cores_only, "fedplora": fedplora_downloads_every_module,
+                 "flora-adalora": flora_adalora_sends_its_pruned_ranks}
 
 
 @pytest.mark.parametrize("method", list(RANKS))

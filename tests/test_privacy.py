@@ -150,12 +150,13 @@ def test_an_empty_poisson_batch_is_a_step_of_noise_alone(tiny):
     try:
         before = [p.detach().clone() for p in params]
         # rate 1/5: with this seed the first of the steps draws no example
-        losses = private_steps(peft_model, torch.optim.SGD(params, lr=1.0), dp_task(8, 1.0, 0.1, seed=2), examples,
-                               pad_token_id=pad, batch_size=1, grad_accum=1)
+        losses, processed = private_steps(peft_model, torch.optim.SGD(params, lr=1.0), dp_task(8, 1.0, 0.1, seed=2),
+                                          examples, pad_token_id=pad, batch_size=1, grad_accum=1)
         moved = any(not torch.equal(a, b) for a, b in zip(before, params))
     finally:
         remove_lora(peft_model)
     assert any(loss != loss for loss in losses) and any(loss == loss for loss in losses)
+    assert 0 < processed < 8 * len(examples)  # the Poisson batches' sizes, some of them empty
     assert moved
 
 

@@ -385,9 +385,10 @@ def test_the_benchmark_sweep_files_are_valid(name, monkeypatch):
         assert len(plan.grid["lr"]) >= 3 and plan.tuning.keys == ("lr",) and plan.final.questions >= 300
         assert {run.config.test_limit for run in plan.runs} == {None}  # the whole test set
         # every method and baseline; those that mix ranks in the heterogeneous setting too; raflora
-        # there only, as at one rank it is flexlora (test_aggregation_2026.py); fedmomentum nowhere,
-        # as it takes one rank and there is flora-warm (test_methods_2026b.py)
+        # and fedplora there only, as at one rank they are flexlora (test_aggregation_2026.py) and
+        # fedit (test_methods_2026c.py), and flora-adalora, as FLoRA's appendix; fedmomentum
+        # nowhere, as it takes one rank and there is flora-warm (test_methods_2026b.py)
         methods = set(available_aggregators())
-        assert set(plan.settings["homogeneous"]) == methods - {"raflora", "fedmomentum"}
+        assert set(plan.settings["homogeneous"]) == methods - {"raflora", "fedplora", "flora-adalora", "fedmomentum"}
         assert set(plan.settings["heterogeneous"]) == {name for name in methods
                                                        if aggregator_class(name).heterogeneous_ranks}

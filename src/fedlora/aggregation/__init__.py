@@ -10,7 +10,7 @@ _EXPORTS = {
     **dict.fromkeys(("AggregationError", "ClientUpdate", "GlobalUpdate", "LoraFactors", "MethodState", "RunContext",
                      "check_factors", "check_updates", "example_weights", "factors_to_tensors",
                      "tensors_to_factors"), "fedlora.aggregation.factors"),
-    **dict.fromkeys(("Accumulator", "Aggregator", "ClientPlan", "MethodOptions", "Regularizer", "RunShape"),
+    **dict.fromkeys(("Accumulator", "Aggregator", "ClientPlan", "Drawn", "MethodOptions", "Regularizer", "RunShape"),
                     "fedlora.aggregation.method"),
     **dict.fromkeys(("aggregator_class", "available_aggregators", "describe_methods", "get_aggregator"),
                     "fedlora.aggregation.registry"),

@@ -44,6 +44,7 @@ class FactoredSum:
 
 def _core_norms(blocks: list[LoraFactors], coefficients: list[list[float]]) -> list[float]:
     """``‖Σ_i c_i s_i B_i A_i‖_F²`` for each coefficient list ``c`` (one value per block)."""
+    blocks = [block.plain() for block in blocks]  # a core folded into B
     ranks = [block.rank for block in blocks]
     B = torch.cat([block.B.to(torch.float64) * block.scale for block in blocks], dim=1)
     A = torch.cat([block.A.to(device=B.device, dtype=torch.float64) for block in blocks])
@@ -97,8 +98,8 @@ def round_errors(method: Aggregator, before: Mapping[str | None, Mapping[str, Lo
                 .add(after[None]).add(before[None], -1.0))
     broadcast = 0.0
     for client_id, weight in client_weights.items():
-        deviation = relative_error(FactoredSum().add(method.plan(client_id, next_round).start),
-                                   FactoredSum().add(after[None]))
+        plan = method.plan(client_id, next_round)  # what it folds into its weights is part of its start
+        deviation = relative_error(FactoredSum().add(plan.start).add(plan.folded), FactoredSum().add(after[None]))
         if deviation is None:
             broadcast = None
             break

@@ -38,6 +38,7 @@ def concat(blocks: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFacto
     B = [w_1 s_1 B_1 | … | w_K s_K B_K], A = [A_1; …; A_K], scale 1: the rank is the sum of
     the blocks' ranks and no information is lost.
     """
+    blocks = [block.plain() for block in blocks]  # a core folded into B
     dtype = common_dtype([tensor for block in blocks for tensor in (block.A, block.B)])
     # Concatenating and then scaling the columns in place, while B is still in cache, is
     # faster than writing each scaled block into a strided slice.
@@ -176,6 +177,7 @@ def squared_product_norm(A: Tensor, B: Tensor) -> Tensor:
 
 
 def frobenius_norm(factors: LoraFactors) -> float:
-    """``‖scale·B·A‖_F``, factored (in float64)."""
+    """``‖scale·B·A‖_F``, factored (in float64; a core folded into B)."""
+    factors = factors.plain()
     squared = squared_product_norm(factors.A.to(torch.float64), factors.B.to(torch.float64)).item()
     return abs(factors.scale) * math.sqrt(squared)

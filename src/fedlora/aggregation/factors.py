@@ -17,6 +17,8 @@ from torch import Tensor
 from fedlora.errors import FedloraError
 
 FACTOR_NAMES = ("A", "B")
+#: the core between B and A where factors carry one (RAVAN's heads): a plan may train and send it
+CORE = "H"
 
 
 class AggregationError(FedloraError):
@@ -35,11 +37,13 @@ class AggregationError(FedloraError):
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One adapted module: its update is ``scale * B @ A`` (A: r×n, B: d×r)."""
+    """One adapted module: its update is ``scale * B @ A`` (A: r×n, B: d×r), or, where it carries
+    a core H (RAVAN's heads: h blocks of q×q, h·q = r), ``scale * B @ blockdiag(H_1, …, H_h) @ A``."""
 
     A: Tensor
     B: Tensor
     scale: float = 1.0
+    H: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -50,22 +54,38 @@ class LoraFactors:
         """(d, n): the shape of the dense update."""
         return self.B.shape[0], self.A.shape[1]
 
+    def plain(self) -> LoraFactors:
+        """The same update without a core: H folded into B (B·blockdiag(H)); itself where it has none."""
+        if self.H is None:
+            return self
+        return LoraFactors(A=self.A, B=self.B @ torch.block_diag(*self.H.to(self.B.dtype)), scale=self.scale)
+
     def delta(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
         """The dense d×n update, computed in ``dtype`` on ``device`` (default: the factors' own)."""
         A, B = self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype)
+        if self.H is not None:
+            B = B @ torch.block_diag(*self.H.to(device=device, dtype=B.dtype))
         return self.scale * (B @ A)
 
     def numel(self) -> int:
-        return self.A.numel() + self.B.numel()
+        return self.A.numel() + self.B.numel() + (self.H.numel() if self.H is not None else 0)
+
+
+def factor_names(factors: dict[str, LoraFactors] | None) -> frozenset[str]:
+    """The factors ``factors`` hold: A and B, and H where a module carries a core."""
+    core = factors is not None and any(f.H is not None for f in factors.values())
+    return frozenset(FACTOR_NAMES) | ({CORE} if core else frozenset())
 
 
 @dataclass
 class ClientUpdate:
-    """What one client sends after local training: its factors per module and its data size."""
+    """What one client sends after local training: its factors per module, its data size and the
+    examples its training processed this round (steps × batch size as run; None where not reported)."""
 
     factors: dict[str, LoraFactors]
     num_examples: int
     client_id: str
+    num_processed: int | None = None
 
 
 @dataclass
@@ -100,6 +120,35 @@ class GlobalUpdate:
     @property
     def modules(self) -> list[str]:
         return list(self.factors)
+
+
+#: how a round weighs its clients (the run's ``weighting``): ``examples``, by their dataset sizes
+#: (each method's own default rule, which for all but HetLoRA and client-level DP is exactly
+#: that); ``uniform``, equally; ``processed``, by the examples their training processed this
+#: round (FederatedScope's convention: its clients report ``ctx.num_samples``, summed batch
+#: sizes, and its FedAvg weighs by them; uniform when every client runs the same full batches)
+WEIGHTINGS = ("examples", "uniform", "processed")
+
+
+def client_weights(updates: list[ClientUpdate], weighting: str) -> list[float] | None:
+    """The p_k a round's ``updates`` are aggregated with under ``weighting`` (shares summing to
+    1), or None for ``examples``: the method's own default, the example shares but where its
+    rule says otherwise (HetLoRA's update norms, client-level DP's 1/m). The one place a run's
+    weighting is turned into weights."""
+    if weighting == "examples":
+        return None
+    if weighting == "uniform":
+        return [1 / len(updates)] * len(updates)
+    if weighting != "processed":
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    for update in updates:
+        if update.num_processed is None:
+            raise AggregationError("did not report the examples it processed, which weighting 'processed' needs",
+                                   client_id=update.client_id, rule="num_processed")
+    total = sum(update.num_processed for update in updates)
+    if total <= 0:
+        raise AggregationError("no client processed an example this round", rule="weights")
+    return [update.num_processed / total for update in updates]
 
 
 def example_weights(updates: list[ClientUpdate], weights: list[float] | Tensor | None) -> list[float]:
@@ -153,7 +202,8 @@ def check_modules_and_shapes(update: ClientUpdate, shapes: dict[str, tuple[int, 
 
 
 def check_num_examples(update: ClientUpdate, max_examples: int | None = None) -> None:
-    """``num_examples`` is a positive integer, at most ``max_examples`` when that is given."""
+    """``num_examples`` is a positive integer, at most ``max_examples`` when that is given;
+    ``num_processed``, where reported, a non-negative integer."""
     count = update.num_examples
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
         raise AggregationError(f"num_examples must be a positive integer, got {count!r}",
@@ -161,6 +211,10 @@ def check_num_examples(update: ClientUpdate, max_examples: int | None = None) ->
     if max_examples is not None and count > max_examples:
         raise AggregationError(f"num_examples {count} exceeds the maximum {max_examples}",
                                client_id=update.client_id, rule="num_examples")
+    processed = update.num_processed
+    if processed is not None and (not isinstance(processed, int) or isinstance(processed, bool) or processed < 0):
+        raise AggregationError(f"num_processed must be a non-negative integer, got {processed!r}",
+                               client_id=update.client_id, rule="num_processed")
 
 
 def check_factors(factors: LoraFactors, *, client_id: str | None = None, module: str | None = None) -> None:
@@ -187,6 +241,21 @@ def check_factors(factors: LoraFactors, *, client_id: str | None = None, module:
     if not math.isfinite(factors.scale):
         raise AggregationError(f"scale {factors.scale} is not finite", client_id=client_id, module=module,
                                rule="finite")
+    if factors.H is not None:
+        check_core(factors, client_id=client_id, module=module)
+
+
+def check_core(factors: LoraFactors, *, client_id: str | None = None, module: str | None = None) -> None:
+    """A core's shape (h blocks of q×q with h·q the rank), dtype and finiteness."""
+    H = factors.H
+    if H.dim() != 3 or H.shape[1] != H.shape[2] or H.shape[0] * H.shape[1] != factors.rank:
+        raise AggregationError(f"core H of shape {tuple(H.shape)} is not h blocks of q×q with h·q = rank "
+                               f"{factors.rank}", client_id=client_id, module=module, rule="shape")
+    if not H.is_floating_point():
+        raise AggregationError(f"core H must be floating point, got {H.dtype}", client_id=client_id, module=module,
+                               rule="dtype")
+    if not torch.isfinite(H).all():
+        raise AggregationError("H contains NaN or Inf", client_id=client_id, module=module, rule="finite")
 
 
 def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str, Tensor]:
@@ -196,6 +265,8 @@ def factors_to_tensors(prefix: str, factors: dict[str, LoraFactors]) -> dict[str
         tensors[f"{prefix}{module}.A"] = f.A.contiguous()
         tensors[f"{prefix}{module}.B"] = f.B.contiguous()
         tensors[f"{prefix}{module}.scale"] = torch.tensor(f.scale, dtype=torch.float64)
+        if f.H is not None:
+            tensors[f"{prefix}{module}.H"] = f.H.contiguous()
     return tensors
 
 
@@ -204,7 +275,7 @@ def tensors_to_factors(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Lor
     modules = sorted({key[len(prefix):-len(".scale")] for key in tensors
                       if key.startswith(prefix) and key.endswith(".scale")})
     return {m: LoraFactors(tensors[f"{prefix}{m}.A"], tensors[f"{prefix}{m}.B"],
-                           float(tensors[f"{prefix}{m}.scale"])) for m in modules}
+                           float(tensors[f"{prefix}{m}.scale"]), tensors.get(f"{prefix}{m}.H")) for m in modules}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ class FedExLoRA(FedIT):
     normalised to sum 1. Clients continue from the average (merge=False); the engine merges
     the residual into the base weights. ``compact_residual`` re-factors the residual to its
     numerical rank without loss.
+
+    Weighting: FedEx-LoRA's own code was not read; FedSVD's public code runs it (``_agg_fedex``)
+    with the clients' train sizes: ``examples``, the default.
     """
 
     name = "fedex"

@@ -29,6 +29,9 @@ class FedIT(Aggregator):
 
     Clients continue from the averaged adapter (merge=False). Its product differs from
     Σ p_k ΔW_k by the cross terms p_j p_k B_j A_k, which FLoRA removes.
+
+    Weighting: FLoRA's public code runs FedIT (its averaging path) with dataset-size weights:
+    ``examples``, the default.
     """
 
     name = "fedit"

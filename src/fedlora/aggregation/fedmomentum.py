@@ -46,6 +46,8 @@ class FedMomentum(FLoRAWarm):
     One rank r for every client: the exact Σ p_k s_k B_k A_k is split by one factored SVD into
     the rank-r adapter clients continue from and the residual merged into the base weights. At
     one rank, flora-warm's update (see the module docstring for how the two compare).
+
+    Weighting: no public code; the run's ``weighting`` (default ``examples``).
     """
 
     name = "fedmomentum"

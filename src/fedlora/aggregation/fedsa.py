@@ -15,10 +15,9 @@ class FedSALoRA(Aggregator):
     """FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463): only A is sent and averaged; each client keeps its B.
 
     The paper finds A learns what clients share and B what is client-specific, so both are
-    trained, only A is sent and averaged (weights: example shares, normalised, as the public
-    code's FederatedScope FedAvg does), and client k starts each round from (Ā, B_k): the
-    global A and its own B from its last round, which it keeps in its own store and never
-    sends (:attr:`kept_on_client`; zeros, as a fresh LoRA's B, before it has trained). Round 1
+    trained, only A is sent and averaged (weights normalised to sum 1), and client k starts each
+    round from (Ā, B_k): the global A and its own B from its last round, which it keeps in its
+    own store and never sends (:attr:`kept_on_client`; zeros, as a fresh LoRA's B, before it has trained). Round 1
     starts every client from one A drawn from the run's seed, as the code's one global
     initialisation. One rank and one scale across clients: the paper and its code average A at
     a single rank.
@@ -26,6 +25,12 @@ class FedSALoRA(Aggregator):
     The server never sees a B: the global factors are Ā with a zero B, and the clients' models
     it evaluates, (Ā, B_k) for every client with their mean, as for ``local``, are completed
     with each B_k by the runtime that holds the clients (see README, "Methods").
+
+    Weighting: the public code runs on FederatedScope, whose FedAvg weighs each client by the
+    examples it processed that round (``ctx.num_samples``, its batches' sizes summed), not by its
+    dataset size: ``weighting = "processed"`` follows it (uniform when every client runs the same
+    full batches); fedlora's default, ``examples``, weighs by dataset sizes, which on clients of
+    different sizes gives a different average.
     """
 
     name = "fedsa"

@@ -61,6 +61,9 @@ class FedSVD(FFALoRA):
     starts its next round from: exact, as FFA-LoRA, with an A that follows the update's leading
     directions. Not ``client_dp``: the DP-FedAvg mixin noises the averaged B it broadcasts,
     while FedSVD broadcasts the re-factored pair, not that average.
+
+    Weighting: the authors' code weighs by the clients' train sizes (``train_size / Σ``):
+    ``examples``, the default; with its ``--balanced`` flag uniformly: ``uniform``.
     """
 
     name = "fedsvd"

@@ -38,7 +38,11 @@ def average_trained(updates: list[ClientUpdate], weights: list[float], module: s
 
 
 class FFALoRA(Aggregator):
-    """Clients train only B on a shared, frozen A (Sun et al., 2024); the B average is exact."""
+    """Clients train only B on a shared, frozen A (Sun et al., 2024); the B average is exact.
+
+    Weighting: FFA-LoRA's own code was not read; FedSVD's public code runs it (its ``ffa`` path)
+    with the clients' train sizes (``examples``), or uniformly with ``--balanced`` (``uniform``).
+    """
 
     name = "ffa"
     paper = "Sun et al., ICLR 2024, arXiv 2403.12313"

@@ -17,6 +17,10 @@ class FlexLoRA(Aggregator):
     ``factors`` is the exact global in SVD order (rank ≤ ΣR); ``client_factors[c]`` is its
     best approximation at client c's rank. ``info["truncation_error"]`` is the largest
     relative Frobenius error over clients and modules.
+
+    Weighting: the public code runs on FederatedScope, whose FedAvg weighs each client by the
+    examples it processed that round (``ctx.num_samples``): ``weighting = "processed"`` follows
+    it; fedlora's default, ``examples``, weighs by dataset sizes.
     """
 
     name = "flexlora"

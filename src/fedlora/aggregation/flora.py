@@ -39,6 +39,9 @@ class FLoRA(Aggregator):
     SVD and reports the relative Frobenius error in ``info["truncation_error"]``.
     ``shuffle``: a seed that permutes the order of the stacked client blocks (so the position
     of a block does not reveal its client); the product is unchanged.
+
+    Weighting: the public code (ATP-1010/FederatedLLM, ``fed_utils/model_aggregation.py``) weighs
+    the clients by their dataset sizes: ``weighting = "examples"``, the default.
     """
 
     name = "flora"
@@ -108,7 +111,8 @@ class Stacking(Accumulator):
             A, B = self._buffers(module, factors)
             A[start:start + rows].copy_(factors.A)
             B[:, start:start + rows].copy_(factors.B)
-        self.filled[slot] = ClientUpdate({}, update.num_examples, update.client_id)  # the weight needs no more
+        self.filled[slot] = ClientUpdate({}, update.num_examples, update.client_id,  # the weight needs no more
+                                         update.num_processed)
         self.scales[slot] = {module: factors.scale for module, factors in update.factors.items()}
 
     def drop(self, client_id: str) -> int:
@@ -123,6 +127,7 @@ class Stacking(Accumulator):
         present = sorted(self.filled)
         if not present:
             raise AggregationError("no client updates to aggregate", rule="empty")
+        self.weights = weights
         weights = example_weights([self.filled[slot] for slot in present], weights)
         self._taken = True
         order = self.aggregator.block_order(len(present))
@@ -140,10 +145,10 @@ class Stacking(Accumulator):
         self.stacked = stacked
         return self.aggregator.broadcast(stacked)
 
-    def exact_sum(self, weights: list[float] | Tensor | None = None) -> dict[str, LoraFactors]:
+    def exact_sum(self) -> dict[str, LoraFactors]:
         """The stack :meth:`result` formed (the uploads themselves are gone), with its weights."""
-        if self.stacked is None or weights is not None:
-            raise RuntimeError("a Stacking's exact sum is the stack its result formed, with the same weights")
+        if self.stacked is None:
+            raise RuntimeError("a Stacking's exact sum is the stack its result formed: take the result first")
         return self.stacked
 
     def _offset(self, module: str, slot: int) -> int:

@@ -59,6 +59,8 @@ class FLoRAWarm(Aggregator):
     rank-collapse diagnostic, the share of the round's global update Σ p_k (M_k − W) lying
     outside its leading r_min directions; ``merged_share``: the mean share of S's energy
     merged into the base rather than kept in the adapter.
+
+    Weighting: fedlora's own method: the run's ``weighting`` (default ``examples``).
     """
 
     name = "flora-warm"

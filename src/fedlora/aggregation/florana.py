@@ -36,6 +36,8 @@ class FLoRANA(Aggregator):
     approximation of the exact sum (merge=False, nothing merged into the base). Exact when that
     sum has rank ≤ r (one client); otherwise the truncation is the aggregation error, reported
     as ``info["truncation_error"]`` (the largest relative Frobenius error over modules).
+
+    Weighting: no public code; the run's ``weighting`` (default ``examples``).
     """
 
     name = "florana"

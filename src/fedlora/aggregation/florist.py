@@ -45,6 +45,8 @@ class FLoRIST(FLoRA):
     at the client's rank); clients download only that pair. ``info``: ``broadcast_rank`` (the
     largest over modules) and ``truncation_error`` (the largest relative Frobenius error,
     ≤ sqrt(1 − threshold)).
+
+    Weighting: not checked against the public code; the run's ``weighting`` (default ``examples``).
     """
 
     name = "florist"

@@ -72,8 +72,9 @@ class HetLoRA(ZeroPad):
     Sparsity-weighted aggregation: each client's factors are zero-padded to the largest rank
     (its scale folded into B, as ``zeropad`` does) and averaged with weights
     ‖s_k B_k A_k‖_F / Σ_j ‖s_j B_j A_j‖_F, per module (computed factored). These replace the
-    example shares; weights passed explicitly multiply the norms; all-zero updates fall back to
-    uniform weights. Distribution by truncation: a client of rank r starts from the first r
+    example shares (the paper's rule, under the run's default ``weighting``, ``examples``, and
+    under ``uniform`` alike); weights passed explicitly multiply the norms (``processed``: the
+    norms times the processed shares); all-zero updates fall back to uniform weights. Distribution by truncation: a client of rank r starts from the first r
     components of the global adapter (:meth:`client_start`, inherited). The average carries
     FedIT's cross terms: it is not Σ p_k ΔW_k.
 

@@ -55,6 +55,8 @@ class LoRAFAIR(FedIT):
     that sum's rows lie in it (one client), otherwise still inexact, but never worse than FedIT.
     ``info``: the largest relative Frobenius error to Σ p_k ΔW_k over modules, of FedIT's
     average (``fedit_error``) and of the corrected pair (``residual_error``).
+
+    Weighting: not checked against public code; the run's ``weighting`` (default ``examples``).
     """
 
     name = "lorafair"

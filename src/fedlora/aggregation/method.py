@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fedlora.aggregation.factored import fit_ranks, stack
 from fedlora.aggregation.factors import FACTOR_NAMES, AggregationError, ClientUpdate, GlobalUpdate, LoraFactors, \
-    MethodState, RunContext, check_updates, example_weights, factors_to_tensors, tensors_to_factors
+    MethodState, RunContext, check_updates, example_weights, factor_names, factors_to_tensors, tensors_to_factors
 from fedlora.imports import resolve
 
 T = TypeVar("T")
@@ -63,6 +63,21 @@ class Regularizer:
 
 
 @dataclass(frozen=True)
+class Drawn:
+    """Factors of a plan's start that every client draws itself, the same on every client and so
+    never sent (RAVAN's frozen heads): ``draw(start, **options)`` gives the start with the
+    ``names`` factors filled in (the server's start already holds them; what a client receives
+    holds zeros in their place). Named by reference, as :class:`Regularizer`."""
+
+    draw: str
+    names: frozenset[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, start: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+        return resolve(self.draw)(start, **self.options)
+
+
+@dataclass(frozen=True)
 class ClientPlan:
     """What a method asks of one client in one round."""
 
@@ -80,13 +95,33 @@ class ClientPlan:
     kept: frozenset[str] = frozenset()
     #: a term added to its training loss (HetLoRA's rank regulariser); None: none
     regularizer: Regularizer | None = None
+    #: factors of ``start`` the client draws itself, never sent (RAVAN's frozen heads); None: none.
+    #: A start whose factors carry a core H (RAVAN) gives the client's LoRA that core, trained as "H"
+    drawn: Drawn | None = None
+    #: factors merged into the client's frozen weights for this round only, under its LoRA
+    #: (Fed-PLoRA's untrained modules): it trains from base + folded + start; None: none
+    folded: dict[str, LoraFactors] | None = None
+    #: train PEFT's AdaLoRA instead of LoRA, from ``rank`` (its init_r) to the budget these
+    #: settings give (FLoRA's appendix; keys of :func:`fedlora.lora.adalora.adalora_config`): it
+    #: sends, per module, the triplets its budget kept, at most ``rank``; None: LoRA
+    adalora: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kept & self.uploads:
             raise ValueError(f"a client sends {sorted(self.kept & self.uploads)}, which it keeps and never sends")
-        if self.start is None and (self.uploads != frozenset(FACTOR_NAMES) or self.kept):
+        if self.start is None and (self.uploads != frozenset(FACTOR_NAMES) or self.kept or self.drawn):
             raise ValueError("a client that does not send every factor needs a start: the server takes the "
                              "factors it does not send from there")
+        unknown = (self.trainable | self.uploads) - factor_names(self.start)
+        if unknown:
+            raise ValueError(f"a client cannot train or send {sorted(unknown)}: its start has no such factor")
+        if self.adalora is not None and (self.start is not None or self.trainable != frozenset(FACTOR_NAMES)):
+            raise ValueError("an AdaLoRA client trains a fresh adapter, all of it")
+
+    @property
+    def sent(self) -> frozenset[str]:
+        """The factors of ``start`` the server sends: all but those the client keeps or draws."""
+        return factor_names(self.start) - self.kept - (self.drawn.names if self.drawn else frozenset())
 
 
 @dataclass(frozen=True)
@@ -130,6 +165,9 @@ class Aggregator(ABC):
     #: client-level DP-FedAvg can protect it: what it broadcasts is a weighted sum of the one
     #: factor its clients upload, the other shared or kept by each client (aggregation/dp.py)
     client_dp: ClassVar[bool] = False
+    #: its clients can train with sample-level DP-SGD (``dp``); not where their training does more
+    #: than steps of the optimizer (AdaLoRA's budget allocation)
+    sample_dp: ClassVar[bool] = True
     #: its clients keep models of their own: each is evaluated where it lives, and their mean reported
     personalised: ClassVar[bool] = False
     #: the runtimes it can run on
@@ -280,6 +318,8 @@ class Accumulator:
         self.aggregator = aggregator
         self.slots = list(slots)
         self.filled: dict[int, ClientUpdate] = {}  # slot → the update added there
+        #: the weights :meth:`result` was last given (None: the method's default)
+        self.weights: list[float] | Tensor | None = None
 
     def add(self, update: ClientUpdate) -> None:
         """Take in one update; AggregationError for one that cannot join (it is not added)."""
@@ -301,16 +341,18 @@ class Accumulator:
         return slot
 
     def result(self, weights: list[float] | Tensor | None = None, *, server_round: int | None = None) -> GlobalUpdate:
+        """The method's update of the updates added and not dropped (``weights`` in their order)."""
+        self.weights = weights
         return self.aggregator.combine(self.updates(), weights, server_round=server_round)
 
     def updates(self) -> list[ClientUpdate]:
         """The updates added and not dropped, in slot order."""
         return [self.filled[slot] for slot in sorted(self.filled)]
 
-    def exact_sum(self, weights: list[float] | Tensor | None = None) -> dict[str, LoraFactors]:
+    def exact_sum(self) -> dict[str, LoraFactors]:
         """``Σ_k p_k s_k B_k A_k`` of the updates added and not dropped, per module, factored
         (FLoRA's stack): what exact aggregation gives, for the engine's aggregation error; ``p_k``
-        are ``weights``, by default the example shares. Only the accumulator still holds what
-        the uploads were, so it is asked, after :meth:`result`."""
+        are the weights :meth:`result` was given, by default the example shares. Only the
+        accumulator still holds what the uploads were, so it is asked, after :meth:`result`."""
         updates = self.updates()
-        return stack(updates, example_weights(updates, weights))
+        return stack(updates, example_weights(updates, self.weights))

@@ -40,6 +40,8 @@ class RaFLoRA(FlexLoRA):
     participants' distinct ranks and holder-renormalised example shares are the simplest
     reading of the paper's abstract and method summary. With one rank (and weights summing to
     1, as example shares do) it equals FlexLoRA; with mixed ranks it is deliberately not Σ p_k ΔW_k.
+
+    Weighting: no public code; each partition renormalises the run's weights over its holders.
     """
 
     name = "raflora"

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 AGGREGATORS: dict[str, str] = {
     "flora": "fedlora.aggregation.flora:FLoRA",
     "flora-warm": "fedlora.aggregation.flora_warm:FLoRAWarm",
+    "flora-adalora": "fedlora.aggregation.flora_adalora:FLoRAAdaLoRA",
     "fedit": "fedlora.aggregation.fedit:FedIT",
     "zeropad": "fedlora.aggregation.zeropad:ZeroPad",
     "ffa": "fedlora.aggregation.ffa:FFALoRA",
@@ -27,6 +28,8 @@ AGGREGATORS: dict[str, str] = {
     "fedsvd": "fedlora.aggregation.fedsvd:FedSVD",
     "florana": "fedlora.aggregation.florana:FLoRANA",
     "fedmomentum": "fedlora.aggregation.fedmomentum:FedMomentum",
+    "ravan": "fedlora.aggregation.ravan:RAVAN",
+    "fedplora": "fedlora.aggregation.fedplora:FedPLoRA",
     "centralized": "fedlora.aggregation.centralized:Centralized",
     "local": "fedlora.aggregation.local:LocalOnly",
 }

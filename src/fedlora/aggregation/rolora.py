@@ -29,6 +29,8 @@ class RoLoRA(Aggregator):
     The frozen factor is identical on every client, so averaging the trained one gives
     exactly Σ p_k ΔW_k. ``phase`` fixes the trained factor (for callers without round
     numbers); otherwise it follows ``server_round``.
+
+    Weighting: not checked against public code; the run's ``weighting`` (default ``examples``).
     """
 
     name = "rolora"

@@ -23,8 +23,9 @@ def validate_update(update: ClientUpdate, expected_shapes: dict[str, tuple[int, 
     check_num_examples(update, max_examples)
     for module, factors in update.factors.items():
         check_factors(factors, client_id=client_id, module=module)
-        if dtype is not None and (factors.A.dtype != dtype or factors.B.dtype != dtype):
-            raise AggregationError(f"factors are {factors.A.dtype}/{factors.B.dtype}, expected {dtype}",
+        dtypes = [tensor.dtype for tensor in (factors.A, factors.B, factors.H) if tensor is not None]
+        if dtype is not None and any(found != dtype for found in dtypes):
+            raise AggregationError(f"factors are {'/'.join(map(str, dtypes))}, expected {dtype}",
                                    client_id=client_id, module=module, rule="dtype")
     if expected_shapes is not None:
         check_modules_and_shapes(update, expected_shapes, "the model")

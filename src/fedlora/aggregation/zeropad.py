@@ -16,6 +16,8 @@ class ZeroPad(FedIT):
     trained with. Like FedIT, the result carries cross-term error (it is not Σ p_k ΔW_k).
     A client of rank r starts from the first r components of the global adapter, extended by
     fresh components when the round's participants all had smaller ranks.
+
+    Weighting: FLoRA's public code (its zero-padding path) weighs by dataset sizes: ``examples``.
     """
 
     name = "zeropad"

@@ -1,25 +1,29 @@
-"""Client training: one fresh LoRA on the shared base model, a readable AdamW loop, factors out."""
+"""Client training: one fresh LoRA (or AdaLoRA) on the shared base model, a readable AdamW loop, factors out."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
+from fedlora.aggregation import ClientPlan, ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
 from fedlora.attention import enable_packing
 from fedlora.data import DataError, TokenizedExample
 from fedlora.data.batches import token_batch
 from fedlora.engine.checkpoint import with_prefix
 from fedlora.engine.compute import ComputeOptions
 from fedlora.engine.task import ClientResult, ClientTask
+from fedlora.errors import FedloraError
 from fedlora.forward import summed_nll
 from fedlora.models import model_device
 from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
     set_trainable
-from fedlora.lora.merge import base_weight
+from fedlora.lora.adalora import allocate, attach_adalora, pruned_factors, singular_vectors
+from fedlora.lora.merge import base_weight, merged_for_now
 
 StepCallback = Callable[[int, float], None]
 
@@ -102,25 +106,50 @@ class LocalTrainer:
             raise DataError(f"client {task.client_id!r} has no training examples")
         started = time.perf_counter()
         plan = task.plan
-        peft_model = attach_lora(self.model, plan.rank, task.alpha, self.target_modules,
-                                 use_rslora=self.use_rslora, seed=task.init_seed)
-        try:
-            if plan.start is not None:
-                set_factors(peft_model, plan.start, leading=True)
-            set_trainable(peft_model, plan.trainable)
-            with self.compute.applied(peft_model):
-                losses = self._optimize(peft_model, task, examples, on_step)
-            factors = get_factors(peft_model)
-        finally:
-            self.model = remove_lora(peft_model)
-        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id)
+        with merged_for_now(self.model, plan.folded):  # Fed-PLoRA's untrained modules, for this round
+            peft_model = self._attach(task)
+            try:
+                if plan.adalora is None:
+                    self._start(peft_model, plan)
+                with self.compute.applied(peft_model):
+                    losses, processed = self._optimize(peft_model, task, examples, on_step)
+                factors = (get_factors(peft_model) if plan.adalora is None
+                           else pruned_factors(peft_model, task.alpha / (math.sqrt(plan.rank) if self.use_rslora
+                                                                         else plan.rank)))
+            finally:
+                self.model = remove_lora(peft_model)
+        update = ClientUpdate(factors=factors, num_examples=len(examples), client_id=task.client_id,
+                              num_processed=processed)
         # DP-SGD's losses are not privatised: they stay with the client (on_step) and none is sent
         train_loss = None if task.dp_noise_multiplier is not None else sum(losses) / len(losses)
         return ClientResult(update=update, train_loss=train_loss, steps=len(losses),
                             seconds=time.perf_counter() - started)
 
+    def _attach(self, task: ClientTask) -> PeftModel:
+        """The client's fresh adapter on the model: a LoRA of the plan's rank, or, where the plan
+        says so, PEFT's AdaLoRA from that rank (FLoRA's appendix)."""
+        plan = task.plan
+        if plan.adalora is None:
+            return attach_lora(self.model, plan.rank, task.alpha, self.target_modules, use_rslora=self.use_rslora,
+                               seed=task.init_seed)
+        if task.dp_noise_multiplier is not None:
+            raise FedloraError(f"client {task.client_id!r}: AdaLoRA clients do not train with sample-level DP-SGD "
+                               "(its budget allocation runs outside Opacus' steps)")
+        return attach_adalora(self.model, plan.rank, task.alpha, self.target_modules, task.local_steps, plan.adalora,
+                              seed=task.init_seed)
+
+    @staticmethod
+    def _start(peft_model: PeftModel, plan: ClientPlan) -> None:
+        """The LoRA as the plan starts it: its start (RAVAN's frozen heads drawn first), only its
+        trainable factors trainable."""
+        start = plan.drawn(plan.start) if plan.drawn is not None else plan.start
+        if start is not None:
+            set_factors(peft_model, start, leading=True)
+        set_trainable(peft_model, plan.trainable)
+
     def _optimize(self, model: nn.Module, task: ClientTask, examples: Sequence[TokenizedExample],
-                  on_step: StepCallback | None) -> list[float]:
+                  on_step: StepCallback | None) -> tuple[list[float], int]:
+        """Take the task's steps; each step's loss and the examples the steps processed in all."""
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
         if task.dp_noise_multiplier is not None:  # sample-level DP: Opacus' loop, loaded for DP runs only
@@ -129,24 +158,29 @@ class LocalTrainer:
                                  batch_size=self.batch_size, grad_accum=self.grad_accum, on_step=on_step)
         batches = batch_stream(examples, self.batch_size, task.data_seed)
         device = model_device(model)
-        factors = live_factors(model)
+        adalora = task.plan.adalora is not None
+        factors = singular_vectors(model) if adalora else live_factors(model)  # what a regulariser sees
         model.train()
-        losses = []
+        losses, processed = [], 0
         for step in range(task.local_steps):
             step_loss = 0.0
             for _ in range(self.grad_accum):
-                batch = token_batch(next(batches), self.pad_token_id, packed=self.packing).to(device)
+                drawn = next(batches)  # an epoch's last batch may be short
+                processed += len(drawn)
+                batch = token_batch(drawn, self.pad_token_id, packed=self.packing).to(device)
                 nll, tokens = summed_nll(model, batch)
                 loss = nll / (tokens * self.grad_accum)
                 self._objective(loss, factors, task.plan.regularizer).backward()
                 step_loss += loss.item()
             optimizer.step()
+            if adalora:  # AdaLoRA scores its triplets on this step's gradients and prunes to its budget
+                allocate(model, step + 1)
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             if on_step is not None:
                 on_step(step + 1, step_loss)
         model.eval()
-        return losses
+        return losses, processed
 
     def _objective(self, loss: torch.Tensor, factors: dict[str, LoraFactors],
                    regularizer: Regularizer | None) -> torch.Tensor:

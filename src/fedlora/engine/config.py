@@ -85,6 +85,9 @@ class RunConfig:
     fraction: float = option(1.0, "fraction of clients sampled per round, in (0, 1]", positive=True)
     clients_per_round: int | None = option(None, "clients sampled per round (overrides fraction)", positive=True)
     min_clients: int = option(1, "skip a round with fewer usable updates", minimum=1)
+    weighting: str = option("examples", "how a round weighs its clients: examples (their dataset sizes), uniform, or "
+                                        "processed (the examples each processed this round)",
+                            choices="fedlora.aggregation.factors:WEIGHTINGS")
     # LoRA
     ranks: list[int] = option(help="LoRA rank for all clients, or one per client: 64,32,16",
                               factory=lambda: [16])
@@ -314,6 +317,9 @@ def validate(config: RunConfig, source: str = "config") -> None:
                                  "'data_on_nodes': set 'local_steps' instead")
     if not config.target_modules:
         fail("target_modules", "must name at least one module")
+    if config.client_dp and config.weighting != "examples":
+        fail("weighting", f"is {config.weighting!r} but client-level DP weighs every client 1/clients_per_round "
+                          "(other weights would change its sensitivity): leave it at 'examples'")
     check_trackers(config, fail)
     check_eval_tasks(config, fail)
     check_privacy(config, fail)

@@ -54,9 +54,10 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 def private_steps(model: nn.Module, optimizer: torch.optim.Optimizer, task: ClientTask,
                   examples: Sequence[TokenizedExample], *, pad_token_id: int, batch_size: int, grad_accum: int,
-                  on_step: StepCallback | None = None) -> list[float]:
+                  on_step: StepCallback | None = None) -> tuple[list[float], int]:
     """Take ``task.local_steps`` DP-SGD steps of ``optimizer`` (over the trainable factors of
-    ``model``); returns each step's mean example loss (NaN for a step that drew no example)."""
+    ``model``); returns each step's mean example loss (NaN for a step that drew no example) and
+    the examples the steps' Poisson batches held in all."""
     rate = sample_rate(batch_size, grad_accum, len(examples))
     seed = task.dp_noise_seed if task.dp_noise_seed is not None else secrets.randbits(63)
     device = model_device(model)
@@ -69,7 +70,7 @@ def private_steps(model: nn.Module, optimizer: torch.optim.Optimizer, task: Clie
                                generator=torch.Generator(device=device).manual_seed(seed ^ NOISE_STREAM))
     params = dp_optimizer.params
     model.train()
-    losses = []
+    losses, processed = [], 0
     try:
         with warnings.catch_warnings():
             # the first LoRA layers' inputs need no gradient (the base model is frozen): expected
@@ -92,9 +93,10 @@ def private_steps(model: nn.Module, optimizer: torch.optim.Optimizer, task: Clie
                 dp_optimizer.step()
                 dp_optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss / len(indices) if indices else float("nan"))
+                processed += len(indices)
                 if on_step is not None:
                     on_step(step, losses[-1])
     finally:
         private_model.to_standard_module()  # hooks and per-example attributes removed
         model.eval()
-    return losses
+    return losses, processed

@@ -14,8 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from torch import nn
 
-from fedlora.aggregation import Accumulator, AggregationError, Aggregator, GlobalUpdate, LoraFactors
+from fedlora.aggregation import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors
 from fedlora.aggregation.error import round_errors
+from fedlora.aggregation.factors import client_weights
 from fedlora.engine.config import RunConfig
 from fedlora.engine.gate import admit
 from fedlora.engine.global_model import GlobalModel
@@ -30,6 +31,15 @@ from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientFailure, ClientResult, ClientTask, Contribution
 
 Evaluate = Callable[[nn.Module, int], dict]
+
+
+def weight_shares(updates: Sequence[ClientUpdate], weights: Sequence[float] | None) -> dict[str, float]:
+    """Client → its p_k in the round's exact average: ``weights`` (in the updates' order), or the
+    example shares where the method's default weighs them."""
+    if weights is None:
+        total = sum(update.num_examples for update in updates)
+        weights = [update.num_examples / total for update in updates]
+    return {update.client_id: weight for update, weight in zip(updates, weights)}
 
 
 class Federation:
@@ -126,7 +136,8 @@ class Federation:
         before = self.method.evaluation_adapters()
         while len(accepted) >= self.config.min_clients:
             try:
-                update = accumulator.result(server_round=row.round)
+                weights = client_weights(accumulator.updates(), self.config.weighting)
+                update = accumulator.result(weights, server_round=row.round)
             except AggregationError as error:
                 culprit = [c for c in accepted if c.client_id == error.client_id]
                 if not culprit:
@@ -137,9 +148,9 @@ class Federation:
                 continue
             self._apply(row.round, update)
             if not self.method.personalised:  # one global model, to compare with the exact average
-                total = sum(c.num_examples for c in accepted)
+                shares = weight_shares(accumulator.updates(), weights)
                 row.measured(round_errors(self.method, before, update, accumulator.exact_sum(),
-                                          [(c.start, c.num_examples / total) for c in accepted],
+                                          [(c.start, shares[c.client_id]) for c in accepted],
                                           self.schedule.client_shares(), row.round + 1))
             row.measured(update.info)
             return

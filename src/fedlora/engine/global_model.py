@@ -10,8 +10,8 @@ from torch import nn
 
 from fedlora.aggregation import GlobalUpdate, LoraFactors
 from fedlora.engine.checkpoint import with_prefix
-from fedlora.lora import merge_factors, merge_update
-from fedlora.lora.merge import base_weight
+from fedlora.lora import merge_update
+from fedlora.lora.merge import base_weight, merged_for_now
 from fedlora.models import model_device
 
 
@@ -39,17 +39,8 @@ class GlobalModel:
     @contextmanager
     def with_adapter(self, adapter: dict[str, LoraFactors] | None) -> Iterator[nn.Module]:
         """The model with ``adapter`` merged in; the base weights are restored bit-exactly on exit."""
-        if not adapter:
-            yield self.model
-            return
-        saved = {name: base_weight(self.model, name).detach().clone() for name in adapter}
-        try:
-            merge_factors(self.model, adapter, carry={})
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    base_weight(self.model, name).copy_(weight)
+        with merged_for_now(self.model, adapter) as model:
+            yield model
 
     def adapted_weights(self) -> dict[str, torch.Tensor]:
         """The only base weights merges ever change: enough to checkpoint the global model."""

@@ -17,11 +17,12 @@ from fedlora.engine.task import ClientTask
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
 
-def factor_params(factors: Mapping[str, LoraFactors] | None, names: frozenset[str] = frozenset("AB")) -> int:
-    """Parameters in the named factors (A and/or B) of every module."""
+def factor_params(factors: Mapping[str, LoraFactors] | None, names: frozenset[str] = frozenset("ABH")) -> int:
+    """Parameters in the named factors (A, B, a core H where there is one) of every module."""
     if not factors:
         return 0
-    return sum(getattr(f, name).numel() for f in factors.values() for name in names)
+    return sum(tensor.numel() for f in factors.values() for name in names
+               if (tensor := getattr(f, name)) is not None)
 
 
 @dataclass
@@ -65,10 +66,12 @@ class Ledger:
 
     def charge(self, task: ClientTask, reply: ClientUpdate) -> None:
         """A client that replied to ``task`` (its update accepted or not): it caught up with the
-        merges it missed and downloaded its start but for the factors it keeps, and uploaded the
-        factors it was asked to send."""
+        merges it missed and downloaded its start but for the factors it keeps or draws itself,
+        and what it folds into its weights for the round, and uploaded the factors it was asked
+        to send."""
         cid, server_round, plan = task.client_id, task.server_round, task.plan
-        down = self.catchup_params(cid, server_round - 1) + factor_params(plan.start, frozenset("AB") - plan.kept)
+        down = (self.catchup_params(cid, server_round - 1) + factor_params(plan.start, plan.sent)
+                + factor_params(plan.folded))
         self.transfers.append(Transfer(server_round, cid, factor_params(reply.factors, plan.uploads), down))
         self.merged_through[cid] = server_round - 1
 

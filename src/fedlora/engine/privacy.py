@@ -221,6 +221,9 @@ def check_privacy(config, fail: Callable[[str, str], None]) -> None:
             require_client_dp(aggregator_class(config.method))
         except ValueError as error:
             fail("client_dp", str(error))
+    if config.dp and not aggregator_class(config.method).sample_dp:
+        fail("dp", f"cannot protect {config.method!r}: its clients' training runs steps of its own outside "
+                   "Opacus' DP-SGD")
 
 
 def sample_rate(batch_size: int, grad_accum: int, num_examples: int) -> float:

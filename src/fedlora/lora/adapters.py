@@ -15,7 +15,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fedlora.aggregation.factors import FACTOR_NAMES, LoraFactors
+from fedlora.aggregation.factors import CORE, FACTOR_NAMES, LoraFactors
+from fedlora.lora.core import core_of, set_core
 
 
 def lora_config(rank: int, alpha: float, target_modules: Iterable[str], *,
@@ -47,17 +48,23 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, target_modules: Itera
 
 
 def get_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
-    """Detached float32 copies of the adapter's factors, with the scale PEFT applies (rsLoRA too)."""
-    return {name: LoraFactors(A=f.A.detach().float().clone(), B=f.B.detach().float().clone(), scale=f.scale)
+    """Detached float32 copies of the adapter's factors, with the scale PEFT applies (rsLoRA too),
+    and its core s_h·H_h where it has one (lora/core.py)."""
+    return {name: LoraFactors(A=f.A.detach().float().clone(), B=f.B.detach().float().clone(), scale=f.scale,
+                              H=f.H.detach().float().clone() if f.H is not None else None)
             for name, f in live_factors(peft_model, adapter_name).items()}
 
 
 def live_factors(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, LoraFactors]:
     """The adapter's factor parameters themselves (not copies): a loss term on them is
     differentiable and follows every optimizer step."""
-    return {name: LoraFactors(A=layer.lora_A[adapter_name].weight, B=layer.lora_B[adapter_name].weight,
-                              scale=float(layer.scaling[adapter_name]))
-            for name, layer in _lora_layers(peft_model, adapter_name)}
+    factors = {}
+    for name, layer in _lora_layers(peft_model, adapter_name):
+        core = core_of(layer, adapter_name)
+        factors[name] = LoraFactors(A=layer.lora_A[adapter_name].weight, B=layer.lora_B[adapter_name].weight,
+                                    scale=float(layer.scaling[adapter_name]),
+                                    H=core.scaled_core() if core is not None else None)
+    return factors
 
 
 def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],
@@ -67,7 +74,8 @@ def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],
     Where a factor's scale differs from the adapter's scaling, B is rescaled so the update
     ``scale * B @ A`` is preserved. With ``leading``, factors of a lower rank than the adapter's
     fill its leading components and the others keep their values: on a fresh adapter (B zero)
-    the update is still exactly the factors'.
+    the update is still exactly the factors'. Factors carrying a core H give the adapter that
+    core (lora/core.py, head scales 1); the scale is then kept by rescaling H, not the frozen B.
     """
     layers = dict(_lora_layers(peft_model, adapter_name))
     if set(factors) != set(layers):
@@ -87,23 +95,35 @@ def set_factors(peft_model: PeftModel, factors: dict[str, LoraFactors],
                                  f"(A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)})")
             rescale = update.scale / float(layer.scaling[adapter_name])
             lora_A.copy_(update.A)
-            lora_B.copy_(update.B.float() * rescale)
+            if update.H is not None:
+                lora_B.copy_(update.B)
+                set_core(layer, adapter_name, update.H.float() * rescale)
+            else:
+                lora_B.copy_(update.B.float() * rescale)
 
 
 def set_trainable(peft_model: PeftModel, trainable: Iterable[str], adapter_name: str = "default") -> None:
-    """Let only the named factors ("A", "B") of ``adapter_name`` train; freeze everything else.
+    """Let only the named factors ("A", "B", the core "H": its H and head scales) of
+    ``adapter_name`` train; freeze everything else.
 
-    Freezing one factor is how FFA-LoRA and RoLoRA keep aggregation exact.
+    Freezing one factor is how FFA-LoRA and RoLoRA keep aggregation exact; training only the
+    core between frozen factors is RAVAN's.
     """
     trainable = set(trainable)
-    unknown = trainable - set(FACTOR_NAMES)
+    unknown = trainable - {*FACTOR_NAMES, CORE}
     if unknown:
-        raise ValueError(f"unknown factor names {sorted(unknown)}; expected a subset of {FACTOR_NAMES}")
+        raise ValueError(f"unknown factor names {sorted(unknown)}; expected a subset of {(*FACTOR_NAMES, CORE)}")
     for parameter in peft_model.parameters():
         parameter.requires_grad_(False)
-    for _, layer in _lora_layers(peft_model, adapter_name):
-        for factor in trainable:
+    for name, layer in _lora_layers(peft_model, adapter_name):
+        for factor in trainable - {CORE}:
             getattr(layer, f"lora_{factor}")[adapter_name].weight.requires_grad_(True)
+        if CORE in trainable:
+            core = core_of(layer, adapter_name)
+            if core is None:
+                raise ValueError(f"module {name!r} has no core to train; set factors carrying one first")
+            core.core.requires_grad_(True)
+            core.head_scale.requires_grad_(True)
 
 
 def remove_lora(peft_model: PeftModel) -> nn.Module:

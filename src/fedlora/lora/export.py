@@ -44,7 +44,8 @@ def save_adapter(base_model: nn.Module, factors: dict[str, LoraFactors], rank: i
 
     ``base_model`` is a plain transformers model; it is wrapped for the save and unwrapped
     again, so it leaves unchanged. Factors whose scale differs from ``alpha / rank`` are
-    rescaled so the saved adapter applies the same update. ``base_name`` is the base as users
+    rescaled so the saved adapter applies the same update; a core H (RAVAN's) is folded into B, as
+    PEFT's LoRA has none. ``base_name`` is the base as users
     know it (a Hub id), recorded as the adapter's ``base_model_name_or_path`` in place of the
     folder the model was loaded from.
     """
@@ -52,7 +53,7 @@ def save_adapter(base_model: nn.Module, factors: dict[str, LoraFactors], rank: i
         raise ValueError("save_adapter needs the plain base model; call remove_lora on the PEFT model first")
     peft_model = attach_lora(base_model, rank, alpha, target_modules)
     try:
-        set_factors(peft_model, factors)
+        set_factors(peft_model, {module: f.plain() for module, f in factors.items()})
         if base_name is not None:
             peft_model.peft_config["default"].base_model_name_or_path = base_name
         peft_model.save_pretrained(str(out_dir))

@@ -20,6 +20,9 @@ message or a checkpoint arrives on the CPU): a GPU model merges on the GPU, and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
@@ -57,6 +60,24 @@ def merge_factors(model: nn.Module, factors: dict[str, LoraFactors],
             weight = base_weight(model, module)
             _add_dense(weight, module, update.delta(torch.float32, weight.device), carry)
     return carry
+
+
+@contextmanager
+def merged_for_now(model: nn.Module, factors: dict[str, LoraFactors] | None) -> Iterator[nn.Module]:
+    """``model`` with ``factors`` merged into its base weights (a carry of their own), restored bit
+    for bit on exit, whatever wraps or unwraps the model meanwhile (the weights are kept by
+    parameter)."""
+    if not factors:
+        yield model
+        return
+    saved = [(weight, weight.detach().clone()) for weight in (base_weight(model, name) for name in factors)]
+    try:
+        merge_factors(model, factors, carry={})
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight, copy in saved:
+                weight.copy_(copy)
 
 
 def base_weight(model: nn.Module, module: str) -> Tensor:

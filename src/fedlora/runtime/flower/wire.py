@@ -26,8 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedlora.aggregation import ClientPlan, ClientUpdate, GlobalUpdate, LoraFactors, Regularizer
-from fedlora.aggregation.factors import FACTOR_NAMES
+from fedlora.aggregation import ClientPlan, ClientUpdate, Drawn, GlobalUpdate, LoraFactors, Regularizer
+from fedlora.aggregation.factors import CORE, FACTOR_NAMES, factor_names
 from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.errors import FedloraError
 
@@ -44,6 +44,7 @@ EVALUATE_ACTION = "evaluate"
 
 TASK_KEY = "task"
 START_KEY = "start"
+FOLDED_KEY = "folded"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 RESULT_KEY = "result"
@@ -112,16 +113,19 @@ def _fp32(tensor: torch.Tensor, module: str, name: str) -> torch.Tensor:
 
 
 def factors_to_records(factors: Mapping[str, LoraFactors],
-                       names: frozenset[str] = frozenset(FACTOR_NAMES)) -> tuple[ArrayRecord, ConfigRecord]:
-    """``{module: LoraFactors}`` → (fp32 ArrayRecord of the ``names`` factors, ConfigRecord of
-    scales, with each module's rank and dense shape where a factor stays behind)."""
+                       names: frozenset[str] | None = None) -> tuple[ArrayRecord, ConfigRecord]:
+    """``{module: LoraFactors}`` → (fp32 ArrayRecord of the ``names`` factors, by default all it
+    holds, a core H included; ConfigRecord of scales, with each module's rank and dense shape
+    where A or B stays behind)."""
+    names = factor_names(dict(factors)) if names is None else names
     arrays = ArrayRecord()
     scales = ConfigRecord()
     for module, f in factors.items():
         for name in sorted(names):
-            arrays[f"{module}.{name}"] = Array.from_numpy_ndarray(_fp32(getattr(f, name), module, name).numpy())
+            if (tensor := getattr(f, name)) is not None:
+                arrays[f"{module}.{name}"] = Array.from_numpy_ndarray(_fp32(tensor, module, name).numpy())
         scales[module] = float(f.scale)
-        if names != set(FACTOR_NAMES):
+        if not set(FACTOR_NAMES) <= names:
             scales[module + _SHAPE_SUFFIX] = [f.rank, *f.shape]
     return arrays, scales
 
@@ -155,7 +159,7 @@ def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str,
     in its place (the server the start it sent, a client the factor it keeps). Arrays the
     scales do not name are refused, not ignored."""
     modules = [module for module in scales if not module.endswith(_SHAPE_SUFFIX)]
-    expected = {f"{module}.{name}" for module in modules for name in FACTOR_NAMES}
+    expected = {f"{module}.{name}" for module in modules for name in (*FACTOR_NAMES, CORE)}
     stray = sorted(set(arrays) - expected)
     if stray:
         raise CodecError(f"ArrayRecord holds arrays of no module in the scales: {stray[:3]}")
@@ -170,8 +174,9 @@ def factors_from_records(arrays: ArrayRecord, scales: ConfigRecord) -> dict[str,
                 tensors[name] = torch.zeros(_left_behind_shape(scales[module + _SHAPE_SUFFIX], module, name))
             else:
                 raise CodecError(f"module {module!r}: factor {key!r} missing from the ArrayRecord")
+        core = _tensor(arrays, f"{module}.{CORE}") if f"{module}.{CORE}" in arrays else None
         factors[module] = LoraFactors(tensors["A"], tensors["B"],
-                                      _float(scales[module], f"module {module!r}: scale", finite=False))
+                                      _float(scales[module], f"module {module!r}: scale", finite=False), core)
     return factors
 
 
@@ -186,9 +191,9 @@ def _left_behind_shape(entry: Any, module: str, name: str) -> tuple[int, int]:
 
 
 def put_factors(content: RecordDict, key: str, factors: Mapping[str, LoraFactors],
-                names: frozenset[str] = frozenset(FACTOR_NAMES)) -> None:
-    """Store the ``names`` factors of ``factors`` in ``content`` under ``key`` (arrays) and
-    ``key.scale`` (scales)."""
+                names: frozenset[str] | None = None) -> None:
+    """Store the ``names`` factors of ``factors`` (by default all they hold) in ``content`` under
+    ``key`` (arrays) and ``key.scale`` (scales)."""
     content[key], content[key + _SCALE_SUFFIX] = factors_to_records(factors, names)
 
 
@@ -224,8 +229,9 @@ def _config_key(field_name: str) -> str:
 
 
 def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
-    """A train instruction: the task and its plan, the start factors but those the client keeps
-    itself, and the base updates to merge first."""
+    """A train instruction: the task and its plan, the start factors but those the client keeps or
+    draws itself, the factors it folds into its weights for the round, and the base updates to
+    merge first."""
     plan = task.plan
     # an optional field travels only when set (a ConfigRecord holds no None)
     config = ConfigRecord({_config_key(name): getattr(task, name) for name in _TASK_SCALARS
@@ -234,9 +240,16 @@ def encode_task(task: ClientTask, catchup: Catchup) -> RecordDict:
     config["rank"] = plan.rank
     if plan.regularizer is not None:
         config["regularizer"] = json.dumps({"term": plan.regularizer.term, "options": dict(plan.regularizer.options)})
+    if plan.drawn is not None:
+        config["drawn"] = json.dumps({"draw": plan.drawn.draw, "names": sorted(plan.drawn.names),
+                                      "options": dict(plan.drawn.options)})
+    if plan.adalora is not None:
+        config["adalora"] = json.dumps(dict(plan.adalora))
     content = RecordDict({TASK_KEY: config})
     if plan.start is not None:
-        put_factors(content, START_KEY, plan.start, frozenset(FACTOR_NAMES) - plan.kept)
+        put_factors(content, START_KEY, plan.start, plan.sent)
+    if plan.folded:
+        put_factors(content, FOLDED_KEY, plan.folded)
     put_catchup(content, catchup)
     return content
 
@@ -246,11 +259,16 @@ def decode_task(content: RecordDict) -> ClientTask:
     the client keeps are zeros in its start, for it to fill from its store)."""
     record = _record(content.config_records, TASK_KEY)
     value = _reader(record, f"record {TASK_KEY!r}")
-    regularizer = None
+    regularizer = drawn = None
     if "regularizer" in record:
         regularizer = Regularizer(**json.loads(_str(value("regularizer"), "regularizer")))
+    if "drawn" in record:
+        spec = json.loads(_str(value("drawn"), "drawn"))
+        drawn = Drawn(draw=spec["draw"], names=frozenset(spec["names"]), options=spec["options"])
     plan = ClientPlan(rank=value("rank"), **{name: frozenset(value(name)) for name in _PLAN_NAME_SETS},
-                      start=get_factors(content, START_KEY), regularizer=regularizer)
+                      start=get_factors(content, START_KEY), regularizer=regularizer, drawn=drawn,
+                      folded=get_factors(content, FOLDED_KEY),
+                      adalora=json.loads(_str(value("adalora"), "adalora")) if "adalora" in record else None)
     return ClientTask(**{name: value(_config_key(name)) for name in _TASK_SCALARS
                          if name not in _OPTIONAL_TASK_SCALARS or _config_key(name) in record}, plan=plan)
 
@@ -300,13 +318,15 @@ def get_catchup(content: RecordDict) -> Catchup:
 # --- results -------------------------------------------------------------------------------
 
 def encode_result(result: ClientResult, *, replica_round: int,
-                  uploads: frozenset[str] = frozenset(FACTOR_NAMES)) -> RecordDict:
+                  uploads: frozenset[str] | None = None) -> RecordDict:
     """A train reply: the update's ``uploads`` factors (the others come back as zeros, for the
     server to take from the start it sent), its metrics and the replica's merged round."""
     metrics = {"num-examples": result.update.num_examples, "steps": result.steps,
                "seconds": float(result.seconds), "replica-round": replica_round}
     if result.train_loss is not None:  # a withheld loss is sent as no key at all
         metrics["train-loss"] = float(result.train_loss)
+    if result.update.num_processed is not None:
+        metrics["num-processed"] = result.update.num_processed
     content = RecordDict({
         METRICS_KEY: MetricRecord(metrics),
         RESULT_KEY: ConfigRecord({"client-id": result.update.client_id}),
@@ -324,8 +344,9 @@ def decode_result(content: RecordDict) -> tuple[ClientResult, int]:
     if factors is None:
         raise CodecError(f"train reply lacks the {UPDATE_KEY!r} record")
     # num-examples may be any integer: the update's checks reject a bad count under their rule
+    processed = _int(metric("num-processed"), "num-processed", minimum=None) if "num-processed" in metrics else None
     update = ClientUpdate(factors=factors, num_examples=_int(metric("num-examples"), "num-examples", minimum=None),
-                          client_id=_str(client_id, "client-id"))
+                          client_id=_str(client_id, "client-id"), num_processed=processed)
     train_loss = _float(metric("train-loss"), "train-loss") if "train-loss" in metrics else None
     result = ClientResult(update=update, train_loss=train_loss,
                           steps=_int(metric("steps"), "steps"), seconds=_float(metric("seconds"), "seconds"))
@@ -338,7 +359,7 @@ def encode_evaluation(client_id: str, server_round: int, adapter: Mapping[str, L
     client keeps (it completes the adapter with its own), and the base updates to merge first."""
     content = RecordDict({EVALUATION_KEY: ConfigRecord({"client-id": client_id, "round": server_round,
                                                         "kept": sorted(kept)})})
-    put_factors(content, ADAPTER_KEY, adapter, frozenset(FACTOR_NAMES) - kept)
+    put_factors(content, ADAPTER_KEY, adapter, factor_names(dict(adapter)) - kept)
     put_catchup(content, catchup)
     return content
 
