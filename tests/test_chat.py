@@ -286,3 +286,16 @@ def test_a_run_tokenises_training_and_held_out_conversations_in_the_chat_templat
     (evaluator,) = evaluators
     assert list(evaluator.validation_examples) == tokenize_records(tokenizer, validation, 48, prompt_format="chat")[0]
     assert labelled_runs(tokenizer, evaluator.test_examples[0]) == ["Hello!<eos>"]
+
+
+@pytest.mark.slow
+def test_a_smollm2_run_in_its_chat_format_lowers_its_held_out_loss(tmp_path):
+    from support import DOLLY, require_shared_data, run_tiny
+
+    require_shared_data()
+    rows = run_tiny(DOLLY, tmp_path / "chat", model="smollm2-135m", rounds=2, clients=3, local_steps=4,
+                    batch_size=4, ranks=[8], max_length=128, test_limit=16, lr=1e-3, generation_limit=0,
+                    validation_fraction=0.001)
+    config = json.loads((tmp_path / "chat" / "config.json").read_text())
+    assert config["prompt_format"] is None  # the default: chat, for a model with a template
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.01

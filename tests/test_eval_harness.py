@@ -3,6 +3,7 @@ MMLU scoring and generation, the base weights untouched, and one-line errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from fedlora.engine.evaluator import Cadence, Evaluator
 from fedlora.engine.global_model import GlobalModel
 from fedlora.eval.generation import evaluate_generation
 from fedlora.eval.harness import TaskDataMissing, run_tasks
-from fedlora.eval.mmlu import answer_log_likelihoods
+from fedlora.eval.mmlu import LETTER_DELIMITERS, answer_log_likelihoods, answer_tokens, mmlu_context
 from fedlora.aggregation import LoraFactors
 from fedlora.lora.merge import base_weight
 from fedlora.models import load_model
@@ -68,6 +69,32 @@ def test_lm_eval_chooses_the_letter_fedloras_fast_scoring_chooses_for_every_ques
     correct = sum(letter == q.answer for letter, q in zip(fast, questions))
     assert results["fedlora_mmlu"]["acc"] == pytest.approx(correct / QUESTIONS)
     assert results["fedlora_mmlu"]["n"] == QUESTIONS and results["fedlora_mmlu"]["acc_stderr"] > 0
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.slow
+def test_in_the_chat_format_both_score_the_first_token_of_the_assistants_answer(tiny, questions):
+    model, tokenizer = tiny
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    context = mmlu_context(chat, questions[0], "chat")
+    assert context.startswith("<user>The following is a multiple choice question") and context.endswith(
+        "Answer:</s><assistant>")
+    form = answer_tokens(chat, context, LETTER_DELIMITERS["chat"], "chat")
+    assert form.prompt_suffix == "" and form.letter_ids == tuple(chat.convert_tokens_to_ids(list("ABCD")))
+    fast = answer_log_likelihoods(model, chat, questions, prompt_format="chat").argmax(dim=-1).tolist()
+    results = run_tasks(model, chat, ["fedlora_mmlu"], questions=questions, prompt_format="chat", samples=True)
+    chosen = {}
+    for sample in results["samples"]["fedlora_mmlu"]:
+        likelihoods = [response[0] for response in sample["filtered_resps"]]
+        chosen[sample["doc_id"]] = max(range(len(LETTERS)), key=likelihoods.__getitem__)
+    assert [chosen[i] for i in range(QUESTIONS)] == fast
+    # the template changed what the model is asked: not the plain prompt's scores
+    assert not torch.equal(answer_log_likelihoods(model, chat, questions[:4], prompt_format="chat"),
+                           answer_log_likelihoods(model, chat, questions[:4]))
 
 
 @pytest.mark.slow

@@ -58,6 +58,8 @@ class Evaluator:
     batch_size: int = 8
     max_new_tokens: int = 64
     tasks_limit: int | None = None
+    #: the run's prompt format: MMLU's and lm-eval's prompts are rendered in it
+    prompt_format: str = "alpaca"
     #: batches packed in one row (the model computes them apart)
     packed: bool = False
     deferred: bool = False
@@ -90,8 +92,9 @@ class Evaluator:
             metrics["val_loss"] = evaluate_loss_tokenized(model, self.validation_examples, self.pad_token_id,
                                                           batch_size=self.batch_size, packed=self.packed)["eval_loss"]
         if "mmlu" in due:
-            metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, batch_size=self.batch_size,
-                                         packed=self.packed, progress=self._progress("MMLU", len(self.questions))))
+            metrics.update(evaluate_mmlu(model, self.tokenizer, self.questions, prompt_format=self.prompt_format,
+                                         batch_size=self.batch_size, packed=self.packed,
+                                         progress=self._progress("MMLU", len(self.questions))))
         if "generation" in due:
             metrics.update(evaluate_generation(model, self.tokenizer, self.generation_prompts,
                                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
@@ -100,7 +103,8 @@ class Evaluator:
             from fedlora.eval.harness import run_tasks  # lm-eval: imported only when a task runs
 
             metrics["tasks"] = run_tasks(model, self.tokenizer, self.tasks, questions=self.questions,
-                                         prompts=self.generation_prompts, batch_size=self.batch_size,
+                                         prompts=self.generation_prompts, prompt_format=self.prompt_format,
+                                         batch_size=self.batch_size,
                                          max_new_tokens=self.max_new_tokens, limit=self.tasks_limit)
         return metrics
 
@@ -143,4 +147,4 @@ def run_evaluator(config: RunConfig, tokenizer, pad_token_id: int, test_records:
                      test_examples=test_examples, validation_examples=validation_examples, questions=questions,
                      generation_prompts=prompts, tasks=tuple(config.eval_tasks), cadences=cadences,
                      batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
-                     tasks_limit=config.tasks_limit, packed=packed, progress=progress)
+                     tasks_limit=config.tasks_limit, prompt_format=prompt_format, packed=packed, progress=progress)

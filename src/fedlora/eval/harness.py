@@ -24,13 +24,15 @@ from typing import Any
 from torch import nn
 
 from fedlora.data.mmlu import LETTERS, MMLUQuestion
+from fedlora.eval.mmlu import LETTER_DELIMITERS, encode_context, mmlu_context
 from fedlora.errors import FedloraError
 from fedlora.models import context_length
 from fedlora.data.prompts import GenerationPrompt
 
 TASKS_DIR = Path(__file__).with_name("tasks")
-#: fedlora's task → the placeholder data file its YAML names
-FEDLORA_TASKS = {"fedlora_mmlu": "QUESTIONS.jsonl", "fedlora_generation": "PROMPTS.jsonl"}
+#: the tasks fedlora defines (tasks/<name>.yaml, whose DATA_FILE, MAX_NEW_TOKENS and
+#: LETTER_DELIMITER it fills in when it writes their documents)
+FEDLORA_TASKS = ("fedlora_mmlu", "fedlora_generation")
 
 
 class TaskDataMissing(FedloraError):
@@ -73,31 +75,39 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+def _task_rows(task: str, questions: Sequence[MMLUQuestion], prompts: Sequence[GenerationPrompt], tokenizer,
+               prompt_format: str) -> list[dict]:
+    """The documents of one of fedlora's tasks, each prompt as fedlora renders it (special tokens
+    written out, so that lm-eval, which adds none, tokenises it to the same ids)."""
+    if task == "fedlora_mmlu":
+        if not questions:
+            raise TaskDataMissing("lm-eval task 'fedlora_mmlu' needs MMLU questions: give the run an 'mmlu' file")
+        return [{"prompt": tokenizer.decode(encode_context(tokenizer, mmlu_context(tokenizer, q, prompt_format),
+                                                           prompt_format)),
+                 "answer": LETTERS.index(q.answer)} for q in questions]
+    if not prompts:
+        raise TaskDataMissing("lm-eval task 'fedlora_generation' needs held-out records: give the run 'test_data'")
+    return [{"prompt": tokenizer.decode(p.prompt_ids), "reference": p.reference} for p in prompts]
+
+
 def _task_folder(folder: Path, tasks: Sequence[str], questions: Sequence[MMLUQuestion],
-                 prompts: Sequence[GenerationPrompt], tokenizer, max_new_tokens: int) -> None:
+                 prompts: Sequence[GenerationPrompt], tokenizer, max_new_tokens: int, prompt_format: str) -> None:
     """fedlora's task definitions asked for, with their data written beside them."""
     shutil.copyfile(TASKS_DIR / "utils.py", folder / "utils.py")
     for task in set(tasks) & set(FEDLORA_TASKS):
-        if task == "fedlora_mmlu":
-            if not questions:
-                raise TaskDataMissing("lm-eval task 'fedlora_mmlu' needs MMLU questions: give the run an 'mmlu' file")
-            rows = [{"question": q.question, "choices": list(q.choices), "answer": LETTERS.index(q.answer),
-                     "subject": q.subject.replace("_", " ")} for q in questions]
-        else:
-            if not prompts:
-                raise TaskDataMissing("lm-eval task 'fedlora_generation' needs held-out records: give the run "
-                                      "'test_data'")
-            rows = [{"prompt": tokenizer.decode(p.prompt_ids), "reference": p.reference} for p in prompts]
         data = folder / f"{task}.jsonl"
-        _write_jsonl(data, rows)
+        _write_jsonl(data, _task_rows(task, questions, prompts, tokenizer, prompt_format))
+        filled = {"DATA_FILE": str(data), "MAX_NEW_TOKENS": str(max_new_tokens),
+                  "LETTER_DELIMITER": LETTER_DELIMITERS[prompt_format]}
         definition = (TASKS_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-        definition = definition.replace(FEDLORA_TASKS[task], str(data)).replace("max_gen_toks: 64",
-                                                                              f"max_gen_toks: {max_new_tokens}")
+        for placeholder, value in filled.items():
+            definition = definition.replace(placeholder, value)
         (folder / f"{task}.yaml").write_text(definition, encoding="utf-8")
 
 
 def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, questions: Sequence[MMLUQuestion] = (),
-              prompts: Sequence[GenerationPrompt] = (), batch_size: int = 8, max_new_tokens: int = 64,
+              prompts: Sequence[GenerationPrompt] = (), prompt_format: str = "alpaca", batch_size: int = 8,
+              max_new_tokens: int = 64,
               limit: int | None = None, samples: bool = False) -> dict[str, Any]:
     """``{task: {metric: value, "n": documents}}`` of lm-eval's run of ``tasks`` on ``model``
     (each metric's standard error as ``<metric>_stderr``); with ``samples`` also ``"samples"``:
@@ -107,7 +117,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, questions: S
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="fedlora-lm-eval-") as folder, offline(), quiet():
-        _task_folder(Path(folder), tasks, questions, prompts, tokenizer, max_new_tokens)
+        _task_folder(Path(folder), tasks, questions, prompts, tokenizer, max_new_tokens, prompt_format)
         manager = TaskManager(include_path=folder)
         unknown = [task for task in tasks if task not in manager.all_tasks]
         if unknown:

@@ -233,7 +233,8 @@ def _test_evaluator(evaluator: Evaluator) -> Evaluator:
 def _mmlu_evaluator(questions: list, observer: SweepObserver) -> Callable[[Evaluator], Evaluator]:
     def make(evaluator: Evaluator) -> Evaluator:
         return Evaluator(evaluator.tokenizer, evaluator.pad_token_id, evaluator.final_round, questions=questions,
-                         batch_size=evaluator.batch_size, progress=observer.evaluation_progress)
+                         batch_size=evaluator.batch_size, prompt_format=evaluator.prompt_format,
+                         progress=observer.evaluation_progress)
     return make
 
 
@@ -320,7 +321,7 @@ def _evaluator_digest(evaluator: Evaluator) -> str:
     questions = [[q.question, q.choices, q.answer, q.subject] for q in evaluator.questions]
     prompts = [[p.prompt_ids, p.reference] for p in evaluator.generation_prompts]
     text = json.dumps([examples, questions, prompts, list(evaluator.tasks), evaluator.batch_size, evaluator.packed,
-                       evaluator.max_new_tokens, evaluator.tasks_limit])
+                       evaluator.max_new_tokens, evaluator.tasks_limit, evaluator.prompt_format])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
