@@ -63,6 +63,7 @@ bench-exactness: install
 	$(VENV)/bin/fedlora sweep benchmarks/headline.toml --out benchmarks/runs/headline
 	$(VENV)/bin/fedlora sweep benchmarks/drift.toml --out benchmarks/runs/drift
 	$(VENV)/bin/fedlora sweep benchmarks/horizon.toml --out benchmarks/runs/horizon
+	$(PY) benchmarks/exactness.py
 	$(PY) benchmarks/readme_tables.py exactness headline
 
 bench-rolora-scaling: install

@@ -1,4 +1,5 @@
-"""Aggregation benchmark on Llama-7B-shaped adapters: FLoRA vs torch.cat and PEFT, factored vs dense SVD.
+"""Aggregation benchmark on Llama-7B-shaped adapters: FLoRA vs torch.cat and PEFT, factored vs dense SVD,
+and the per-round aggregation error computed from the factors vs from dense updates.
 
 Ten clients with ranks 64, 32, 16, 16, 8, 8, 4, 4, 4, 4 adapt q_proj and v_proj (4096×4096) of
 32 layers with random float32 factors. Every measurement runs in its own subprocess, so its
@@ -22,6 +23,7 @@ import torch
 from common import environment_line, markdown_table, measure_in_subprocess, peak_rss_mb, write_result
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, get_aggregator
+from fedlora.aggregation.error import FactoredSum, relative_error
 from fedlora.aggregation.factored import stack
 
 LAYERS = 32
@@ -138,6 +140,41 @@ def case_dense_svd() -> tuple[Callable[[], object], str]:
             f"torch.linalg.svd of one dense {DIM}×{DIM} float32 update (forming it not timed)")
 
 
+def fedit_round() -> tuple[list[ClientUpdate], dict[str, LoraFactors]]:
+    """The clients' updates (all of rank 16: FedIT averages only equal ranks) and FedIT's average of them."""
+    updates = [ClientUpdate({m: LoraFactors(f.A[:16], f.B[:, :16], ALPHA / 16) for m, f in u.factors.items()},
+                            u.num_examples, u.client_id)
+               for u in client_updates() if u.factors[MODULES[0]].rank >= 16]
+    return updates, get_aggregator("fedit").aggregate(updates).factors
+
+
+def case_error_factored() -> tuple[Callable[[], object], str]:
+    updates, averaged = fedit_round()
+    shares = [u.num_examples / sum(v.num_examples for v in updates) for u in updates]
+
+    def measure():
+        exact = FactoredSum()
+        for update, share in zip(updates, shares):
+            exact.add(update.factors, share)
+        return relative_error(FactoredSum().add(averaged), exact)
+    return measure, (f"aggregation_error of a FedIT round of {len(updates)} rank-16 clients, factored "
+                     f"(fedlora.aggregation.error), {len(MODULES)} modules")
+
+
+def case_error_dense() -> tuple[Callable[[], object], str]:
+    updates, averaged = fedit_round()
+    shares = [u.num_examples / sum(v.num_examples for v in updates) for u in updates]
+
+    def measure():
+        error = target = 0.0
+        for module in MODULES:
+            exact = sum(share * update.factors[module].delta(torch.float64) for update, share in zip(updates, shares))
+            error += float((averaged[module].delta(torch.float64) - exact).square().sum())
+            target += float(exact.square().sum())
+        return (error / target) ** 0.5
+    return measure, f"the same error from dense float64 {DIM}×{DIM} updates, module by module"
+
+
 # name: (builder, repeats, divide time by)
 CASES = {
     "torch_cat": (case_torch_cat, 7, 1),
@@ -146,6 +183,8 @@ CASES = {
     "peft_cat": (case_peft_cat, 3, 1),
     "flexlora": (case_flexlora, 3, len(MODULES)),
     "dense_svd": (case_dense_svd, 2, 1),
+    "error_factored": (case_error_factored, 3, 1),
+    "error_dense": (case_error_dense, 1, 1),
 }
 
 # glibc malloc settings for the subprocess. "reused": freed memory stays in the heap, so
@@ -156,7 +195,8 @@ MEMORY = {"reused": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRES
 
 MEASUREMENTS = [("torch_cat", "reused"), ("flora", "reused"), ("flora_stack", "reused"),
                 ("torch_cat", "fresh"), ("flora", "fresh"), ("flora_stack", "fresh"),
-                ("peft_cat", "reused"), ("flexlora", "reused"), ("dense_svd", "reused")]
+                ("peft_cat", "reused"), ("flexlora", "reused"), ("dense_svd", "reused"),
+                ("error_factored", "reused"), ("error_dense", "reused")]
 
 # label, numerator, denominator, goal
 RATIOS = [
@@ -164,6 +204,7 @@ RATIOS = [
       for case, part in (("flora", ""), ("flora_stack", " stacking alone")) for memory in MEMORY),
     ("FLoRA ÷ PEFT cat", "flora, reused", "peft_cat, reused", 0.2),
     ("factored FlexLoRA SVD ÷ dense SVD, per module", "flexlora, reused", "dense_svd, reused", 0.05),
+    ("factored aggregation error ÷ dense, per round", "error_factored, reused", "error_dense, reused", 0.2),
 ]
 
 

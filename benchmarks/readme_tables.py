@@ -55,7 +55,7 @@ PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
-def update(page: str, name: str) -> str:
+def update(page: str, name: str, images: str = "results/") -> str:
     results = RESULTS / f"{name}.md"
     if not results.is_file():
         return page
@@ -63,19 +63,20 @@ def update(page: str, name: str) -> str:
     if start not in page or end not in page:
         sys.exit(f"{PAGES.get(name, DEFAULT_PAGE)} lacks the markers {start} … {end}")
     body = demote_headings(results.read_text(encoding="utf-8").strip())
-    body = re.sub(r"\]\(([^/)]+\.png)\)", r"](results/\1)", body)  # images, as the site holds them
+    body = re.sub(r"\]\(([^/)]+\.png)\)", rf"]({images}\1)", body)  # images: where the page sees them
     before, rest = page.split(start, 1)
     return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main() -> None:
     names = sys.argv[1:] or ("aggregation", "perf", "eval", "eval_summary", "flower_overhead", "quality",
-                             "flora_warm_single_client", "privacy")
+                             "flora_warm_single_client", "privacy", "exactness", "headline")
     if "quality" in names and not compose_quality():
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:
         path = PAGES.get(name, DEFAULT_PAGE)
-        path.write_text(update(path.read_text(encoding="utf-8"), name), encoding="utf-8")
+        images = "benchmarks/results/" if path == ROOT / "README.md" else "results/"
+        path.write_text(update(path.read_text(encoding="utf-8"), name, images), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""The exactness study's results, composed from its three sweeps (`make bench-exactness`).
+
+Reads ``benchmarks/runs/{headline,drift,horizon}/comparison.json`` (written by ``fedlora
+compare``) and writes into ``benchmarks/results/``:
+
+- ``<sweep>/comparison.{md,json}`` and ``<sweep>.png``: each sweep's own comparison, copied;
+- ``exactness.png``: Δ final test loss vs FLoRA and the mean aggregation error against local
+  steps per round (the headline's homogeneous setting at 3, the drift sweep's levels), each
+  with its 95 % interval;
+- ``headline.md`` (README) and ``exactness.md`` (docs/benchmarks.md): what the intervals say, in
+  sentences generated from the comparisons, then the figure and (docs) every table;
+- ``src/fedlora/aggregation/measured_errors.json``: each method's measured aggregation error,
+  which ``fedlora methods`` and the method pages show.
+
+Every sentence is made from the numbers: a difference is called significant only where its
+paired 95 % interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "benchmarks" / "runs"
+RESULTS = ROOT / "benchmarks" / "results"
+MEASURED = ROOT / "src" / "fedlora" / "aggregation" / "measured_errors.json"
+SWEEPS = {"headline": "Headline: the two Dolly settings, 10 seeds", "drift": "Client drift: more local steps",
+          "horizon": "Long horizon: 30 rounds"}
+#: the headline's local steps per round (headline.toml), the x of its point in the figure
+HEADLINE_STEPS = 3
+
+
+def load(name: str) -> dict | None:
+    path = RUNS / name / "comparison.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def interval(entry: dict | None, spec: str = "+.4f") -> str:
+    if not entry or entry.get("mean") is None:
+        return "—"
+    if entry.get("ci95") is None:
+        return format(entry["mean"], spec)
+    low, high = entry["ci95"]
+    return f"{entry['mean']:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+#: an aggregation error below this is float32 rounding, not inexactness
+ROUNDING = 1e-6
+
+
+def verdict(difference: dict | None) -> str:
+    """Which side of 0 a paired difference of test losses lies on (lower loss is better)."""
+    if not difference or difference.get("ci95") is None:
+        return "without an interval (one seed)"
+    low, high = difference["ci95"]
+    return "significantly better than" if high < 0 else "significantly worse than" if low > 0 else \
+        "not distinguishable from"
+
+
+def error_text(entry: dict | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "—"
+    if entry["ci95"] is not None and entry["ci95"][1] < ROUNDING:
+        return f"< {ROUNDING:g} (exact up to float32 rounding)"
+    return interval(entry, ".3g")
+
+
+def setting_lines(name: str, variant: dict) -> list[str]:
+    """One setting: the reference's loss, the methods grouped by what their Δ says, the errors."""
+    reference, methods = variant["reference"], variant["methods"]
+    if reference not in methods:
+        return [f"  - {name}: {reference} has not finished."]
+    others = {method: entry for method, entry in methods.items() if method != reference}
+    by_verdict: dict[str, list[str]] = {}
+    for method, entry in others.items():
+        by_verdict.setdefault(verdict(entry["vs_reference"]), []).append(
+            f"{method} Δ {interval(entry['vs_reference'])}")
+    said = [f"{text.capitalize()} {reference}: {', '.join(listed)}." for text, listed in by_verdict.items()]
+    errors = [f"{method} {error_text(entry.get('aggregation_error'))}" for method, entry in methods.items()
+              if method != "centralized"]
+    pending = [f"{method} ({note})" for method, note in variant.get("pending", {}).items()]
+    return [f"  - {name}, {methods[reference]['seeds']} seeds: {reference}'s final test loss "
+            f"{interval(methods[reference]['test_loss'], '.4f')}." + "".join(f" {sentence}" for sentence in said)
+            + (f" Aggregation error: {', '.join(errors)}." if errors else "")
+            + (f" Not finished: {', '.join(pending)}." if pending else "")]
+
+
+def horizon_sentence(comparison: dict) -> list[str]:
+    """Where each method's mean test loss was lowest over the rounds, and where it ended."""
+    lines = []
+    for name, variant in comparison["settings"].items():
+        for method, entry in variant["methods"].items():
+            curve = [(r, i) for r, i in enumerate(entry["test_loss_per_round"]) if i is not None]
+            if not curve:
+                continue
+            best_round, best = min(curve, key=lambda point: point[1]["mean"])
+            last_round, last = curve[-1]
+            lines.append(f"{method}: lowest mean test loss at round {best_round} ({interval(best, '.4f')}), "
+                         f"round {last_round} {interval(last, '.4f')}")
+    return lines
+
+
+def figure_points(headline: dict | None, drift: dict | None) -> dict[str, list[tuple[int, dict | None, dict | None]]]:
+    """method → [(local steps, Δ vs FLoRA, aggregation error)] from the homogeneous settings."""
+    levels: list[tuple[int, dict]] = []
+    if headline and "homogeneous" in headline["settings"]:
+        levels.append((HEADLINE_STEPS, headline["settings"]["homogeneous"]))
+    for name, variant in (drift or {}).get("settings", {}).items():
+        steps = int(name.rsplit("local_steps=", 1)[1]) if "local_steps=" in name else None
+        if steps is not None:
+            levels.append((steps, variant))
+    points: dict[str, list] = {}
+    for steps, variant in sorted(levels, key=lambda level: level[0]):
+        for method, entry in variant["methods"].items():
+            if method == "centralized":
+                continue
+            points.setdefault(method, []).append((steps, entry["vs_reference"], entry["aggregation_error"]))
+    return points
+
+
+def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    delta_ax, error_ax = fig.subplots(1, 2)
+    for index, (method, series) in enumerate(points.items()):
+        for ax, measured in ((delta_ax, [(steps, delta) for steps, delta, _ in series]),
+                             (error_ax, [(steps, error) for steps, _, error in series])):
+            measured = [(steps, entry) for steps, entry in measured if entry and entry.get("mean") is not None]
+            if not measured:
+                continue
+            means = [entry["mean"] for _, entry in measured]
+            bounds = [entry["ci95"] or [entry["mean"]] * 2 for _, entry in measured]
+            ax.errorbar([steps for steps, _ in measured], means, marker="o", capsize=3, color=f"C{index}",
+                        label=method, yerr=[[m - low for m, (low, _) in zip(means, bounds)],
+                                            [high - m for m, (_, high) in zip(means, bounds)]])
+    delta_ax.axhline(0, color="grey", linewidth=0.8)
+    delta_ax.set(title="final test loss − FLoRA's (paired by seed, 95 % CI)", ylabel="Δ test loss")
+    error_ax.set(title="aggregation error, mean over rounds (95 % CI)", ylabel="‖Δ_global − Σ p_k Δ_k‖ / ‖Σ p_k Δ_k‖")
+    ticks = sorted({steps for series in points.values() for steps, *_ in series})
+    for ax in (delta_ax, error_ax):
+        ax.set(xlabel="local steps per round", xscale="log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def measured_errors(headline: dict) -> dict[str, str]:
+    """method → its aggregation error in each headline setting, as text."""
+    errors: dict[str, list[str]] = {}
+    for name, variant in headline["settings"].items():
+        for method, entry in variant["methods"].items():
+            if entry.get("aggregation_error") and method != "centralized":
+                errors.setdefault(method, []).append(f"{error_text(entry['aggregation_error'])} ({name})")
+    return {method: "; ".join(texts) for method, texts in errors.items()}
+
+
+def summary_lines(comparisons: dict[str, dict]) -> list[str]:
+    lines = []
+    titles = {"headline": "Headline (2 rounds × 3 local steps)", "drift": "Client drift (4 rounds)",
+              "horizon": "Long horizon (30 rounds × 5 local steps)"}
+    for name, title in titles.items():
+        if name not in comparisons:
+            continue
+        lines.append(f"- **{title}**")
+        for setting, variant in comparisons[name]["settings"].items():
+            lines += setting_lines(setting, variant)
+        if name == "horizon":
+            lines.append("  - Over the rounds: " + "; ".join(horizon_sentence(comparisons[name])) + ".")
+    measured = [comparison["measured"] for comparison in comparisons.values()]
+    hours = sum(m["run_seconds"] for m in measured) / 3600
+    lines.append(f"- Measured: {sum(m['runs'] for m in measured)} runs in {hours:.1f} h of this 2-core machine, each "
+                 "run from its data loading to its summary, while development work shared the machine.")
+    return lines
+
+
+def main() -> None:
+    comparisons = {name: comparison for name in SWEEPS if (comparison := load(name)) is not None}
+    if not comparisons:
+        sys.exit("no exactness sweep has a comparison.json yet: run `make bench-exactness`")
+    for name in comparisons:
+        target = RESULTS / name
+        target.mkdir(parents=True, exist_ok=True)
+        for suffix in ("md", "json"):
+            shutil.copyfile(RUNS / name / f"comparison.{suffix}", target / f"comparison.{suffix}")
+        shutil.copyfile(RUNS / name / "comparison.png", RESULTS / f"{name}.png")  # beside the others, for the site
+    points = figure_points(comparisons.get("headline"), comparisons.get("drift"))
+    plot(points, RESULTS / "exactness.png")
+    summary = summary_lines(comparisons)
+    intro = ("When does exactness pay? FLoRA against FedIT, FFA-LoRA, flora-warm (and in the heterogeneous "
+             "setting zero-padding and FlexLoRA) on SmolLM2-135M and the 9 Dolly clients, the learning rate tuned "
+             "on validation per method; Δ is a method's final test loss minus FLoRA's, paired by seed, with its "
+             "95 % interval (negative: better than FLoRA). Generated by `benchmarks/exactness.py` from the sweeps' "
+             "comparison.json; every number below is in their tables.")
+    figure = "![Δ vs FLoRA and aggregation error against local steps](exactness.png)"
+    (RESULTS / "headline.md").write_text("\n".join(["# Headline results", "", intro, "", *summary, "", figure, "",
+                                                    "Every table: [benchmarks](docs/benchmarks.md#exactness)."]),
+                                         encoding="utf-8")
+    tables = []
+    for name, title in SWEEPS.items():
+        if name in comparisons:
+            body = (RESULTS / name / "comparison.md").read_text(encoding="utf-8").split("\n", 1)[1].strip()
+            tables += [f"## {title}", "", body.replace("\n## ", "\n### "), "",
+                       f"![test loss per round]({name}.png)", ""]
+    (RESULTS / "exactness.md").write_text("\n".join(["# Exactness", "", intro, "", *summary, "", figure, "",
+                                                     *tables]), encoding="utf-8")
+    if "headline" in comparisons:
+        MEASURED.write_text(json.dumps({"errors": measured_errors(comparisons["headline"])}, indent=2) + "\n",
+                            encoding="utf-8")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
