@@ -9,6 +9,7 @@ from fedlora.engine.config import RunConfig
 from fedlora.engine.metrics import read_summary
 from fedlora.engine.rows import read_rows
 from fedlora.models import published_name
+from fedlora.report import accuracy_text
 
 
 def model_card(run_dir: Path, config: RunConfig, completed_round: int, *, kind: str, extra: str = "") -> str:
@@ -38,7 +39,10 @@ def model_card(run_dir: Path, config: RunConfig, completed_round: int, *, kind: 
     for label, row in (("before", first), ("after", last)):
         if row is not None and row.eval_loss is not None:
             lines.append(f"| held-out loss {label} | {row.eval_loss:.4f} (`{config.test_data}`) |")
+    for label, row in (("before", first), ("after", last)):
+        if row is not None and row.rouge_l is not None:
+            lines.append(f"| ROUGE-L {label} | {row.rouge_l:.4f} on {row.generation_n} held-out prompts |")
     if last is not None and last.mmlu_acc is not None:
-        lines.append(f"| MMLU accuracy | {last.mmlu_acc:.3f} on {last.mmlu_total} questions |")
+        lines.append(f"| MMLU accuracy | {accuracy_text(last.mmlu_acc, last.mmlu_total)} (95 % Wilson interval) |")
     lines += ["", extra] if extra else []
     return "\n".join(lines) + "\n"
