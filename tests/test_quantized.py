@@ -7,12 +7,18 @@ through checkpoints, resume, Flower replicas, both exports and DP-SGD.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from fedlora import cli
 from fedlora.aggregation import ClientPlan, LoraFactors, aggregator_class, available_aggregators
 from fedlora.data import Record, collate, tokenize_records
 from fedlora.engine.checkpoint import load_latest_checkpoint
@@ -26,7 +32,7 @@ from fedlora.engine.setup import prepare_run
 from fedlora.engine.task import ClientTask
 from fedlora.lora import (attach_lora, base_layer, load_merged_state, merge_factors, merged_state, remove_lora,
                           set_trainable)
-from fedlora.lora.residual import MergedResidual, residual_of
+from fedlora.lora.residual import MergedResidual, is_quantized, residual_of
 from fedlora.models import load_model, pad_token_id
 from fedlora.quantization import Quantization
 from fedlora.runtime.flower.client_app import ReplicaLog
@@ -221,6 +227,46 @@ def test_flower_server_and_every_replica_equal_the_in_process_run_bit_for_bit(cl
         ReplicaLog(tmp_path / "nodes" / str(node) / "run-1").replay(trainer)
         replica = merged_state(trainer.model, server.adapted_modules)
         assert all(torch.equal(replica[key], tensor) for key, tensor in reference.items()), node
+
+
+def test_export_merged_is_the_dequantised_base_plus_the_residual_and_the_adapter_loads_on_the_quantised_base(
+        client_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_tiny(client_dir, run_dir, quantization="nf4", rounds=2)  # FLoRA, ranks 4, 2, 1: residuals of rank 14
+    restored = restore_global_model(run_dir)
+    model = restored.global_model.model
+    expected = {name: dequantized(base_layer(model, name)).double()
+                + residual_of(base_layer(model, name)).delta().double() for name in restored.global_model.adapted_modules}
+    tokens = torch.tensor([[1, 17, 42, 99, 7]])
+    with torch.no_grad():
+        quantised_logits = model(tokens).logits
+
+    runner = CliRunner()
+    merged = runner.invoke(cli.app, ["export", str(run_dir), "--merged", str(tmp_path / "merged")],
+                           catch_exceptions=False)
+    assert merged.exit_code == 0, merged.output
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(type(module) is torch.nn.Linear for name, module in plain.named_modules() if name.endswith("_proj"))
+    for name, weight in expected.items():
+        torch.testing.assert_close(plain.get_submodule(name).weight.double(), weight, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens).logits, quantised_logits, rtol=0, atol=1e-4)
+    assert "dequantised from nf4" in (tmp_path / "merged" / "README.md").read_text()
+
+    adapter = runner.invoke(cli.app, ["export", str(run_dir), "--adapter", str(tmp_path / "adapter"), "--rank", "16"],
+                            catch_exceptions=False)
+    assert adapter.exit_code == 0, adapter.output
+    error = float(" ".join(adapter.output.split()).split("accumulated update: ")[1].split()[0])
+    assert error < 1e-5  # rank 16 holds a rank-14 residual
+    base, _ = load_run_model(restored.config)  # the same quantised base, as loaded
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    q_proj = loaded.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoraLayer) and is_quantized(q_proj.get_base_layer())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, quantised_logits, rtol=0, atol=1e-4)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"' in card
 
 
 def test_dp_sgd_on_a_quantised_base_steps_by_the_clipped_per_example_gradients():

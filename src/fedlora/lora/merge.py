@@ -87,6 +87,15 @@ def module_shape(model: nn.Module, module: str) -> tuple[int, int]:
     return layer.out_features, layer.in_features
 
 
+def merged_delta(model: nn.Module, pristine: nn.Module, module: str) -> Tensor:
+    """All that was merged into ``module`` since ``pristine`` (the same model as loaded), as a dense
+    float32 matrix: a quantised linear's residual, else the difference of the weights."""
+    layer = base_layer(model, module)
+    if is_quantized(layer):
+        return residual_of(layer).delta()
+    return layer.weight.float() - base_weight(pristine, module).float()
+
+
 def merged_state(model: nn.Module, modules: Iterable[str]) -> dict[str, Tensor]:
     """What merges change in ``modules`` (besides the carry), as copies: a plain linear's weight
     under its module name, a quantised one's residual under ``<module>.merged_residual.<part>``."""

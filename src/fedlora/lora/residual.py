@@ -143,3 +143,19 @@ def _add_residual(layer: nn.Linear, args: tuple, output: Tensor) -> Tensor:
         return output
     # summed in float32, rounded once to the layer's output dtype
     return (output.float() + residual(args[0])).to(output.dtype)
+
+
+def full_precision(model: nn.Module) -> nn.Module:
+    """``model`` with every quantised linear replaced by a plain one holding dequant(Q(W₀)) + R:
+    the full-precision model it computes (in place; for export). A model that transformers did
+    not quantise is returned as it is."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    residuals = {name: getattr(module, RESIDUAL).delta() for name, module in model.named_modules()
+                 if isinstance(getattr(module, RESIDUAL, None), MergedResidual)}
+    model = model.dequantize()  # transformers: every quantised linear back to nn.Linear, its hook gone
+    with torch.no_grad():
+        for name, delta in residuals.items():
+            weight = model.get_submodule(name).weight
+            weight.copy_((weight.double() + delta.to(weight.device).double()).to(weight.dtype))
+    return model
