@@ -177,6 +177,11 @@ def _resolve_device(device: str | None) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; "
                          "install the CUDA build of torch or use device cpu")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= (count := torch.cuda.device_count()):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ModelError(f"device {device!r}: this process sees {count} CUDA GPU{'s' if count > 1 else ''}, "
+                         f"cuda:0 to cuda:{count - 1}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else ""))
     return device
 
 
