@@ -328,6 +328,14 @@ def test_a_quantised_run_without_bitsandbytes_says_what_to_install(monkeypatch):
         build_config({"quantization": "nf4"})
 
 
+def test_a_sweep_loads_its_model_again_for_another_quantisation():
+    from fedlora.sweep.runner import ModelCache
+
+    variants = ({}, {"quantization": "nf4"}, {"quantization": "nf4", "double_quantization": True},
+                {"quantization": "nf4", "quantization_compute_dtype": "bfloat16"}, {"quantization": "int8"})
+    assert len({ModelCache.key_of(build_config(values)) for values in variants}) == len(variants)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_a_quantised_run_keeps_everything_on_the_gpu_it_is_given(client_dir, tmp_path):
     device = f"cuda:{torch.cuda.device_count() - 1}"
