@@ -38,7 +38,7 @@ from fedlora.quantization import Quantization
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.inprocess import run_inprocess
 
-from support import comparable, run_on_in_memory_flower, run_tiny, tiny_config
+from support import DOLLY, comparable, run_on_in_memory_flower, run_tiny, tiny_config
 
 COMPARED = ("round", "eval_loss", "train_loss", "bytes_up", "bytes_down", "clients", "rejected")
 TARGETS = ["q_proj", "v_proj"]
@@ -344,3 +344,20 @@ def test_a_quantised_run_keeps_everything_on_the_gpu_it_is_given(client_dir, tmp
     for name in setup.federation.global_model.adapted_modules:
         layer = base_layer(setup.model, name)
         assert str(layer.weight.device) == str(residual_of(layer).U.device) == device, name
+
+
+def test_a_quantised_model_counts_its_parameters_as_full_fine_tuning_would_train_them():
+    from fedlora.engine.global_model import GlobalModel
+
+    quantised, _ = load_model("tiny-llama", quantization=Quantization("nf4"))
+    plain, _ = load_model("tiny-llama")
+    assert GlobalModel(quantised, []).total_params() == sum(p.numel() for p in plain.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DOLLY.is_dir(), reason=f"the shared Dolly data is not at {DOLLY}")
+def test_federated_qlora_on_smollm2_in_nf4_lowers_the_held_out_loss(smollm2_cache, tmp_path):
+    rows = run_tiny(DOLLY, tmp_path / "run", model="smollm2-135m", quantization="nf4", rounds=2, clients=3,
+                    local_steps=3, batch_size=4, ranks=[8], max_length=64, lr=3e-3, test_limit=16, mmlu_limit=0,
+                    validation_fraction=0.001)
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.01, [row["eval_loss"] for row in rows]
