@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
+.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-qlora bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,13 @@ bench-aggregation: install
 
 bench-perf: install
 	$(PY) benchmarks/perf.py
-	$(PY) benchmarks/readme_tables.py perf
+	$(PY) benchmarks/qlora.py
+	$(PY) benchmarks/readme_tables.py perf qlora
+
+# SmolLM2 fp32 vs bf16 vs nf4 on the CPU: the demo once per base (fp32 alone: 9 min on 2 busy cores), into docs/gpu.md
+bench-qlora: install
+	$(PY) benchmarks/qlora.py
+	$(PY) benchmarks/readme_tables.py qlora
 
 # resumable sweeps (stop at any time, run again to continue), then README's quality section
 bench-quality: install

@@ -1,5 +1,5 @@
 """Copy the generated benchmark results into the documentation (docs/benchmarks.md,
-docs/flower.md) and README's headline, between markers, so the tables are always the last
+docs/flower.md, docs/gpu.md) and README's headline, between markers, so the tables are always the last
 measured ones and never typed by hand.
 
     <!-- results:aggregation -->  …  <!-- /results:aggregation -->
@@ -50,7 +50,7 @@ def compose_quality() -> bool:
 
 
 #: the page each result is inserted in
-PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md"}
+PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md", "qlora": ROOT / "docs" / "gpu.md"}
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
@@ -68,7 +68,8 @@ def update(page: str, name: str) -> str:
 
 
 def main() -> None:
-    names = sys.argv[1:] or ("aggregation", "perf", "flower_overhead", "quality", "flora_warm_single_client", "privacy")
+    names = sys.argv[1:] or ("aggregation", "perf", "qlora", "flower_overhead", "quality", "flora_warm_single_client",
+                             "privacy")
     if "quality" in names and not compose_quality():
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:
