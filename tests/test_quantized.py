@@ -266,7 +266,7 @@ def test_export_merged_is_the_dequantised_base_plus_the_residual_and_the_adapter
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, quantised_logits, rtol=0, atol=1e-4)
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"' in card
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in card
 
 
 def test_dp_sgd_on_a_quantised_base_steps_by_the_clipped_per_example_gradients():

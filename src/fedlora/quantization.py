@@ -48,19 +48,18 @@ class Quantization:
 
     def bnb_config(self, model_dtype: torch.dtype) -> BitsAndBytesConfig:
         """transformers' loading options for a model whose other weights are in ``model_dtype``."""
-        if self.kind == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.kind,
-                                  bnb_4bit_compute_dtype=self.compute_dtype or model_dtype,
-                                  bnb_4bit_use_double_quant=self.double)
+        return BitsAndBytesConfig(**self._options(model_dtype))
 
     def loading_code(self, model_dtype: torch.dtype) -> str:
-        """The ``BitsAndBytesConfig(...)`` that loads the same quantised base, as Python source."""
+        """:meth:`bnb_config` as Python source, for a model card."""
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self._options(model_dtype).items())
+        return f"BitsAndBytesConfig({arguments})"
+
+    def _options(self, model_dtype: torch.dtype) -> dict:
         if self.kind == "int8":
-            return "BitsAndBytesConfig(load_in_8bit=True)"
-        return (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{self.kind}\", "
-                f"bnb_4bit_compute_dtype={self.compute_dtype or model_dtype}, "
-                f"bnb_4bit_use_double_quant={self.double})")
+            return {"load_in_8bit": True}
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": self.kind,
+                "bnb_4bit_compute_dtype": self.compute_dtype or model_dtype, "bnb_4bit_use_double_quant": self.double}
 
 
 def keep_as_loaded(model: nn.Module) -> None:

@@ -129,7 +129,8 @@ def load_merged_state(model: nn.Module, state: dict[str, Tensor]) -> set[str]:
 
 def _merge(model: nn.Module, module: str, updates: list[LoraFactors], carry: dict[str, Tensor]) -> None:
     """Add the sum of ``updates`` to ``module``: its residual where it is quantised, else its weight."""
-    layer, shape = base_layer(model, module), module_shape(model, module)
+    layer = base_layer(model, module)
+    shape = (layer.out_features, layer.in_features)  # not the weight's: a quantised one's is its packing's
     for update in updates:
         if update.shape != shape:
             raise ValueError(f"module {module!r}: update shape {update.shape} does not match weight shape {shape}")

@@ -12,9 +12,8 @@ R is kept as factors U·V while they are smaller than R itself. A merge appends 
 (scale·B to U, A to V), which is exact. Where the stacked factors have a lower numerical rank
 than their width (updates sharing a subspace: clients with the same A, terms that cancel) they
 are recompressed to that rank: QR of both factors and an SVD of the small core, in float64,
-dropping only what cancels exactly (:func:`recompressed`): the factors once recompressed are
-rounded to float32, so later merges are compared with those and stacked unless they cancel
-them too. Once
+dropping only what cancels exactly (:func:`recompressed`). Recompressed factors are rounded to
+float32, so a later merge shrinks them again only where it cancels exactly against those. Once
 the factors would outgrow d×n, R becomes one dense float32 matrix that later merges add into.
 """
 
