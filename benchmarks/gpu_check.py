@@ -744,8 +744,8 @@ def qlora_section(result: dict) -> list[str]:
         reference = bf16[run["model"]]
         gpu = run["peak_bytes"] is not None
         rows.append([run["model"], run["base"], f"{gib(run['state_bytes']):.2f}",
-                     f"{gib(run['resident_bytes']):.2f}" if gpu else "—", f"{gib(run['peak_bytes']):.2f}" if gpu else "—",
-                     f"{run['step_seconds']:.3f}",
+                     f"{gib(run['resident_bytes']):.2f}" if gpu else "—",
+                     f"{gib(run['peak_bytes']):.2f}" if gpu else "—", f"{run['step_seconds']:.3f}",
                      f"{run['peak_bytes'] / reference['peak_bytes']:.2f}" if gpu else "—",
                      f"{run['step_seconds'] / reference['step_seconds']:.2f}"])
     lines += markdown_table(["model", "base", "state GiB", "base GiB", "peak GiB", "step s", "peak ÷ bf16",

@@ -235,8 +235,9 @@ def test_export_merged_is_the_dequantised_base_plus_the_residual_and_the_adapter
     run_tiny(client_dir, run_dir, quantization="nf4", rounds=2)  # FLoRA, ranks 4, 2, 1: residuals of rank 14
     restored = restore_global_model(run_dir)
     model = restored.global_model.model
-    expected = {name: dequantized(base_layer(model, name)).double()
-                + residual_of(base_layer(model, name)).delta().double() for name in restored.global_model.adapted_modules}
+    layers = {name: base_layer(model, name) for name in restored.global_model.adapted_modules}
+    expected = {name: dequantized(layer).double() + residual_of(layer).delta().double()
+                for name, layer in layers.items()}
     tokens = torch.tensor([[1, 17, 42, 99, 7]])
     with torch.no_grad():
         quantised_logits = model(tokens).logits

@@ -64,7 +64,8 @@ class RunConfig:
     quantization: str | None = option(None, "QLoRA: load the base's linear layers quantised by bitsandbytes; "
                                             "merges go into a full-precision residual beside them",
                                       choices="fedlora.quantization:QUANTIZATIONS")
-    quantization_compute_dtype: str | None = option(None, "dtype a 4-bit layer computes in (default: the model's dtype)",
+    quantization_compute_dtype: str | None = option(None, "dtype a 4-bit layer computes in (default: the "
+                                                          "model's dtype)",
                                                     choices="fedlora.models:DTYPES")
     double_quantization: bool = option(False, "4-bit: quantise the per-block scales too (about 0.4 bits per "
                                               "weight less)")
@@ -331,7 +332,8 @@ def check_quantization(config: RunConfig, fail: Callable[[str, str], None]) -> N
     """The quantisation options fit together and bitsandbytes is installed (looked up, not imported)."""
     options = [key for key in ("quantization_compute_dtype", "double_quantization") if getattr(config, key)]
     if options and config.quantization not in ("nf4", "fp4"):
-        fail(options[0], f"is an option of 4-bit quantisation (nf4, fp4), and 'quantization' is {config.quantization!r}")
+        fail(options[0], f"is an option of 4-bit quantisation (nf4, fp4), and 'quantization' is "
+                         f"{config.quantization!r}")
     if config.quantization is not None and find_spec("bitsandbytes") is None:
         fail("quantization", f"needs bitsandbytes, which is not installed: {QUANTIZATION_INSTALL}")
 

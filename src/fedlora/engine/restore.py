@@ -88,7 +88,8 @@ def export_merged(restored: RestoredRun, out_dir: Path) -> None:
     model = restored.full_precision_model()
     model.save_pretrained(out_dir)
     restored.tokenizer.save_pretrained(out_dir)
-    kind = "merged model" + (f", dequantised from {restored.config.quantization}" if restored.config.quantization else "")
+    quantization = restored.config.quantization
+    kind = "merged model" + (f", dequantised from {quantization}" if quantization else "")
     card = model_card(restored.run_dir, restored.config, restored.completed_round, kind=kind)
     (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")
 

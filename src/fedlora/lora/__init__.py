@@ -15,6 +15,6 @@ from fedlora.lora.merge import (base_layer, base_weight, load_merged_state, merg
 
 __all__ = [
     "attach_lora", "base_layer", "base_weight", "get_factors", "live_factors", "load_merged_state", "lora_config",
-    "low_rank_adapter", "merge_factors", "merge_update", "merged_state", "module_shape", "remove_lora", "save_adapter", "set_factors",
-    "set_trainable",
+    "low_rank_adapter", "merge_factors", "merge_update", "merged_state", "module_shape", "remove_lora", "save_adapter",
+    "set_factors", "set_trainable",
 ]
