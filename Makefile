@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-eval bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
+.PHONY: install demo test test-fast docs bench bench-aggregation bench-perf bench-eval bench-qlora bench-quality bench-exactness bench-rolora-scaling bench-flower bench-flower-overhead bench-flora-warm bench-privacy clean
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,13 @@ bench-aggregation: install
 
 bench-perf: install
 	$(PY) benchmarks/perf.py
-	$(PY) benchmarks/readme_tables.py perf
+	$(PY) benchmarks/qlora.py
+	$(PY) benchmarks/readme_tables.py perf qlora
+
+# SmolLM2 fp32 vs bf16 vs nf4 on the CPU: the demo once per base (fp32 alone: 9 min on 2 busy cores), into docs/gpu.md
+bench-qlora: install
+	$(PY) benchmarks/qlora.py
+	$(PY) benchmarks/readme_tables.py qlora
 
 # fedlora's MMLU scoring against lm-evaluation-harness, generation speed, the demo's evaluation share
 bench-eval: install

@@ -19,7 +19,6 @@ paired 95 % interval excludes 0.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path

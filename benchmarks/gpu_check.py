@@ -7,14 +7,17 @@
 (3) client step time, fedlora's LocalTrainer ÷ a bare PEFT + AdamW loop on the same batches
     (padded, and packed where this fedlora packs), on a TinyLlama-1.1B-shaped model;
 (4) one 10-client heterogeneous FLoRA round (ranks 64,32,16,16,8,8,4,4,4,4) on a Llama-7B-shaped
-    bfloat16 model: peak GPU memory against its parts, and aggregation time on the GPU and the CPU.
+    bfloat16 model: peak GPU memory against its parts, and aggregation time on the GPU and the CPU;
+(5) QLoRA: a client's training on a TinyLlama-1.1B-shaped and a Llama-7B-shaped model with its
+    base in bfloat16 and in NF4 (bitsandbytes): the base's GPU memory, the peak, the step time.
 
 Models are built from their configs with random weights (the GPU machine downloads nothing);
 client data is synthetic Dolly-style records of varied length. Each part runs in its own
 subprocess with a share of one deadline (under 7 minutes in all): a part that fails or runs out
 of time is reported as such and the others still run, and the report is rewritten after every
 part, so what was measured survives a kill; ``--parts`` reruns some of them into a report of
-their own. Run through ``benchmarks/gpu_check.sh``.
+their own (the test suite runs last, with the time the others left: ``--parts tests`` gives it
+its whole share). Run through ``benchmarks/gpu_check.sh``.
 
 ``--dry-run`` runs every part at tiny shapes on whatever device there is (the CPU on a machine
 without a GPU) and only two test functions, to check this script end to end; its report goes to
@@ -51,8 +54,8 @@ from fedlora.runtime.observer import RunObserver
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SECONDS = 400  # the machine is lent for minutes: all parts inside 6.7, leaving room for a rerun
-#: the order parts run in (the report shows them (1)–(4)) and the most seconds each may take
-PARTS = {"merges": 60, "round": 150, "step": 100, "tests": 240}
+#: the order parts run in (the report shows them (1)–(5)) and the most seconds each may take
+PARTS = {"merges": 60, "round": 150, "step": 100, "qlora": 90, "tests": 240}
 RANKS_7B = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 TARGETS = ["q_proj", "v_proj"]
 SEED = 0
@@ -74,11 +77,13 @@ def sizes(dry_run: bool) -> dict:
         return {"merge_shape": (48, 40), "merge_modules": 2, "merge_rounds": 3, "merge_ranks": [8, 4, 2],
                 "step_model": TINY, "step_batch": 2, "step_max_length": 64, "step_steps": 4, "step_pairs": 1,
                 "round_model": TINY, "round_ranks": [16, 8, 4, 4, 2, 2, 1, 1, 1, 1], "round_batch": 2,
-                "round_max_length": 64, "round_steps": 1, "aggregation_repeats": 2}
+                "round_max_length": 64, "round_steps": 1, "aggregation_repeats": 2,
+                "qlora_models": [TINY], "qlora_batch": 2, "qlora_max_length": 64, "qlora_steps": 4}
     return {"merge_shape": (4096, 4096), "merge_modules": 8, "merge_rounds": 12, "merge_ranks": RANKS_7B,
             "step_model": TINYLLAMA_1B, "step_batch": 8, "step_max_length": 512, "step_steps": 8, "step_pairs": 3,
             "round_model": LLAMA_7B, "round_ranks": RANKS_7B, "round_batch": 4, "round_max_length": 512,
-            "round_steps": 2, "aggregation_repeats": 5}
+            "round_steps": 2, "aggregation_repeats": 5,
+            "qlora_models": [TINYLLAMA_1B, LLAMA_7B], "qlora_batch": 4, "qlora_max_length": 512, "qlora_steps": 6}
 
 
 # --- shared helpers ------------------------------------------------------------------------------
@@ -249,6 +254,7 @@ def packing_parameter() -> str | None:
 def part_step(dry_run: bool) -> dict:
     from fedlora.data import Record, tokenize_records
     from fedlora.engine.client import LocalTrainer, batch_stream
+    from fedlora.aggregation import ClientPlan
     from fedlora.engine.task import ClientTask
 
     size, rank, lr, warmup = sizes(dry_run), 16, 3e-4, 2
@@ -259,8 +265,8 @@ def part_step(dry_run: bool) -> dict:
     records = [Record(r["instruction"], r["context"], r["response"])
                for r in synthetic_records(steps * batch_size, seed=1)]
     examples, _ = tokenize_records(tokenizer, records, size["step_max_length"])
-    task = ClientTask(client_id="0", server_round=1, rank=rank, alpha=2 * rank, trainable=frozenset("AB"),
-                      init_seed=0, data_seed=0, local_steps=steps)
+    task = ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=rank), alpha=2 * rank, init_seed=0,
+                      data_seed=0, local_steps=steps)
     batches = list(itertools.islice(batch_stream(examples, batch_size, task.data_seed), steps))
     pad_id = tokenizer.pad_token_id
     packing = packing_parameter()
@@ -436,6 +442,74 @@ def part_round(dry_run: bool) -> dict:
             "reserved_peak_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None}
 
 
+# --- (5) QLoRA: NF4 against bfloat16 ----------------------------------------------------------------
+
+
+def to_nf4(model, compute_dtype: torch.dtype) -> None:
+    """Every decoder linear of ``model`` replaced by a bitsandbytes NF4 layer holding its weights,
+    the layer transformers' loader makes of it (the LM head stays as it is): a model built from
+    its config, whose random weights no file holds, quantised in memory on its device."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        device = module.weight.device
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=False,
+                                         quant_type="nf4", module=layer).to(device)  # quantised here
+        model.set_submodule(name, layer)
+
+
+def state_bytes(model) -> int:
+    """The model's tensors once each (tied weights share storage), quantisation constants included."""
+    return sum({tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                for tensor in model.state_dict().values()}.values())
+
+
+def part_qlora(dry_run: bool) -> dict:
+    from fedlora.attention import enable_packing
+    from fedlora.data import Record, tokenize_records
+    from fedlora.engine.client import LocalTrainer
+    from fedlora.aggregation import ClientPlan
+    from fedlora.engine.task import ClientTask
+    from fedlora.quantization import keep_as_loaded
+
+    size, rank, warmup, device = sizes(dry_run), 16, 2, default_device()
+    steps, batch_size = size["qlora_steps"], size["qlora_batch"]
+    task = ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=rank), alpha=2 * rank, init_seed=0,
+                      data_seed=0, local_steps=steps)
+    runs = []
+    for shape in size["qlora_models"]:
+        for base in ("bfloat16", "nf4"):
+            model, tokenizer = shaped_model(shape, device, torch.bfloat16)
+            if base == "nf4":
+                to_nf4(model, torch.bfloat16)
+                keep_as_loaded(model)  # as fedlora's loader does (on a CPU with AVX512-BF16 it matters)
+            records = [Record(r["instruction"], r["context"], r["response"])
+                       for r in synthetic_records(steps * batch_size, seed=2)]
+            examples, _ = tokenize_records(tokenizer, records, size["qlora_max_length"])
+            trainer = LocalTrainer(model, tokenizer.pad_token_id, target_modules=TARGETS, batch_size=batch_size,
+                                   lr=3e-4, packing=enable_packing(model))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+            clock = StepClock()
+            trainer.train(task, examples, on_step=clock)
+            runs.append({"model": shape[0], "base": base, "params": sum(p.numel() for p in model.parameters()),
+                         "state_bytes": state_bytes(model), "resident_bytes": resident,
+                         "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                         "step_seconds": clock.step_seconds(warmup)})
+            del model, trainer
+    return {"device": device, "rank": rank, "batch": batch_size, "max_length": size["qlora_max_length"],
+            "steps": steps, "warmup": warmup, "runs": runs}
+
+
 # --- (1) the fast test suite ------------------------------------------------------------------------
 
 
@@ -506,7 +580,7 @@ def environment() -> dict:
         info["imports"] = "ok"
     except ImportError as error:
         info["imports"] = f"{type(error).__name__}: {error}"
-    for package in ("datasets", "pyarrow", "flwr"):
+    for package in ("datasets", "pyarrow", "flwr", "bitsandbytes"):
         spec = importlib.util.find_spec(package)
         info[package] = importlib.import_module(package).__version__ if spec else "not installed"
     try:
@@ -657,10 +731,33 @@ def round_section(result: dict) -> list[str]:
     return lines
 
 
+def qlora_section(result: dict) -> list[str]:
+    lines = [f"A client's training through `LocalTrainer` on {result['device']}: LoRA rank {result['rank']} on "
+             f"q_proj, v_proj, batch {result['batch']} × up to {result['max_length']} tokens of synthetic records, "
+             f"{result['steps']} steps, the step time their mean after {result['warmup']}; models built from their "
+             "configs with random weights. bfloat16: the base as fedlora loads it on a GPU; NF4: every decoder "
+             "linear quantised by bitsandbytes (computing in bfloat16, no double quantisation), embedding, norms "
+             "and LM head in bfloat16. *base*: GPU memory once the model is built, before training; *peak*: "
+             "`torch.cuda.max_memory_allocated` over the training; *state*: the model's tensors.", ""]
+    rows, bf16 = [], {run["model"]: run for run in result["runs"] if run["base"] == "bfloat16"}
+    for run in result["runs"]:
+        reference = bf16[run["model"]]
+        gpu = run["peak_bytes"] is not None
+        rows.append([run["model"], run["base"], f"{gib(run['state_bytes']):.2f}",
+                     f"{gib(run['resident_bytes']):.2f}" if gpu else "—",
+                     f"{gib(run['peak_bytes']):.2f}" if gpu else "—", f"{run['step_seconds']:.3f}",
+                     f"{run['peak_bytes'] / reference['peak_bytes']:.2f}" if gpu else "—",
+                     f"{run['step_seconds'] / reference['step_seconds']:.2f}"])
+    lines += markdown_table(["model", "base", "state GiB", "base GiB", "peak GiB", "step s", "peak ÷ bf16",
+                             "step ÷ bf16"], rows, align="llrrrrrr") + [""]
+    return lines
+
+
 SECTIONS = {"tests": ("(1) Fast test suite, default device", tests_section),
             "merges": ("(2) FLoRA merges into bfloat16 weights against float64", merges_section),
             "step": ("(3) Client step time: fedlora ÷ bare PEFT", step_section),
-            "round": ("(4) One 10-client FLoRA round on a Llama-7B-shaped bfloat16 model", round_section)}
+            "round": ("(4) One 10-client FLoRA round on a Llama-7B-shaped bfloat16 model", round_section),
+            "qlora": ("(5) QLoRA: a client's training with an NF4 base against bfloat16", qlora_section)}
 
 
 def section(title: str, result: dict | None, body) -> list[str]:
@@ -676,12 +773,12 @@ def report(info: dict, results: dict, chosen: list[str], dry_run: bool, wall: fl
              f"{info['date']} · {where} · {info['cpus']} CPUs · torch {info['torch']} (CUDA {info['cuda']}), "
              f"transformers {info['transformers']}, peft {info['peft']}, Python {info['python']} · "
              f"fedlora {info['commit']} · datasets {info['datasets']}, pyarrow {info['pyarrow']}, "
-             f"flwr {info['flwr']}", "",
+             f"flwr {info['flwr']}, bitsandbytes {info['bitsandbytes']}", "",
              *([] if info["imports"] == "ok" else [f"**fedlora's engine does not import: {info['imports']}**", ""]),
              f"Command: `benchmarks/gpu_check.sh{' --dry-run' if dry_run else ''}"
              f"{'' if set(chosen) == set(PARTS) else ' --parts ' + ','.join(chosen)}`; {wall:.0f} s in all. "
              "Generated by `benchmarks/gpu_check.py`, which says what each part does.", ""]
-    for name, (title, body) in SECTIONS.items():  # in the order (1)–(4)
+    for name, (title, body) in SECTIONS.items():  # in the order (1)–(5)
         if name in chosen:
             lines += section(title, results.get(name), body)
     return "\n".join(lines).rstrip() + "\n"
@@ -699,7 +796,8 @@ def main() -> None:
     if not set(chosen) <= set(PARTS):
         parser.error(f"--parts must name some of {', '.join(PARTS)}")
     if args.part:  # a subprocess of the run below
-        result = {"merges": part_merges, "step": part_step, "round": part_round}[args.part](args.dry_run)
+        result = {"merges": part_merges, "step": part_step, "round": part_round, "qlora": part_qlora}[args.part](
+            args.dry_run)
         print(json.dumps(result))
         return
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None  # the device tool's folder that comes back

@@ -3,7 +3,8 @@
 #
 #   benchmarks/gpu_check.sh wheels     here, with a package index: download into .whl/ the wheels
 #                                      the GPU machine lacks (fedlora.data needs datasets and
-#                                      flwr-datasets; Flower itself is not needed, its tests are left out)
+#                                      flwr-datasets, QLoRA bitsandbytes, whose wheel carries its CUDA
+#                                      kernels; Flower itself is not needed, its tests are left out)
 #   benchmarks/gpu_check.sh            on the GPU machine (carry .whl): about 7.5 minutes, writes
 #                                      benchmarks/results/gpu.md, and $OUT/gpu.md, gpu.json and logs
 #   benchmarks/gpu_check.sh --dry-run  anywhere: every part at tiny shapes, to check the script itself
@@ -13,13 +14,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# the versions of fedlora's environment here; pure Python wheels except multiprocess's (py312)
-WHEELS="datasets==4.8.5 flwr-datasets==0.6.1 dill==0.4.1 multiprocess==0.70.19"
+# the versions of fedlora's environment here; pure Python wheels except multiprocess's (py312) and
+# bitsandbytes' (manylinux_2_24, any Python 3)
+WHEELS="datasets==4.8.5 flwr-datasets==0.6.1 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2"
 
 if [ "${1:-}" = wheels ]; then
     # shellcheck disable=SC2086
     "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 \
         -d .whl $WHEELS
     exit
 fi

@@ -137,6 +137,7 @@ def part_step(max_length: int) -> dict:
     from fedlora.attention import enable_packing
     from fedlora.data import load_records, tokenize_records
     from fedlora.engine.client import LocalTrainer, batch_stream
+    from fedlora.aggregation import ClientPlan
     from fedlora.engine.task import ClientTask
     from fedlora.models import load_model, pad_token_id
 
@@ -144,9 +145,8 @@ def part_step(max_length: int) -> dict:
     pad_id = pad_token_id(tokenizer)
     records = load_records(dolly_client_files()[0])[:STEPS_PER_TRIAL * STEP_BATCH]
     examples, _ = tokenize_records(tokenizer, records, max_length)
-    task = ClientTask(client_id="0", server_round=1, rank=STEP_RANK, alpha=2 * STEP_RANK,
-                      trainable=frozenset("AB"), init_seed=0, data_seed=0, local_steps=STEPS_PER_TRIAL,
-                      start=None)
+    task = ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=STEP_RANK), alpha=2 * STEP_RANK,
+                      init_seed=0, data_seed=0, local_steps=STEPS_PER_TRIAL)
     # the batches LocalTrainer draws for this task, in its order, given to the reference as a list
     batches = list(itertools.islice(batch_stream(examples, STEP_BATCH, task.data_seed), STEPS_PER_TRIAL))
     # varlen SDPA computes the reference's padded batches exactly as plain SDPA (its own test says so)

@@ -23,10 +23,11 @@ import torch
 
 from common import DOLLY, DOLLY_TEST, dolly_client_files, environment_line, markdown_table, require_shared_data, \
     run_federation, spread, spread_text, write_result
-from perf import PAIRS, STEP_BATCH, STEP_LR, STEP_MAX_LENGTH, STEP_MODEL, STEP_RANK, STEP_TARGETS, STEPS_PER_TRIAL, \
-    WARMUP_STEPS, StepClock
+from perf import PAIRS, STEP_BATCH, STEP_LR, STEP_MODEL, STEP_RANK, STEP_TARGETS, STEPS_PER_TRIAL, WARMUP_STEPS, \
+    StepClock
 
 SEED = 0
+STEP_MAX_LENGTH = 128  # (a): the length its results were measured at
 DELTA = 1e-4  # below 1/N for every Dolly client (the smallest holds 826 records)
 MAX_GRAD_NORM = 1.0
 CLIP_NORM = 0.05  # client-level: the norm of one client's change of B over all modules
@@ -39,6 +40,7 @@ SUMMARY_KEYS = {"dp": "privacy", "client_dp": "client_privacy"}  # each level's 
 def part_step() -> dict:
     from fedlora.data import load_records, tokenize_records
     from fedlora.engine.client import LocalTrainer
+    from fedlora.aggregation import ClientPlan
     from fedlora.engine.task import ClientTask
     from fedlora.models import load_model, pad_token_id
 
@@ -47,7 +49,7 @@ def part_step() -> dict:
     examples, _ = tokenize_records(tokenizer, records, STEP_MAX_LENGTH)
     trainer = LocalTrainer(model, pad_token_id(tokenizer), target_modules=STEP_TARGETS, batch_size=STEP_BATCH,
                            lr=STEP_LR)
-    plain = ClientTask(client_id="0", server_round=1, rank=STEP_RANK, alpha=2 * STEP_RANK, trainable=frozenset("AB"),
+    plain = ClientTask(client_id="0", server_round=1, plan=ClientPlan(rank=STEP_RANK), alpha=2 * STEP_RANK,
                        init_seed=0, data_seed=0, local_steps=STEPS_PER_TRIAL)
     private = replace(plain, dp_noise_multiplier=1.0, dp_max_grad_norm=MAX_GRAD_NORM, dp_noise_seed=0)
 

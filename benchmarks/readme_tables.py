@@ -1,5 +1,5 @@
 """Copy the generated benchmark results into the documentation (docs/benchmarks.md,
-docs/flower.md) and README's headline, between markers, so the tables are always the last
+docs/flower.md, docs/gpu.md) and README's headline, between markers, so the tables are always the last
 measured ones and never typed by hand.
 
     <!-- results:aggregation -->  …  <!-- /results:aggregation -->
@@ -51,7 +51,7 @@ def compose_quality() -> bool:
 
 #: the page each result is inserted in
 PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README.md",
-         "eval_summary": ROOT / "README.md"}
+         "eval_summary": ROOT / "README.md", "qlora": ROOT / "docs" / "gpu.md"}
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
@@ -69,7 +69,7 @@ def update(page: str, name: str, images: str = "results/") -> str:
 
 
 def main() -> None:
-    names = sys.argv[1:] or ("aggregation", "perf", "eval", "eval_summary", "flower_overhead", "quality",
+    names = sys.argv[1:] or ("aggregation", "perf", "qlora", "eval", "eval_summary", "flower_overhead", "quality",
                              "flora_warm_single_client", "privacy", "exactness", "headline")
     if "quality" in names and not compose_quality():
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")

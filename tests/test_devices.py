@@ -171,3 +171,14 @@ def test_cli_device_options_reach_the_run_and_a_device_torch_cannot_use_is_a_one
         missing = run("--device", "cuda", out="missing")
         assert missing.exit_code == 2 and "sees no CUDA GPU" in " ".join(missing.output.split())
         assert "Traceback" not in missing.output
+
+
+def test_a_cuda_device_beyond_the_gpus_this_process_sees_is_refused_before_loading(monkeypatch):
+    from fedlora.models import ModelError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ModelError, match=r"device 'cuda:2': this process sees 2 CUDA GPUs, cuda:0 to cuda:1 "
+                                         r"\(CUDA_VISIBLE_DEVICES=4,5\)"):
+        load_model("tiny-llama", device="cuda:2")

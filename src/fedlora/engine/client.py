@@ -20,10 +20,10 @@ from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.errors import FedloraError
 from fedlora.forward import summed_nll
 from fedlora.models import model_device
-from fedlora.lora import attach_lora, get_factors, live_factors, merge_update, remove_lora, set_factors, \
-    set_trainable
+from fedlora.lora import attach_lora, get_factors, live_factors, load_merged_state, merge_update, merged_state, \
+    remove_lora, set_factors, set_trainable
 from fedlora.lora.adalora import allocate, attach_adalora, pruned_factors, singular_vectors
-from fedlora.lora.merge import base_weight, merged_for_now
+from fedlora.lora.merge import merged_for_now
 
 StepCallback = Callable[[int, float], None]
 
@@ -88,17 +88,13 @@ class LocalTrainer:
 
     def replica_state(self) -> dict[str, torch.Tensor]:
         """What merges changed: with the pristine model this is the replica (a Flower node's snapshot)."""
-        return {**{f"weight/{name}": base_weight(self.model, name).detach() for name in self.merged_modules},
+        return {**{f"weight/{key}": tensor for key, tensor in merged_state(self.model, self.merged_modules).items()},
                 **{f"carry/{name}": carry for name, carry in self.carry.items()}}
 
     def load_replica_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`replica_state` onto the pristine model, bit for bit."""
-        weights = with_prefix("weight/", tensors)
-        with torch.no_grad():
-            for name, weight in weights.items():
-                base_weight(self.model, name).copy_(weight)
+        self.merged_modules = load_merged_state(self.model, with_prefix("weight/", tensors))
         self.carry = with_prefix("carry/", tensors)
-        self.merged_modules = set(weights)
 
     def train(self, task: ClientTask, examples: Sequence[TokenizedExample],
               on_step: StepCallback | None = None) -> ClientResult:

@@ -26,6 +26,7 @@ HUB_FALLBACK_DATA = "databricks/databricks-dolly-15k"
 RUNTIMES = ("inprocess", "flower")
 #: the experiment trackers ``report_to`` may name (fedlora.trackers), and the package each needs
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+QUANTIZATION_INSTALL = "pip install 'fedlora[quantization]'"
 #: a run folder's configuration, written before any work so that even round 0 can resume
 CONFIG_FILE = "config.json"
 
@@ -60,6 +61,14 @@ class RunConfig:
     dtype: str | None = option(None, "base weights' dtype (default: float32 on cpu, bfloat16 on cuda)",
                                choices="fedlora.models:DTYPES")
     trust_remote_code: bool = option(False, "let transformers run the model repository's code")
+    quantization: str | None = option(None, "QLoRA: load the base's linear layers quantised by bitsandbytes; "
+                                            "merges go into a full-precision residual beside them",
+                                      choices="fedlora.quantization:QUANTIZATIONS")
+    quantization_compute_dtype: str | None = option(None, "dtype a 4-bit layer computes in (default: the "
+                                                          "model's dtype)",
+                                                    choices="fedlora.models:DTYPES")
+    double_quantization: bool = option(False, "4-bit: quantise the per-block scales too (about 0.4 bits per "
+                                              "weight less)")
     # data
     data: str = option(DEFAULT_DATA, "dir of local_training_*.json, a .json/.jsonl file or a HF id")
     test_data: str | None = option(None, "held-out records for eval loss")
@@ -322,6 +331,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
                           "(other weights would change its sensitivity): leave it at 'examples'")
     check_trackers(config, fail)
     check_eval_tasks(config, fail)
+    check_quantization(config, fail)
     check_privacy(config, fail)
 
 
@@ -345,6 +355,16 @@ def check_eval_tasks(config: RunConfig, fail: Callable[[str, str], None]) -> Non
     if "fedlora_generation" in config.eval_tasks and not config.generation_limit:
         fail("eval_tasks", "name 'fedlora_generation', which answers the first 'generation_limit' test records: "
                            "set it above 0")
+
+
+def check_quantization(config: RunConfig, fail: Callable[[str, str], None]) -> None:
+    """The quantisation options fit together and bitsandbytes is installed (looked up, not imported)."""
+    options = [key for key in ("quantization_compute_dtype", "double_quantization") if getattr(config, key)]
+    if options and config.quantization not in ("nf4", "fp4"):
+        fail(options[0], f"is an option of 4-bit quantisation (nf4, fp4), and 'quantization' is "
+                         f"{config.quantization!r}")
+    if config.quantization is not None and find_spec("bitsandbytes") is None:
+        fail("quantization", f"needs bitsandbytes, which is not installed: {QUANTIZATION_INSTALL}")
 
 
 def check_client_count(config: RunConfig, num_clients: int) -> None:

@@ -10,8 +10,9 @@ from torch import nn
 
 from fedlora.aggregation import GlobalUpdate, LoraFactors
 from fedlora.engine.checkpoint import with_prefix
-from fedlora.lora import merge_update
-from fedlora.lora.merge import base_weight, merged_for_now
+from fedlora.lora import load_merged_state, merge_update, merged_state
+from fedlora.lora.merge import merged_for_now
+from fedlora.lora.residual import is_quantized
 from fedlora.models import model_device
 
 
@@ -19,8 +20,9 @@ class GlobalModel:
     """Holds the model the server evaluates, checkpoints and exports.
 
     Merged updates (FLoRA's stacked factors, FedEx-LoRA's residual) go into the base weights for
-    good; a persistent global adapter (FedIT and kin) is merged only temporarily, for
-    evaluation or export, and the exact previous weights are restored afterwards.
+    good (into the full-precision residual beside a quantised linear); a persistent global
+    adapter (FedIT and kin) is merged only temporarily, for evaluation or export, and the exact
+    previous state is restored afterwards.
     """
 
     def __init__(self, model: nn.Module, adapted_modules: list[str]):
@@ -43,16 +45,15 @@ class GlobalModel:
             yield model
 
     def adapted_weights(self) -> dict[str, torch.Tensor]:
-        """The only base weights merges ever change: enough to checkpoint the global model."""
-        return {name: base_weight(self.model, name).detach().clone() for name in self.adapted_modules}
+        """All that merges ever change besides the carry (:func:`fedlora.lora.merged_state`): the
+        adapted base weights, or the residuals of quantised ones; enough to checkpoint the model."""
+        return merged_state(self.model, self.adapted_modules)
 
     def load_adapted_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, weight in weights.items():
-                base_weight(self.model, name).copy_(weight)
+        load_merged_state(self.model, weights)
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """For a checkpoint: the adapted base weights and the merge carry."""
+        """For a checkpoint: the adapted base weights (or residuals) and the merge carry."""
         return {}, {**{f"base/{name}": w for name, w in self.adapted_weights().items()},
                     **{f"carry/{name}": c for name, c in self.carry.items()}}
 
@@ -62,4 +63,8 @@ class GlobalModel:
         self.carry = with_prefix("carry/", tensors)
 
     def total_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The model's parameters as full fine-tuning would train them: a quantised linear's
+        packed weight counts as its d×n entries."""
+        return sum(p.numel() for p in self.model.parameters()) + sum(
+            module.in_features * module.out_features - module.weight.numel()
+            for module in self.model.modules() if isinstance(module, nn.Linear) and is_quantized(module))

@@ -8,6 +8,7 @@ from pathlib import Path
 from fedlora.data import AnyRecord, load_clients, resolve_prompt_format
 from fedlora.engine.config import DEFAULT_DATA, HUB_FALLBACK_DATA, RunConfig, check_ranks_fit
 from fedlora.models import USER_CACHE, load_model, model_shapes
+from fedlora.quantization import Quantization
 
 Log = Callable[[str], None]
 
@@ -59,4 +60,5 @@ def check_model_fits(config: RunConfig) -> list[str]:
 
 def load_run_model(config: RunConfig, *, gguf_cache: Path | str | None = USER_CACHE):
     return load_model(config.model, gguf_file=config.gguf_file, device=config.device, dtype=config.dtype,
-                      seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache)
+                      seed=config.seed, trust_remote_code=config.trust_remote_code, gguf_cache=gguf_cache,
+                      quantization=Quantization.from_config(config))

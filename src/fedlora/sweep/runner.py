@@ -265,7 +265,7 @@ class ModelCache:
     def key_of(config: RunConfig) -> str:
         seed = config.seed if weights_depend_on_seed(config.model) else None
         return json.dumps([config.model, config.gguf_file, config.device, config.dtype, config.trust_remote_code,
-                           seed])
+                           seed, config.quantization, config.quantization_compute_dtype, config.double_quantization])
 
     def get(self, config: RunConfig, log: Callable[[str], None]) -> tuple[nn.Module, object]:
         key = self.key_of(config)

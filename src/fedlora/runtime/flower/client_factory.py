@@ -27,8 +27,9 @@ def _run_config(settings: AppSettings) -> RunConfig:
 
 
 def _trainer(config: RunConfig, node: NodeSettings) -> tuple[LocalTrainer, object]:
-    """A trainer on the pristine base model, and the tokenizer."""
-    model, tokenizer = load_run_model(config, gguf_cache=node.model_cache or USER_CACHE)
+    """A trainer on the pristine base model, on the node's device, and the tokenizer."""
+    model, tokenizer = load_run_model(config.replace(device=node.device or config.device),
+                                      gguf_cache=node.model_cache or USER_CACHE)
     return LocalTrainer.from_config(model, pad_token_id(tokenizer), config), tokenizer
 
 

@@ -241,6 +241,8 @@ class LocalDeployment:
 
     ``node_configs[i]`` is SuperNode i's partition, data and state dir (default: partition i,
     state in ``<run dir>/nodes/<i>``). ``env`` adds environment variables for all processes.
+    With ``gpus`` (CUDA device numbers or UUIDs) SuperNode i sees only ``gpus[i % len(gpus)]``
+    (``CUDA_VISIBLE_DEVICES``) and trains on it (device ``cuda``): the nodes spread over the GPUs.
     With ``tls`` the SuperLink serves TLS and every party trusts its CA; with ``node_keys``
     (one per node, needs ``tls``) it also admits only SuperNodes whose public key it was given:
     each key is registered before its node starts.
@@ -249,8 +251,8 @@ class LocalDeployment:
     def __init__(self, run_dir: Path | str, num_nodes: int,
                  node_configs: Sequence[NodeSettings] | None = None, *,
                  env: Mapping[str, str] | None = None, tls: TlsFiles | None = None,
-                 node_keys: Sequence[NodeKey] | None = None, startup_timeout: float = 60.0,
-                 stop_timeout: float = 3.0):
+                 node_keys: Sequence[NodeKey] | None = None, gpus: Sequence[str] = (),
+                 startup_timeout: float = 60.0, stop_timeout: float = 3.0):
         self.run_dir = Path(run_dir)
         node_configs = list(node_configs or [NodeSettings(i) for i in range(num_nodes)])
         if len(node_configs) != num_nodes:
@@ -263,8 +265,10 @@ class LocalDeployment:
         # One model cache for all: the nodes share this machine, so one dequantised copy serves all.
         self.node_configs = [
             replace(node, state_dir=node.state_dir or str(self.run_dir / "nodes" / str(i)),
-                    model_cache=node.model_cache or str(run_model_cache(self.run_dir)))
+                    model_cache=node.model_cache or str(run_model_cache(self.run_dir)),
+                    device="cuda" if gpus else node.device)
             for i, node in enumerate(node_configs)]
+        self.gpus = list(gpus)
         self.marker = uuid.uuid4().hex
         self.env = {**(env or {}), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     MARKER_VARIABLE: self.marker}
@@ -325,15 +329,17 @@ class LocalDeployment:
         security = ["--root-certificates", self.tls.ca_certificate] if self.tls else ["--insecure"]
         if key is not None:
             security += ["--auth-supernode-private-key", key.private_key]
+        # its ClientApp processes inherit the SuperNode's environment, so they see its GPU alone
+        gpu = {"CUDA_VISIBLE_DEVICES": self.gpus[index % len(self.gpus)]} if self.gpus else {}
         return self._spawn(f"supernode-{index}", [
             "flower-supernode", *security, "--superlink", self.address, "--port", str(port),
-            "--node-config", self.node_configs[index].to_node_config()])
+            "--node-config", self.node_configs[index].to_node_config()], env=gpu)
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # closed in close()
         self._logs.append(log)
         # own session: Ctrl-C in the terminal reaches only us, and we stop the group in order
-        return subprocess.Popen([str(_BIN / command[0]), *command[1:]], env=self.connection.env,
+        return subprocess.Popen([str(_BIN / command[0]), *command[1:]], env={**self.connection.env, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_terminate_with_parent)
 

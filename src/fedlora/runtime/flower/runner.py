@@ -48,6 +48,20 @@ def threads_per_node(config: RunConfig, num_nodes: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, training_at_once))
 
 
+def node_gpus(config: RunConfig) -> list[str]:
+    """The GPUs a local deployment spreads its SuperNodes over: every one this process sees (as
+    CUDA_VISIBLE_DEVICES names them, where it is set), if the run is on CUDA; else none."""
+    import torch
+
+    count = torch.cuda.device_count()
+    device = config.device or ("cuda" if count else "cpu")
+    if not device.startswith("cuda"):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",")] if visible else [str(i) for i in range(count)]
+    return names[:count]
+
+
 def app_settings(config: RunConfig, run_dir: Path) -> AppSettings:
     return AppSettings(run_dir=str(run_dir.resolve()),
                        federation_factory="fedlora.runtime.flower.server_factory:federation_factory",
@@ -98,11 +112,12 @@ def run_flower(config: RunConfig, run_dir: Path, observer: RunObserver | None = 
             outcome = connect(run_dir, config.superlink, root_certificates=config.root_certificates).run_app(
                 app_dir, settings, while_waiting=follow)
         else:
-            threads = threads_per_node(config, len(nodes))
+            threads, gpus = threads_per_node(config, len(nodes)), node_gpus(config)
             observer.log(f"starting a SuperLink and {len(nodes)} SuperNodes on 127.0.0.1, {threads} "
-                         f"thread{'s' if threads > 1 else ''} each (logs in {run_dir / 'logs'})")
+                         f"thread{'s' if threads > 1 else ''} each"
+                         + (f", spread over GPUs {','.join(gpus)}" if gpus else "") + f" (logs in {run_dir / 'logs'})")
             nodes = [replace(node, threads=threads) for node in nodes]
-            with LocalDeployment(run_dir, len(nodes), nodes) as deployment:
+            with LocalDeployment(run_dir, len(nodes), nodes, gpus=gpus) as deployment:
                 outcome = deployment.run_app(app_dir, settings, while_waiting=follow)
     follow()  # the rows written between the last look and the end
     for failure in outcome["flower"].get("sync_failures", []):

@@ -73,12 +73,15 @@ class NodeSettings:
     #: torch intra-op threads of the node's ClientApp (so that nodes sharing a machine do not
     #: oversubscribe its cores); 0: torch's default, every core
     threads: int = 0
+    #: the torch device the node trains on; empty: the run's ``device``
+    device: str = ""
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument: space-separated ``key=<TOML value>`` pairs."""
         return (f"partition-id={self.partition_id} data={_quoted(self.data, 'data')} "
                 f"state-dir={_quoted(self.state_dir, 'state-dir')} "
-                f"model-cache={_quoted(self.model_cache, 'model-cache')} threads={self.threads}")
+                f"model-cache={_quoted(self.model_cache, 'model-cache')} threads={self.threads} "
+                f"device={_quoted(self.device, 'device')}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -87,7 +90,8 @@ class NodeSettings:
         state_dir = str(node_config.get("state-dir") or
                         flwr_home / "fedlora" / f"partition-{partition_id}")
         return cls(partition_id, str(node_config.get("data", "")), state_dir,
-                   str(node_config.get("model-cache", "")), int(node_config.get("threads", 0)))
+                   str(node_config.get("model-cache", "")), int(node_config.get("threads", 0)),
+                   str(node_config.get("device", "")))
 
 
 def _quoted(value: str, key: str) -> str:
