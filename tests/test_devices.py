@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedlora.aggregation import ClientUpdate, GlobalUpdate, LoraFactors, aggregator_class, available_aggregators
-from fedlora.aggregation.factors import FACTOR_NAMES
+from fedlora.aggregation.factors import CORE, FACTOR_NAMES, RunContext
 from fedlora.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from fedlora.lora import base_weight, merge_update
 from fedlora.models import load_model
@@ -24,11 +24,13 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def make_updates(method: str, device: str, dtype: torch.dtype) -> list[ClientUpdate]:
-    """Three clients' updates that ``method`` accepts: mixed ranks where it allows them, and the
-    factor it keeps frozen (FFA-LoRA, RoLoRA in round 1) shared by every client."""
+    """Three clients' updates that ``method`` accepts: mixed ranks where it allows them, the
+    factor it keeps frozen (FFA-LoRA, RoLoRA in round 1, RAVAN's bases) shared by every client,
+    and the core it trains (RAVAN's H, one head)."""
     generator = torch.Generator().manual_seed(len(method))
-    ranks = (4, 2, 3) if aggregator_class(method).heterogeneous_ranks else (3, 3, 3)
-    frozen = set(FACTOR_NAMES) - aggregator_class(method)().trainable(1)
+    ranks = RANKS if aggregator_class(method).heterogeneous_ranks else (3, 3, 3)
+    trainable = aggregator_class(method)().trainable(1)
+    frozen = set(FACTOR_NAMES) - trainable
     shared = {module: (torch.randn(3, N, generator=generator), torch.randn(D, 3, generator=generator))
               for module in MODULES}
     updates = []
@@ -37,10 +39,27 @@ def make_updates(method: str, device: str, dtype: torch.dtype) -> list[ClientUpd
         for module in MODULES:
             A = shared[module][0] if "A" in frozen else torch.randn(rank, N, generator=generator)
             B = shared[module][1] if "B" in frozen else torch.randn(D, rank, generator=generator)
-            factors[module] = LoraFactors(A.to(device, dtype), B.to(device, dtype),
-                                          scale=2.0 if len(set(ranks)) == 1 else 8.0 / rank)
+            H = torch.randn(1, rank, rank, generator=generator).to(device, dtype) if CORE in trainable else None
+            factors[module] = LoraFactors(A.to(device, dtype), B.to(device, dtype), scale_of(ranks, rank), H)
         updates.append(ClientUpdate(factors, num_examples=10 * (index + 1), client_id=f"c{index}"))
     return updates
+
+
+RANKS = (4, 2, 3)
+
+
+def scale_of(ranks: tuple[int, ...], rank: int) -> float:
+    return 2.0 if len(set(ranks)) == 1 else 8.0 / rank
+
+
+def set_up(method: str):
+    """``method`` told of the run as the engine tells it: the clients' ranks and scales, the shapes."""
+    aggregator = aggregator_class(method)()
+    ranks = RANKS if aggregator.heterogeneous_ranks else (3, 3, 3)
+    aggregator.setup(RunContext(ranks={f"c{i}": r for i, r in enumerate(ranks)},
+                                scales={f"c{i}": scale_of(ranks, r) for i, r in enumerate(ranks)},
+                                shapes=dict.fromkeys(MODULES, (D, N))))
+    return aggregator
 
 
 def tensors_of(update: GlobalUpdate) -> list[torch.Tensor]:
@@ -49,7 +68,8 @@ def tensors_of(update: GlobalUpdate) -> list[torch.Tensor]:
 
 
 def on_cpu(updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    return [ClientUpdate({m: LoraFactors(f.A.cpu().double(), f.B.cpu().double(), f.scale)
+    return [ClientUpdate({m: LoraFactors(f.A.cpu().double(), f.B.cpu().double(), f.scale,
+                                         None if f.H is None else f.H.cpu().double())
                           for m, f in u.factors.items()}, u.num_examples, u.client_id) for u in updates]
 
 
@@ -63,7 +83,7 @@ def assert_kept(update: GlobalUpdate, device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("method", available_aggregators())
 def test_aggregation_stays_on_the_inputs_device_and_dtype(method, dtype, device):
     updates = make_updates(method, device, dtype)
-    aggregator = aggregator_class(method)()
+    aggregator = set_up(method)
     result = aggregator.aggregate(updates, server_round=1)
     assert_kept(result, device, dtype)
     reference = aggregator.aggregate(on_cpu(updates), server_round=1)  # float64 on the CPU
@@ -85,7 +105,7 @@ def test_aggregation_stays_on_the_inputs_device_and_dtype(method, dtype, device)
 @pytest.mark.parametrize("method", available_aggregators())
 def test_accumulated_aggregation_stays_on_the_inputs_device(method, device):
     updates = make_updates(method, device, torch.float32)
-    aggregator = aggregator_class(method)()
+    aggregator = set_up(method)
     # one more slot than updates: a client that never reports is cut out of FLoRA's stack
     slots = [(u.client_id, {m: f.rank for m, f in u.factors.items()}) for u in updates]
     accumulator = aggregator.accumulator([slots[0], ("absent", slots[0][1]), *slots[1:]])

@@ -105,7 +105,9 @@ class FedPLoRA(Aggregator):
                                            rule="shape")
         factors = {}
         for module, previous in self.modules().items():
-            A, B = previous.A.clone(), (previous.B * previous.scale).clone()
+            like = updates[0].factors[module].A  # the result in the updates' device and dtype
+            A = previous.A.to(like.device, like.dtype).clone()
+            B = (previous.B.to(like.device, like.dtype) * previous.scale).clone()
             for j in range(self.global_rank):
                 holders = [(weight, update, chosen[update.client_id].index(j))
                            for weight, update in zip(weights, updates) if j in chosen[update.client_id]]
