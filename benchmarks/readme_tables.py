@@ -6,7 +6,7 @@ measured ones and never typed by hand.
 
 The quality results are first composed from the quality sweeps' own ``comparison.md`` (and
 their plots copied beside), as ``fedlora compare`` wrote them after ``make bench-quality``.
-Images are linked as ``results/<name>.png``: ``docs/generate.py`` copies them into the site.
+Images are linked as ``results/<name>.png``: ``docs/hooks.py`` serves them to the site.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ QUALITY_SWEEPS = (("quality", "Dolly settings"), ("rolora_scaling", "RoLoRA scal
 
 
 def demote_headings(markdown: str, levels: int = 2) -> str:
-    """The results files start at '#'; inside the README's benchmark section they sit lower."""
+    """The results files start at '#'; inside a page they sit below its title (README: below its section)."""
     return re.sub(r"^(#+) ", lambda m: "#" * (len(m[1]) + levels) + " ", markdown, flags=re.MULTILINE)
 
 
@@ -55,14 +55,14 @@ PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
-def update(page: str, name: str, images: str = "results/") -> str:
+def update(page: str, name: str, images: str = "results/", levels: int = 1) -> str:
     results = RESULTS / f"{name}.md"
     if not results.is_file():
         return page
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     if start not in page or end not in page:
         sys.exit(f"{PAGES.get(name, DEFAULT_PAGE)} lacks the markers {start} … {end}")
-    body = demote_headings(results.read_text(encoding="utf-8").strip())
+    body = demote_headings(results.read_text(encoding="utf-8").strip(), levels)
     body = re.sub(r"\]\(([^/)]+\.png)\)", rf"]({images}\1)", body)  # images: where the page sees them
     before, rest = page.split(start, 1)
     return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
@@ -75,8 +75,10 @@ def main() -> None:
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:
         path = PAGES.get(name, DEFAULT_PAGE)
-        images = "benchmarks/results/" if path == ROOT / "README.md" else "results/"
-        path.write_text(update(path.read_text(encoding="utf-8"), name, images), encoding="utf-8")
+        # README sees the plots from the repository root and nests results under its own section
+        readme = path == ROOT / "README.md"
+        images, levels = ("benchmarks/results/", 2) if readme else ("results/", 1)
+        path.write_text(update(path.read_text(encoding="utf-8"), name, images, levels), encoding="utf-8")
 
 
 if __name__ == "__main__":
