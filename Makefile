@@ -20,9 +20,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# the whole suite, on both cores; test-fast: the unit tier (tiny models, no SmolLM2, no Flower processes)
+# the whole suite: three workers on two cores, because the Flower tests mostly wait on their processes,
+# each file on one worker so a module's shared run is made once; test-fast: the unit tier (tiny models,
+# no SmolLM2, no Flower processes)
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -q -n 2 -m "not slow"

@@ -4,6 +4,8 @@ tokenizer, Flower's serialisation and an in-memory Flower grid. Test modules imp
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from fedlora.engine.config import RunConfig, build_config, save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
-from fedlora.runtime.flower import client_app
+from fedlora.runtime.flower import client_app, runner
 from fedlora.runtime.inprocess import run_inprocess
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -68,6 +70,21 @@ def run_tiny(client_dir: Path, out: Path, **overrides) -> list[dict]:
     save_config(config, out / "config.json")
     run_inprocess(prepare_run(config, out, log=lambda message: None))
     return read_metrics(out)
+
+
+def flower_run(client_dir: Path, run_dir: Path, on_started=None, **overrides) -> dict:
+    """A tiny run on Flower's Deployment Engine, in this process; ``on_started`` in a thread beside it."""
+    config = tiny_config(client_dir, run_dir, runtime="flower", **overrides)
+    run_dir.mkdir(parents=True)
+    save_config(config, run_dir / "config.json")
+    if on_started is not None:
+        threading.Thread(target=on_started, daemon=True).start()
+    return runner.run_flower(config, run_dir)
+
+
+def no_process_of(run_dir: Path) -> bool:
+    """Whether no process left behind names ``run_dir`` on its command line."""
+    return subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout == b""
 
 
 def without_times(rows: list[dict]) -> list[dict]:

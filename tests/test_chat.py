@@ -289,12 +289,12 @@ def test_a_run_tokenises_training_and_held_out_conversations_in_the_chat_templat
 
 
 @pytest.mark.slow
-def test_a_smollm2_run_in_its_chat_format_lowers_its_held_out_loss(tmp_path):
+def test_a_smollm2_run_in_its_chat_format_lowers_its_held_out_loss(smollm2_cache, tmp_path):
     from support import DOLLY, require_shared_data, run_tiny
 
     require_shared_data()
-    rows = run_tiny(DOLLY, tmp_path / "chat", model="smollm2-135m", rounds=2, clients=3, local_steps=4,
-                    batch_size=4, ranks=[8], max_length=128, test_limit=16, lr=1e-3, generation_limit=0,
+    rows = run_tiny(DOLLY, tmp_path / "chat", model="smollm2-135m", rounds=2, clients=2, local_steps=3,
+                    batch_size=4, ranks=[8], max_length=64, test_limit=8, lr=3e-3, generation_limit=0,
                     validation_fraction=0.001)
     config = json.loads((tmp_path / "chat" / "config.json").read_text())
     assert config["prompt_format"] is None  # the default: chat, for a model with a template

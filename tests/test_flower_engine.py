@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,22 +19,20 @@ import pytest
 import torch
 
 from fedlora.engine.client import LocalTrainer
-from fedlora.engine.config import save_config
 from fedlora.engine.ledger import BYTES_PER_PARAM, factor_params
 from fedlora.engine.restore import restore_global_model
 from fedlora.engine.update_log import UpdateLog
 from fedlora.eval.loss import pad_token_id
 from fedlora.models import load_model
 from fedlora.engine.metrics import read_metrics
-from fedlora.runtime.flower import runner
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.deployment import MARKER_FILE, marked_processes
 
-from support import comparable, run_tiny, tiny_config
+from support import comparable, no_process_of, run_tiny
 
 pytestmark = pytest.mark.slow
 SETTINGS = {"rounds": 2, "fraction": 2 / 3, "ranks": [4, 2, 1], "local_steps": 1, "min_clients": 1}
-#: the same run as flags (tiny_config's defaults and SETTINGS)
+#: the same run as flags (support.tiny_config's defaults and SETTINGS)
 FLAGS = ["--runtime", "flower", "--model", "tiny-llama", "--rounds", "2", "--fraction", str(2 / 3),
          "--ranks", "4,2,1", "--local-steps", "1", "--min-clients", "1", "--batch-size", "2",
          "--max-length", "48", "--lr", "0.01", "--dtype", "float32"]
@@ -58,19 +55,6 @@ def assert_replicas_equal_the_server(run_dir: Path) -> None:
         replica = replica_weights(run_dir / "nodes" / str(node) / f"run-{flower_run}", list(server))
         for name, weight in server.items():
             assert torch.equal(replica[name], weight), (node, name)
-
-
-def no_process_of(run_dir: Path) -> bool:
-    return subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout == b""
-
-
-def flower_run(client_dir: Path, run_dir: Path, on_started=None, **overrides) -> dict:
-    config = tiny_config(client_dir, run_dir, runtime="flower", **{**SETTINGS, **overrides})
-    run_dir.mkdir(parents=True)
-    save_config(config, run_dir / "config.json")
-    if on_started is not None:
-        threading.Thread(target=on_started, daemon=True).start()
-    return runner.run_flower(config, run_dir)
 
 
 def fedlora(*args, log: Path) -> subprocess.Popen:
@@ -168,28 +152,3 @@ def test_a_launcher_killed_mid_round_and_in_the_final_sync_resumes_to_the_uninte
     uninterrupted_sync = json.loads((expected_dir / "flower-run.json").read_text())["flower"]["sync_transfer"]
     assert resumed["transfers"] == {} and resumed["replica_round"] == {"0": 2, "1": 2, "2": 2}
     assert resumed["sync_transfer"]["catchup_bytes"] == 3 * history > uninterrupted_sync["catchup_bytes"]
-
-
-def test_a_supernode_killed_mid_run_is_recorded_and_the_run_finishes(client_dir, tmp_path, monkeypatch):
-    run_dir = tmp_path / "killed"
-    deployments = []
-    original = runner.LocalDeployment
-
-    def recording(*args, **kwargs):
-        deployments.append(original(*args, **kwargs))
-        return deployments[-1]
-    monkeypatch.setattr(runner, "LocalDeployment", recording)
-
-    def kill_node_2_when_it_takes_round_1():  # its train message has logged the catch-up, not yet trained
-        while not any(run_dir.glob("nodes/2/run-*/replica.json")):
-            time.sleep(0.1)
-        deployments[0].kill_node(2)
-
-    # one round: each round a dead node is asked in, and the final sync, waits client_timeout for it
-    flower_run(client_dir, run_dir, on_started=kill_node_2_when_it_takes_round_1, rounds=1, fraction=1.0,
-               client_timeout=25.0)
-    rows = read_metrics(run_dir)
-    assert [row["round"] for row in rows] == [0, 1]
-    assert rows[1]["clients"] == ["0", "1"] and not rows[1]["skipped"]
-    assert [failure["client_id"] for failure in rows[1]["failures"]] == ["2"]
-    assert no_process_of(run_dir)

@@ -358,7 +358,7 @@ def test_a_quantised_model_counts_its_parameters_as_full_fine_tuning_would_train
 @pytest.mark.slow
 @pytest.mark.skipif(not DOLLY.is_dir(), reason=f"the shared Dolly data is not at {DOLLY}")
 def test_federated_qlora_on_smollm2_in_nf4_lowers_the_held_out_loss(smollm2_cache, tmp_path):
-    rows = run_tiny(DOLLY, tmp_path / "run", model="smollm2-135m", quantization="nf4", rounds=2, clients=3,
+    rows = run_tiny(DOLLY, tmp_path / "run", model="smollm2-135m", quantization="nf4", rounds=2, clients=2,
                     local_steps=3, batch_size=4, ranks=[8], max_length=64, lr=3e-3, test_limit=16, mmlu_limit=0,
                     validation_fraction=0.001)
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.01, [row["eval_loss"] for row in rows]
