@@ -165,6 +165,8 @@ def summary_lines(comparisons: dict[str, dict]) -> list[str]:
               "horizon": "Long horizon (30 rounds × 5 local steps)"}
     for name, title in titles.items():
         if name not in comparisons:
+            lines.append(f"- **{title}**: not measured on this checkout yet (`benchmarks/{name}.toml`, part of "
+                         "`make bench-exactness`).")
             continue
         lines.append(f"- **{title}**")
         for setting, variant in comparisons[name]["settings"].items():

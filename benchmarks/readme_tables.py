@@ -62,7 +62,10 @@ def update(page: str, name: str, images: str = "results/", levels: int = 1) -> s
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     if start not in page or end not in page:
         sys.exit(f"{PAGES.get(name, DEFAULT_PAGE)} lacks the markers {start} … {end}")
-    body = demote_headings(results.read_text(encoding="utf-8").strip(), levels)
+    body = results.read_text(encoding="utf-8").strip()
+    if levels > 1:  # README: its own section names the result, so the result's title goes
+        body = body.split("\n", 1)[1].strip() if body.startswith("# ") else body
+    body = demote_headings(body, levels)
     body = re.sub(r"\]\(([^/)]+\.png)\)", rf"]({images}\1)", body)  # images: where the page sees them
     before, rest = page.split(start, 1)
     return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"

@@ -25,3 +25,47 @@ def test_the_gpu_checks_training_parts_run_at_tiny_shapes_on_this_machine(tmp_pa
     text = report.read_text(encoding="utf-8")
     assert "## (5) QLoRA" in text and "| tiny (dry run) | nf4 |" in text
     assert "failed" not in text, text
+
+
+def _exactness_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exactness", ROOT / "benchmarks" / "exactness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entry(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "ci95": [low, high]}
+
+
+def test_the_exactness_sentences_call_a_difference_significant_only_where_its_interval_excludes_zero():
+    exactness = _exactness_module()
+    variant = {"reference": "flora", "pending": {"flexlora": "6 of 16 runs finished"}, "methods": {
+        "flora": {"seeds": 10, "test_loss": _entry(2.46, 2.45, 2.47), "aggregation_error": _entry(0, 0, 0),
+                  "vs_reference": None},
+        "fedit": {"seeds": 10, "test_loss": _entry(2.47, 2.46, 2.48), "aggregation_error": _entry(0.18, 0.16, 0.19),
+                  "vs_reference": _entry(0.011, 0.0057, 0.0163)},
+        "ffa": {"seeds": 10, "test_loss": _entry(2.46, 2.45, 2.47), "aggregation_error": _entry(3e-8, 2e-8, 4e-8),
+                "vs_reference": _entry(-0.002, -0.01, 0.006)},
+        "centralized": {"seeds": 10, "test_loss": _entry(2.44, 2.43, 2.45), "aggregation_error": None,
+                        "vs_reference": _entry(-0.02, -0.03, -0.001)}}}
+    (line,) = exactness.setting_lines("homogeneous", variant)
+    assert "Significantly worse than flora: fedit Δ +0.0110 [+0.0057, +0.0163]." in line
+    assert "Not distinguishable from flora: ffa Δ -0.0020 [-0.0100, +0.0060]." in line
+    assert "Significantly better than flora: centralized Δ -0.0200 [-0.0300, -0.0010]." in line
+    assert "fedit 0.18 [0.16, 0.19]" in line and "ffa < 1e-06 (exact up to float32 rounding)" in line
+    assert "centralized" not in line.split("Aggregation error:")[1]  # no aggregation to be exact about
+    assert line.endswith("Not finished: flexlora (6 of 16 runs finished).")
+    one_seed = {**variant, "methods": {**variant["methods"], "fedit": {**variant["methods"]["fedit"],
+                                                                       "vs_reference": {"mean": 0.01, "ci95": None}}}}
+    assert "Without an interval (one seed) flora: fedit Δ +0.0100." in exactness.setting_lines("x", one_seed)[0]
+    headline_only = exactness.summary_lines({"headline": {"settings": {"homogeneous": variant},
+                                                          "measured": {"runs": 40, "run_seconds": 7200}}})
+    assert [line for line in headline_only if "not measured on this checkout yet" in line] == [
+        "- **Client drift (4 rounds)**: not measured on this checkout yet (`benchmarks/drift.toml`, part of "
+        "`make bench-exactness`).",
+        "- **Long horizon (30 rounds × 5 local steps)**: not measured on this checkout yet "
+        "(`benchmarks/horizon.toml`, part of `make bench-exactness`)."]
+    assert headline_only[-1].startswith("- Measured: 40 runs in 2.0 h")
