@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEMO_CONFIG, DOLLY_TEST, environment_line, markdown_table, measure_in_subprocess, peak_rss_mb, \
-    require_shared_data, run_cli, timed, timed_mmlu_scoring, write_result
+from common import DEMO_CONFIG, DOLLY_TEST, RESULTS, environment_line, markdown_table, measure_in_subprocess, \
+    peak_rss_mb, require_shared_data, run_cli, timed, timed_mmlu_scoring, write_result
 
 MODEL = "smollm2-135m"
 BATCH = 8
@@ -101,10 +101,12 @@ def accuracy(correct: int, total: int) -> str:
     return accuracy_text(correct / total, total)
 
 
-def report(results: dict, load: float, seconds: float) -> str:
+def report(results: dict, load: float, seconds: float, measured: list[str]) -> str:
+    kept = [part for part in PARTS if part in results and part not in measured]
     lines = ["# Evaluation benchmark", "",
              f"Command: `make bench-eval` · {environment_line(os.cpu_count() or 1, load)} · "
-             f"{seconds / 60:.1f} min in all.", ""]
+             f"{seconds / 60:.1f} min in all" + (f" for {', '.join(measured)}; {', '.join(kept)} from the run "
+                                                 "before (`--parts`)." if kept else "."), ""]
     if "mmlu" in results:
         r = results["mmlu"]
         total = r["questions"]
@@ -160,8 +162,9 @@ def summary(results: dict) -> str:
     lines = ["# Evaluation", ""]
     if "demo" in results:
         r = results["demo"]
-        lines.append(f"- `make demo` runs in {r['seconds']:.0f} s after install, {100 * r['eval_seconds'] / r['run_seconds']:.1f} % "
-                     "of it evaluating (held-out loss every round, ROUGE-L of 8 generated answers before and after).")
+        share = 100 * r["eval_seconds"] / r["run_seconds"]
+        lines.append(f"- `make demo` runs in {r['seconds']:.0f} s after install, {share:.1f} % of it evaluating "
+                     "(held-out loss every round, ROUGE-L of 8 generated answers before and after).")
     if "mmlu" in results:
         r = results["mmlu"]
         lines.append(f"- MMLU (1,444 questions, SmolLM2-135M): fedlora's scoring and lm-evaluation-harness choose the "
@@ -176,19 +179,22 @@ def summary(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=PARTS, help="one measurement, as JSON (internal)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated (default all: {','.join(PARTS)}); the others keep their last results")
     args = parser.parse_args()
     if args.part:
         print(json.dumps({"mmlu": part_mmlu, "generation": part_generation, "demo": part_demo}[args.part]()))
         return
     require_shared_data()
     started, load = time.perf_counter(), os.getloadavg()[0]
-    results = {}
-    for part in (p for p in PARTS if p in args.parts.split(",")):
+    measured = [p for p in PARTS if p in args.parts.split(",")]
+    previous = RESULTS / "eval.json"
+    results = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
+    for part in measured:
         print(f"[eval] ({'abc'[PARTS.index(part)]}) {part}", file=sys.stderr, flush=True)
         results[part] = measure_in_subprocess(__file__, ["--part", part])
     write_result("eval.json", json.dumps(results, indent=2) + "\n")
-    text = report(results, load, time.perf_counter() - started)
+    text = report(results, load, time.perf_counter() - started, measured)
     write_result("eval.md", text)
     write_result("eval_summary.md", summary(results))
     print(text)
