@@ -148,6 +148,7 @@ def test_fedloras_tasks_need_their_inputs_in_the_configuration():
 
 @pytest.mark.slow
 def test_a_run_runs_tasks_on_its_last_round_and_fedlora_eval_runs_them_on_its_model(tmp_path):
+    require_shared_data()  # `fedlora eval --mmlu` reads the shared MMLU file
     client_dir = write_clients(tmp_path / "clients")
     rows = run_tiny(client_dir, tmp_path / "run", max_length=256, eval_tasks=["fedlora_generation"])
     assert [row["round"] for row in rows if "tasks" in row] == [2]
