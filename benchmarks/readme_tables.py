@@ -55,7 +55,9 @@ PAGES = {"flower_churn": ROOT / "docs" / "flower.md", "headline": ROOT / "README
 DEFAULT_PAGE = ROOT / "docs" / "benchmarks.md"
 
 
-def update(page: str, name: str, images: str = "results/", levels: int = 1) -> str:
+def update(page: str, name: str, *, readme: bool) -> str:
+    """``page`` with the result ``name`` between its markers. README nests it under a section of its own
+    (which names it, so the result's title goes) and sees the plots from the repository root."""
     results = RESULTS / f"{name}.md"
     if not results.is_file():
         return page
@@ -63,9 +65,10 @@ def update(page: str, name: str, images: str = "results/", levels: int = 1) -> s
     if start not in page or end not in page:
         sys.exit(f"{PAGES.get(name, DEFAULT_PAGE)} lacks the markers {start} … {end}")
     body = results.read_text(encoding="utf-8").strip()
-    if levels > 1:  # README: its own section names the result, so the result's title goes
-        body = body.split("\n", 1)[1].strip() if body.startswith("# ") else body
-    body = demote_headings(body, levels)
+    if readme and body.startswith("# "):
+        body = body.split("\n", 1)[1].strip()
+    body = demote_headings(body, 2 if readme else 1)
+    images = "benchmarks/results/" if readme else "results/"
     body = re.sub(r"\]\(([^/)]+\.png)\)", rf"]({images}\1)", body)  # images: where the page sees them
     before, rest = page.split(start, 1)
     return f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
@@ -78,10 +81,8 @@ def main() -> None:
         print("no quality sweep has a comparison.md yet; the quality section is left as it is")
     for name in names:
         path = PAGES.get(name, DEFAULT_PAGE)
-        # README sees the plots from the repository root and nests results under its own section
-        readme = path == ROOT / "README.md"
-        images, levels = ("benchmarks/results/", 2) if readme else ("results/", 1)
-        path.write_text(update(path.read_text(encoding="utf-8"), name, images, levels), encoding="utf-8")
+        path.write_text(update(path.read_text(encoding="utf-8"), name, readme=path == ROOT / "README.md"),
+                        encoding="utf-8")
 
 
 if __name__ == "__main__":
