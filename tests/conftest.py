@@ -74,8 +74,8 @@ def server_identity():
 
 #: the modules that take longest on a worker (measured with --durations, 2 cores), started first so
 #: that no long one is left alone at the end; `make test` keeps each module on one worker
-LONGEST_MODULES = ("test_flower_engine.py", "test_eval_harness.py", "test_crash.py", "test_flower_secure.py",
-                   "test_flower_node_loss.py", "test_privacy.py", "test_quantized.py")
+LONGEST_MODULES = ("test_privacy.py", "test_flower_engine.py", "test_crash.py", "test_quantized.py",
+                   "test_flower_secure.py", "test_flower_node_loss.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -130,6 +130,16 @@ def test_tasks_see_the_global_adapter_and_leave_the_base_weights_bit_identical(t
 
 
 @pytest.mark.slow
+def test_each_run_scores_its_own_documents_though_the_task_index_is_built_once(tiny, questions):
+    model, tokenizer = tiny
+    first = run_tasks(model, tokenizer, ["fedlora_mmlu"], questions=questions[:3], samples=True)
+    second = run_tasks(model, tokenizer, ["fedlora_mmlu"], questions=questions[3:8], samples=True)
+    assert first["fedlora_mmlu"]["n"] == 3 and second["fedlora_mmlu"]["n"] == 5
+    assert [sample["doc"]["answer"] for sample in second["samples"]["fedlora_mmlu"]] == [
+        LETTERS.index(question.answer) for question in questions[3:8]]
+
+
+@pytest.mark.slow
 def test_a_task_whose_data_is_not_available_offline_is_one_line_naming_it(tiny):
     model, tokenizer = tiny
     with pytest.raises(TaskDataMissing) as missing:

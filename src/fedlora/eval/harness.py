@@ -11,6 +11,8 @@ is a one-line :class:`TaskDataMissing`. lm-eval is imported only here, lazily.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import logging
 import os
@@ -90,12 +92,11 @@ def _task_rows(task: str, questions: Sequence[MMLUQuestion], prompts: Sequence[G
     return [{"prompt": tokenizer.decode(p.prompt_ids), "reference": p.reference} for p in prompts]
 
 
-def _task_folder(folder: Path, tasks: Sequence[str], questions: Sequence[MMLUQuestion],
+def _write_tasks(folder: Path, data_folder: Path, tasks: Sequence[str], questions: Sequence[MMLUQuestion],
                  prompts: Sequence[GenerationPrompt], tokenizer, max_new_tokens: int, prompt_format: str) -> None:
-    """fedlora's task definitions asked for, with their data written beside them."""
-    shutil.copyfile(TASKS_DIR / "utils.py", folder / "utils.py")
+    """fedlora's task definitions asked for, in ``folder``, their data in ``data_folder``."""
     for task in set(tasks) & set(FEDLORA_TASKS):
-        data = folder / f"{task}.jsonl"
+        data = data_folder / f"{task}.jsonl"
         _write_jsonl(data, _task_rows(task, questions, prompts, tokenizer, prompt_format))
         filled = {"DATA_FILE": str(data), "MAX_NEW_TOKENS": str(max_new_tokens),
                   "LETTER_DELIMITER": LETTER_DELIMITERS[prompt_format]}
@@ -103,6 +104,22 @@ def _task_folder(folder: Path, tasks: Sequence[str], questions: Sequence[MMLUQue
         for placeholder, value in filled.items():
             definition = definition.replace(placeholder, value)
         (folder / f"{task}.yaml").write_text(definition, encoding="utf-8")
+
+
+@functools.cache
+def _task_manager():
+    """lm-eval's index of every task it knows (some 15,000: 6 s to build) and of fedlora's, once
+    per process, with the folder holding fedlora's definitions. The index keeps paths only and
+    lm-eval reads a task's YAML when it loads it, so :func:`run_tasks` rewrites them in place
+    (one at a time: fedlora evaluates one model at a time)."""
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(tempfile.mkdtemp(prefix="fedlora-lm-eval-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    shutil.copyfile(TASKS_DIR / "utils.py", folder / "utils.py")
+    for task in FEDLORA_TASKS:  # indexed as templates: their placeholders are filled before each run
+        shutil.copyfile(TASKS_DIR / f"{task}.yaml", folder / f"{task}.yaml")
+    return TaskManager(include_path=str(folder)), folder
 
 
 def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, questions: Sequence[MMLUQuestion] = (),
@@ -114,11 +131,11 @@ def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], *, questions: S
     lm-eval's per-document records, by task."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="fedlora-lm-eval-") as folder, offline(), quiet():
-        _task_folder(Path(folder), tasks, questions, prompts, tokenizer, max_new_tokens, prompt_format)
-        manager = TaskManager(include_path=folder)
+    # each run's documents in a folder of their own, removed after it: no run reads another's
+    with tempfile.TemporaryDirectory(prefix="fedlora-lm-eval-data-") as data_folder, offline(), quiet():
+        manager, folder = _task_manager()
+        _write_tasks(folder, Path(data_folder), tasks, questions, prompts, tokenizer, max_new_tokens, prompt_format)
         unknown = [task for task in tasks if task not in manager.all_tasks]
         if unknown:
             raise TaskDataMissing(f"lm-eval knows no task {unknown[0]!r} (fedlora's own: {', '.join(FEDLORA_TASKS)})")

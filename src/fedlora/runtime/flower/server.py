@@ -18,6 +18,7 @@ from logging import INFO
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 
 from fedlora.aggregation import AggregationError
 from fedlora.engine.federation import Federation
@@ -29,6 +30,8 @@ from fedlora.runtime.flower.wire import SYNC_ACTION, CodecError, decode_node_sta
     put_catchup, wire_bytes
 
 SYNC = f"{MessageType.QUERY}.{SYNC_ACTION}"
+#: error replies the SuperLink makes when a message expired unanswered or its node is gone
+_UNREACHABLE_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
 
 
 class FlowerRounds:
@@ -47,6 +50,9 @@ class FlowerRounds:
         self.sync_transfer = {"bytes_down": 0, "catchup_bytes": 0}
         #: clients whose replica could not be brought up to date by the final sync
         self.sync_failures: list[ClientFailure] = []
+        #: client → the round whose task it left unanswered, until it answers one again: the
+        #: final sync does not wait a timeout on a node that is most likely gone
+        self.unreachable: dict[str, int] = {}
 
     def run(self) -> dict:
         """Continue the federation to its last round, then bring every replica up to date;
@@ -95,8 +101,11 @@ class FlowerRounds:
             messages.append(message)
         results, refused, replica_rounds = {}, [], {}
         for client, reply in matched(opened, exchange(self.clients.grid, messages, self.timeout)):
+            self.unreachable.pop(client, None)
             if reply.has_error():  # the node or the SuperLink could not run the task
                 failures.append(ClientFailure(client, server_round, error_reason(reply)))
+                if reply.error.code in _UNREACHABLE_CODES:
+                    self.unreachable[client] = server_round
                 continue
             try:
                 result, replica_round = decode_result(reply.content)
@@ -117,6 +126,7 @@ class FlowerRounds:
             results[client] = result
         failures += [ClientFailure(client, server_round, f"no reply within {self.timeout:g} s")
                      for client in opened.values()]
+        self.unreachable.update(dict.fromkeys(opened.values(), server_round))
         # task order, as the in-process runtime (the metrics list clients in it); each result
         # is let go of once the Federation has added it to the aggregate
         ordered = (results.pop(cid) for cid in order if cid in results)
@@ -134,9 +144,14 @@ class FlowerRounds:
 
     def synchronize_replicas(self, last_round: int) -> None:
         """Send every identified node the base updates it lacks so that, at the end, every
-        replica equals the server's model; nodes that do not confirm go to ``sync_failures``."""
+        replica equals the server's model; nodes that do not confirm go to ``sync_failures``,
+        as do those not sent it because their last task went unanswered."""
         opened, messages = {}, []
         for node, client in self.clients.nodes.items():
+            if client in self.unreachable:  # its replica catches up from the base log if it takes a task again
+                self.sync_failures.append(ClientFailure(
+                    client, last_round, f"sync: not sent, its round-{self.unreachable[client]} task went unanswered"))
+                continue
             content = RecordDict()
             catchup = self.clients.catchup(client, last_round)
             put_catchup(content, catchup)
