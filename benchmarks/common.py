@@ -65,6 +65,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def file_rss_mb() -> float:
+    """The part of this process's RSS that is file pages (mapped files: libraries, safetensors):
+    clean pages the kernel can drop under pressure, unlike the anonymous rest."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure_in_subprocess(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:
     """Run ``script`` with ``args`` in a fresh interpreter (``env`` added to the environment);
     its last stdout line is a JSON result.
