@@ -26,7 +26,7 @@ from fedlora.engine.task import ClientFailure, ClientResult, ClientTask
 from fedlora.runtime.flower import client_app
 from fedlora.runtime.flower.client_app import ReplicaLog
 from fedlora.runtime.flower.clients import FlowerClients, ReceivedUpdates
-from fedlora.runtime.flower.server import FlowerRounds
+from fedlora.runtime.flower.server import SYNC, FlowerRounds
 from fedlora.runtime.flower.server_app import serve
 from fedlora.runtime.flower.settings import AppSettings, NodeSettings
 
@@ -281,6 +281,23 @@ def test_a_node_restarted_with_an_empty_replica_gets_and_is_charged_every_merge(
     assert to_fresh_node[0].content.config_records["catchup"]["rounds"] == [1, 2]
     rounds.synchronize_replicas(3)
     assert_identical(replica_weights(tmp_path / "node-0-fresh"), federation.weights)
+
+
+def test_the_final_sync_skips_a_node_that_left_its_last_task_unanswered_not_one_back_under_a_new_id(
+        tmp_path, server_identity):
+    federation, rounds, grid = three_nodes_three_rounds(tmp_path)
+    for server_round in (1, 2, 3):
+        grid.dead = {1001, 1002} if server_round == 3 else set()
+        rounds.round(server_round)
+    # client-1's SuperNode comes back under a new id with its state; client-2's stays down
+    grid.nodes[1004] = grid.nodes.pop(1001)
+    rounds.clients.identify(federation.client_ids, wait=False, reported=federation.ledger.replica_through)
+    rounds.synchronize_replicas(3)
+    assert [(f.client_id, f.reason) for f in rounds.sync_failures] == [
+        ("client-2", "sync: not sent, its round-3 task went unanswered")]
+    assert [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == SYNC] == [1000, 1004]
+    for i in range(2):
+        assert_identical(replica_weights(tmp_path / f"node-{i}"), federation.weights)
 
 
 def test_an_undecodable_or_replayed_reply_is_rejected_under_its_rule(tmp_path, server_identity, monkeypatch):

@@ -50,9 +50,10 @@ class FlowerRounds:
         self.sync_transfer = {"bytes_down": 0, "catchup_bytes": 0}
         #: clients whose replica could not be brought up to date by the final sync
         self.sync_failures: list[ClientFailure] = []
-        #: client → the round whose task it left unanswered, until it answers one again: the
-        #: final sync does not wait a timeout on a node that is most likely gone
-        self.unreachable: dict[str, int] = {}
+        #: SuperNode → the round whose task it left unanswered, until it answers one again: the
+        #: final sync does not wait a timeout on a node that is most likely gone (a client that
+        #: comes back does so on a new node)
+        self.unreachable: dict[int, int] = {}
 
     def run(self) -> dict:
         """Continue the federation to its last round, then bring every replica up to date;
@@ -86,7 +87,7 @@ class FlowerRounds:
         tasks = self.federation.configure_train(server_round)
         order = [task.client_id for task in tasks]
         transfer = self.transfers[server_round] = {"bytes_down": 0, "bytes_up": 0, "catchup_bytes": 0}
-        failures, opened, messages = [], {}, []
+        failures, opened, messages, sent_to = [], {}, [], {}
         for task in tasks:
             node = self.clients.node_of(task.client_id)
             if node is None:
@@ -97,15 +98,15 @@ class FlowerRounds:
             self._count_sent(transfer, content, task.client_id, catchup.through)
             message = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round),
                               ttl=self.timeout)
-            opened[message.object_id] = task.client_id
+            opened[message.object_id], sent_to[task.client_id] = task.client_id, node
             messages.append(message)
         results, refused, replica_rounds = {}, [], {}
         for client, reply in matched(opened, exchange(self.clients.grid, messages, self.timeout)):
-            self.unreachable.pop(client, None)
+            self.unreachable.pop(sent_to[client], None)
             if reply.has_error():  # the node or the SuperLink could not run the task
                 failures.append(ClientFailure(client, server_round, error_reason(reply)))
                 if reply.error.code in _UNREACHABLE_CODES:
-                    self.unreachable[client] = server_round
+                    self.unreachable[sent_to[client]] = server_round
                 continue
             try:
                 result, replica_round = decode_result(reply.content)
@@ -126,7 +127,7 @@ class FlowerRounds:
             results[client] = result
         failures += [ClientFailure(client, server_round, f"no reply within {self.timeout:g} s")
                      for client in opened.values()]
-        self.unreachable.update(dict.fromkeys(opened.values(), server_round))
+        self.unreachable.update({sent_to[client]: server_round for client in opened.values()})
         # task order, as the in-process runtime (the metrics list clients in it); each result
         # is let go of once the Federation has added it to the aggregate
         ordered = (results.pop(cid) for cid in order if cid in results)
@@ -148,9 +149,9 @@ class FlowerRounds:
         as do those not sent it because their last task went unanswered."""
         opened, messages = {}, []
         for node, client in self.clients.nodes.items():
-            if client in self.unreachable:  # its replica catches up from the base log if it takes a task again
+            if node in self.unreachable:  # its replica catches up from the base log if it takes a task again
                 self.sync_failures.append(ClientFailure(
-                    client, last_round, f"sync: not sent, its round-{self.unreachable[client]} task went unanswered"))
+                    client, last_round, f"sync: not sent, its round-{self.unreachable[node]} task went unanswered"))
                 continue
             content = RecordDict()
             catchup = self.clients.catchup(client, last_round)
