@@ -71,8 +71,10 @@ def error_text(entry: dict | None) -> str:
 def setting_lines(name: str, variant: dict) -> list[str]:
     """One setting: the reference's loss, the methods grouped by what their Δ says, the errors."""
     reference, methods = variant["reference"], variant["methods"]
+    pending = [f"{method} ({note})" for method, note in variant.get("pending", {}).items()]
+    unfinished = f" Not finished: {', '.join(pending)}." if pending else ""
     if reference not in methods:
-        return [f"  - {name}: {reference} has not finished."]
+        return [f"  - {name}: the reference has not finished.{unfinished}"]
     others = {method: entry for method, entry in methods.items() if method != reference}
     by_verdict: dict[str, list[str]] = {}
     for method, entry in others.items():
@@ -81,11 +83,10 @@ def setting_lines(name: str, variant: dict) -> list[str]:
     said = [f"{text.capitalize()} {reference}: {', '.join(listed)}." for text, listed in by_verdict.items()]
     errors = [f"{method} {error_text(entry.get('aggregation_error'))}" for method, entry in methods.items()
               if method != "centralized"]
-    pending = [f"{method} ({note})" for method, note in variant.get("pending", {}).items()]
     return [f"  - {name}, {methods[reference]['seeds']} seeds: {reference}'s final test loss "
             f"{interval(methods[reference]['test_loss'], '.4f')}." + "".join(f" {sentence}" for sentence in said)
             + (f" Aggregation error: {', '.join(errors)}." if errors else "")
-            + (f" Not finished: {', '.join(pending)}." if pending else "")]
+            + unfinished]
 
 
 def horizon_sentence(comparison: dict) -> list[str]:
@@ -119,6 +120,19 @@ def figure_points(headline: dict | None, drift: dict | None) -> dict[str, list[t
                 continue
             points.setdefault(method, []).append((steps, entry["vs_reference"], entry["aggregation_error"]))
     return points
+
+
+def drift_sentences(points: dict[str, list[tuple[int, dict | None, dict | None]]]) -> list[str]:
+    """Per method but the reference, its Δ vs FLoRA and its aggregation error at each number of
+    local steps: how drift moves both."""
+    sentences = []
+    for method, series in points.items():
+        if all(delta is None for _, delta, _ in series):  # the reference
+            continue
+        deltas = ", ".join(f"{interval(delta)} at {steps}" for steps, delta, _ in series)
+        errors = ", ".join(f"{error_text(error)} at {steps}" for steps, _, error in series)
+        sentences.append(f"{method}: Δ {deltas}; aggregation error {errors}")
+    return sentences
 
 
 def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Path) -> None:
@@ -171,6 +185,10 @@ def summary_lines(comparisons: dict[str, dict]) -> list[str]:
         lines.append(f"- **{title}**")
         for setting, variant in comparisons[name]["settings"].items():
             lines += setting_lines(setting, variant)
+        if name == "drift":
+            points = figure_points(comparisons.get("headline"), comparisons[name])
+            lines.append("  - Against local steps per round (homogeneous; 3 is the headline): "
+                         + "; ".join(drift_sentences(points)) + ".")
         if name == "horizon":
             lines.append("  - Over the rounds: " + "; ".join(horizon_sentence(comparisons[name])) + ".")
     measured = [comparison["measured"] for comparison in comparisons.values()]

@@ -69,3 +69,24 @@ def test_the_exactness_sentences_call_a_difference_significant_only_where_its_in
         "- **Long horizon (30 rounds × 5 local steps)**: not measured on this checkout yet "
         "(`benchmarks/horizon.toml`, part of `make bench-exactness`)."]
     assert headline_only[-1].startswith("- Measured: 40 runs in 2.0 h")
+    nothing_yet = {"reference": None, "methods": {}, "pending": {"flora": "0 of 7 runs finished"}}
+    assert exactness.setting_lines("steps=30", nothing_yet) == [
+        "  - steps=30: the reference has not finished. Not finished: flora (0 of 7 runs finished)."]
+
+
+def test_the_drift_sentence_gives_each_methods_difference_and_error_at_every_number_of_local_steps():
+    exactness = _exactness_module()
+
+    def variant(fedit_delta, fedit_error):
+        return {"reference": "flora", "methods": {
+            "flora": {"vs_reference": None, "aggregation_error": _entry(0, 0, 0)},
+            "fedit": {"vs_reference": fedit_delta, "aggregation_error": fedit_error}}}
+    headline = {"settings": {"homogeneous": variant(_entry(0.011, 0.006, 0.016), _entry(0.18, 0.16, 0.19)),
+                             "heterogeneous": variant(_entry(0.5, 0.4, 0.6), _entry(0.9, 0.8, 1.0))}}
+    drift = {"settings": {"homogeneous · local_steps=30": variant(_entry(0.03, 0.01, 0.05), _entry(0.4, 0.3, 0.5)),
+                          "homogeneous · local_steps=10": variant(None, _entry(0.25, 0.2, 0.3))}}
+    points = exactness.figure_points(headline, drift)
+    assert [steps for steps, *_ in points["fedit"]] == [3, 10, 30]  # the heterogeneous headline is not a level
+    assert exactness.drift_sentences(points) == [
+        "fedit: Δ +0.0110 [+0.0060, +0.0160] at 3, — at 10, +0.0300 [+0.0100, +0.0500] at 30; "
+        "aggregation error 0.18 [0.16, 0.19] at 3, 0.25 [0.2, 0.3] at 10, 0.4 [0.3, 0.5] at 30"]
