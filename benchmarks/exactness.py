@@ -148,7 +148,8 @@ def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Pa
                 continue
             means = [entry["mean"] for _, entry in measured]
             bounds = [entry["ci95"] or [entry["mean"]] * 2 for _, entry in measured]
-            ax.errorbar([steps for steps, _ in measured], means, marker="o", capsize=3, color=f"C{index}",
+            nudge = 1 + 0.03 * (index - (len(points) - 1) / 2)  # methods side by side at each level (log axis)
+            ax.errorbar([steps * nudge for steps, _ in measured], means, marker="o", capsize=3, color=f"C{index}",
                         label=method, yerr=[[m - low for m, (low, _) in zip(means, bounds)],
                                             [high - m for m, (_, high) in zip(means, bounds)]])
     delta_ax.axhline(0, color="grey", linewidth=0.8)
@@ -157,7 +158,9 @@ def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Pa
     ticks = sorted({steps for series in points.values() for steps, *_ in series})
     for ax in (delta_ax, error_ax):
         ax.set(xlabel="local steps per round", xscale="log")
+        ax.minorticks_off()
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlim(min(ticks) / 1.3, max(ticks) * 1.3)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
