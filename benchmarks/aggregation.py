@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import environment_line, markdown_table, measure_in_subprocess, peak_rss_mb, write_result
+from common import current_rss_mb, environment_line, markdown_table, measure_in_subprocess, peak_rss_mb, \
+    write_result
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, get_aggregator
 from fedlora.aggregation.error import FactoredSum, relative_error
@@ -206,14 +207,6 @@ RATIOS = [
     ("factored FlexLoRA SVD ÷ dense SVD, per module", "flexlora, reused", "dense_svd, reused", 0.05),
     ("factored aggregation error ÷ dense, per round", "error_factored, reused", "error_dense, reused", 0.2),
 ]
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_case(name: str, threads: int) -> dict:

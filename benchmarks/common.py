@@ -65,14 +65,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``, ``RssFile``, …) in MB; nan where there is none."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def file_rss_mb() -> float:
     """The part of this process's RSS that is file pages (mapped files: libraries, safetensors):
     clean pages the kernel can drop under pressure, unlike the anonymous rest."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("RssFile")
 
 
 def measure_in_subprocess(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:

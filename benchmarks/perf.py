@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 import aggregation
-from common import DEMO_CONFIG, DOLLY, DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, RESULTS, dolly_client_files, \
-    environment_line, heavy_imports, markdown_table, measure_in_subprocess, peak_rss_mb, pool_dolly, prepare, \
-    require_shared_data, run_cli, run_federation, spread, spread_text, timed, timed_mmlu_scoring, write_result
+from common import DEMO_CONFIG, DOLLY, DOLLY_TEST, HEAVY_MODULES, HEAVY_REPORT, RESULTS, current_rss_mb, \
+    dolly_client_files, environment_line, heavy_imports, markdown_table, measure_in_subprocess, peak_rss_mb, \
+    pool_dolly, prepare, require_shared_data, run_cli, run_federation, spread, spread_text, timed, \
+    timed_mmlu_scoring, write_result
 
 # (a) client training step
 STEP_MODEL = "smollm2-135m"
@@ -215,7 +216,7 @@ def part_memory(data: str) -> dict:
         # text seen, and K clients see K times the records one client does in the same steps.
         for examples in setup.client_examples.values():
             all(examples[i] for i in range(len(examples)))
-        setup_rss = aggregation.current_rss_mb()  # model, records and tokenizer cache loaded, nothing trained
+        setup_rss = current_rss_mb()  # model, records and tokenizer cache loaded, nothing trained
         ledger = run_inprocess(setup)["communication"]
     # Every client takes part in every round, so what each downloads in round 2 is round 1's global adapter.
     last = setup.federation.rows[-1].to_json()

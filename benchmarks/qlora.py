@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from aggregation import current_rss_mb
-from common import environment_line, file_rss_mb, markdown_table, measure_in_subprocess, peak_rss_mb, \
-    require_shared_data, run_federation, write_result
+from common import current_rss_mb, environment_line, file_rss_mb, markdown_table, measure_in_subprocess, \
+    peak_rss_mb, require_shared_data, run_federation, write_result
 from perf import DEMO_CONFIG
 
 #: the base as each variant loads it (the demo's other settings unchanged)
