@@ -22,12 +22,6 @@ def client_dir(tmp_path: Path) -> Path:
     return write_clients(tmp_path / "clients")
 
 
-@pytest.fixture(scope="module")
-def module_client_dir(tmp_path_factory) -> Path:
-    """The clients of ``client_dir``, once for a module whose fixtures share a run."""
-    return write_clients(tmp_path_factory.mktemp("clients"))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def user_model_cache(tmp_path_factory) -> Path:
     """The tests' own user cache (FEDLORA_CACHE, inherited by the processes they start): the
