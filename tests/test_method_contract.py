@@ -206,10 +206,15 @@ def _names_in_code(path: Path) -> set[str]:
     return names
 
 
-def test_the_engine_and_the_cli_name_no_method():
+def test_the_engine_the_runtimes_and_the_cli_name_no_method():
     methods = set(AGGREGATORS) | {target.split(":")[1] for target in AGGREGATORS.values()}
-    for path in [*sorted((SRC / "engine").glob("*.py")), SRC / "cli.py"]:
+    for path in [*sorted((SRC / "engine").glob("*.py")), *sorted((SRC / "runtime").rglob("*.py")), SRC / "cli.py"]:
         assert not methods & _names_in_code(path), path
+
+
+def test_the_federation_is_the_round_loop_alone():
+    """Catch-up, checkpoints, evaluation and personalisation live beside it, given at construction."""
+    assert len((SRC / "engine" / "federation.py").read_text().splitlines()) <= 200
 
 
 def test_the_client_app_imports_neither_the_federation_nor_plotting():

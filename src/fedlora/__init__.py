@@ -10,7 +10,7 @@ Names are imported on first use, so ``import fedlora`` (and ``fedlora --help``) 
 """
 
 import logging
-from importlib import import_module
+from fedlora.imports import resolve
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        return resolve(f"{_EXPORTS[name]}:{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

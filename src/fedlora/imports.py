@@ -1,5 +1,6 @@
 """Objects named by ``"package.module:attribute"`` strings: registered methods, their clients'
-regularisers, Flower's app factories and the choices a configuration field offers."""
+regularisers, Flower's app factories, the choices a configuration field offers and the names
+the packages export lazily (so that ``fedlora --help`` imports no torch)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Names are imported on first use, so listing the registered methods (``fedlora me
 ``fedlora --help``) does not import torch.
 """
 
-from importlib import import_module
+from fedlora.imports import resolve
 
 _EXPORTS = {
     **dict.fromkeys(("AggregationError", "ClientUpdate", "GlobalUpdate", "LoraFactors", "MethodState", "RunContext",
@@ -21,5 +21,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        return resolve(f"{_EXPORTS[name]}:{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

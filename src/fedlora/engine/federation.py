@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from torch import nn
 
-from fedlora.aggregation import Accumulator, AggregationError, Aggregator, ClientUpdate, GlobalUpdate, LoraFactors
+from fedlora.aggregation import Accumulator, AggregationError, Aggregator, GlobalUpdate, LoraFactors
 from fedlora.aggregation.error import round_errors
-from fedlora.aggregation.factors import client_weights
+from fedlora.aggregation.factors import client_weights, example_weights
 from fedlora.engine.config import RunConfig
 from fedlora.engine.gate import admit
 from fedlora.engine.global_model import GlobalModel
@@ -31,15 +31,6 @@ from fedlora.engine.seeding import derive_seed
 from fedlora.engine.task import ClientFailure, ClientResult, ClientTask, Contribution
 
 Evaluate = Callable[[nn.Module, int], dict]
-
-
-def weight_shares(updates: Sequence[ClientUpdate], weights: Sequence[float] | None) -> dict[str, float]:
-    """Client → its p_k in the round's exact average: ``weights`` (in the updates' order), or the
-    example shares where the method's default weighs them."""
-    if weights is None:
-        total = sum(update.num_examples for update in updates)
-        weights = [update.num_examples / total for update in updates]
-    return {update.client_id: weight for update, weight in zip(updates, weights)}
 
 
 class Federation:
@@ -148,7 +139,8 @@ class Federation:
                 continue
             self._apply(row.round, update)
             if not self.method.personalised:  # one global model, to compare with the exact average
-                shares = weight_shares(accumulator.updates(), weights)
+                updates = accumulator.updates()
+                shares = dict(zip((u.client_id for u in updates), example_weights(updates, weights)))
                 row.measured(round_errors(self.method, before, update, accumulator.exact_sum(),
                                           [(c.start, shares[c.client_id]) for c in accepted],
                                           self.schedule.client_shares(), row.round + 1))
@@ -174,8 +166,9 @@ class Federation:
         adapters = self.method.evaluation_adapters()
         if not self.method.personalised:
             return self.evaluate_adapter(adapters[None], server_round)
-        return mean_over_clients(self.client_models.evaluate(server_round, adapters, self.method.kept_on_client,
-                                                             lambda adapter: self.evaluate_adapter(adapter, server_round)))
+        own = self.client_models.evaluate(server_round, adapters, self.method.kept_on_client,
+                                          lambda adapter: self.evaluate_adapter(adapter, server_round))
+        return mean_over_clients(own)
 
     def evaluate_adapter(self, adapter: dict[str, LoraFactors] | None, server_round: int) -> dict:
         """The global model with ``adapter`` merged in (None: as it is), evaluated."""
