@@ -96,7 +96,7 @@ def part_demo() -> dict:
 
 
 def accuracy(correct: int, total: int) -> str:
-    from fedlora.report import accuracy_text
+    from fedlora.stats import accuracy_text
 
     return accuracy_text(correct / total, total)
 

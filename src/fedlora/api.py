@@ -15,73 +15,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora.engine.config import CONFIG_FILE, ConfigError, RunConfig, build_config, load_config, \
     load_saved_config, save_config, with_absolute_paths
-from fedlora.engine.metrics import METRICS_FILE, SUMMARY_FILE, read_summary, write_summary
-from fedlora.engine.rows import RoundRow, read_rows
+from fedlora.engine.metrics import write_summary
+from fedlora.engine.run_folder import RunPaths, RunResult, load_run
 from fedlora.files import folder_lock
 from fedlora.runtime.observer import Observers, RunObserver
 
 if TYPE_CHECKING:
     from fedlora.trackers import TrackerGroup
 
+__all__ = ["run", "resume", "load_run", "execute", "RunResult", "RunPaths", "resolve_config"]
+
 ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a run folder keeps what it wrote."""
-
-    run_dir: Path
-
-    @property
-    def config(self) -> Path:
-        return self.run_dir / CONFIG_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.run_dir / METRICS_FILE
-
-    @property
-    def summary(self) -> Path:
-        return self.run_dir / SUMMARY_FILE
-
-    @property
-    def report(self) -> Path:
-        return self.run_dir / "report.md"
-
-    @property
-    def curves(self) -> Path:
-        return self.run_dir / "curves.png"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """A run folder as read back: its configuration, every round's metrics and its summary
-    (empty while the run has not finished)."""
-
-    config: RunConfig
-    rows: list[RoundRow]
-    summary: dict
-    paths: RunPaths
-
-    @property
-    def run_dir(self) -> Path:
-        return self.paths.run_dir
-
-    def metric(self, key: str) -> list[tuple[int, Any]]:
-        """(round, value) of every round that measured ``key`` (a row field or a method's info)."""
-        values = [(row.round, getattr(row, key, None) if key in RoundRow.__dataclass_fields__
-                   else row.extra.get(key)) for row in self.rows]
-        return [(r, value) for r, value in values if value is not None]
 
 
 def resolve_config(config: ConfigLike, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -120,13 +69,6 @@ def resume(run_dir: str | Path, *, rounds: int | None = None, observers: Sequenc
             config = build_config({**config.to_dict(), "rounds": rounds}, source=f"{run_dir}: --rounds")
             save_config(config, run_dir / CONFIG_FILE)
         return execute(config, run_dir, observers)
-
-
-def load_run(run_dir: str | Path) -> RunResult:
-    """A run folder as it is on disk (finished or not)."""
-    run_dir = Path(run_dir)
-    return RunResult(load_saved_config(run_dir / CONFIG_FILE), read_rows(run_dir), read_summary(run_dir),
-                     RunPaths(run_dir))
 
 
 def execute(config: RunConfig, run_dir: Path, observers: Sequence[RunObserver] = (), *,

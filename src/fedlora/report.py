@@ -28,7 +28,7 @@ from rich.table import Table
 
 from fedlora.engine.metrics import METRICS_FILE, MetricsError, read_summary
 from fedlora.engine.rows import RoundRow, read_rows
-from fedlora.stats import wilson_interval
+from fedlora.stats import accuracy_text, wilson_interval
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
@@ -58,14 +58,6 @@ def _percent(value: float) -> str:
 def _significant(value: float) -> str:
     """Three significant digits: an exact method's 3e-08 beside an inexact one's 0.412."""
     return f"{value:.3g}"
-
-
-def accuracy_text(accuracy: float, n: int | float | None) -> str:
-    """An accuracy with its n and 95 % Wilson interval: ``23.4% [19.1, 28.2] n=300``."""
-    if not n or math.isnan(accuracy):
-        return _percent(accuracy)
-    _, low, high = wilson_interval(accuracy * n, round(n))
-    return f"{100 * accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}] n={round(n)}"
 
 
 #: what a column shows of a row; None: not measured that round

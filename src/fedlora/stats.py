@@ -114,3 +114,11 @@ def wilson_interval(successes: float, trials: int) -> tuple[float, float, float]
     center = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1.0 - p) / trials + z * z / (4 * trials * trials)) / denominator
     return p, center - half, center + half
+
+
+def accuracy_text(accuracy: float, n: int | float | None) -> str:
+    """An accuracy with its n and 95 % Wilson interval: ``23.4% [19.1, 28.2] n=300``."""
+    if not n or math.isnan(accuracy):
+        return f"{100 * accuracy:.2f}%"
+    _, low, high = wilson_interval(accuracy * n, round(n))
+    return f"{100 * accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}] n={round(n)}"

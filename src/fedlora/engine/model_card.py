@@ -9,7 +9,7 @@ from fedlora.engine.config import RunConfig
 from fedlora.engine.metrics import read_summary
 from fedlora.engine.rows import read_rows
 from fedlora.models import published_name
-from fedlora.report import accuracy_text
+from fedlora.stats import accuracy_text
 
 
 def model_card(run_dir: Path, config: RunConfig, completed_round: int, *, kind: str, extra: str = "") -> str:

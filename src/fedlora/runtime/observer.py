@@ -17,7 +17,7 @@ from fedlora.engine.task import ClientResult, ClientTask
 from fedlora.report import console_table, generation_lines
 
 if TYPE_CHECKING:
-    from fedlora.api import RunResult
+    from fedlora.engine.run_folder import RunResult
 
 
 class RunObserver:
