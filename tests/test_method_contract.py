@@ -1,6 +1,6 @@
 """The aggregation contract: a method written outside src/ runs end to end through its hooks,
-the engine and CLI name no method, frozen factors follow the run's seed, and the ClientApp
-imports only what a client needs."""
+the engine, runtimes and CLI name no method, frozen factors follow the run's seed, the ClientApp
+imports only what a client needs, and no modules import each other."""
 
 from __future__ import annotations
 
@@ -249,3 +249,36 @@ def test_every_method_resumed_from_its_checkpoint_equals_the_uninterrupted_run(c
     first = config_for(client_dir, tmp_path / "resumed", **{**overrides, "rounds": 1})
     run(first, tmp_path / "resumed")
     assert run(first.replace(rounds=2), tmp_path / "resumed") == uninterrupted
+
+
+def _fedlora_imports(path: Path) -> set[str]:
+    """The fedlora modules a file imports anywhere in it (typing-only and function-local too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedlora"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("fedlora"))
+    return names
+
+
+def test_no_two_modules_import_each_other_even_for_typing():
+    modules = {".".join(("fedlora", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): path
+               for path in SRC.rglob("*.py")}
+    graph = {name: {imported for imported in _fedlora_imports(path) if imported in modules and imported != name}
+             for name, path in modules.items() if not path.name == "__init__.py"}  # a package's face hands names on
+    visiting, done = [], set()
+
+    def visit(name: str) -> None:
+        assert name not in visiting, " -> ".join([*visiting[visiting.index(name):], name])
+        if name in done or name not in graph:
+            return
+        visiting.append(name)
+        for imported in sorted(graph[name]):
+            visit(imported)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
