@@ -23,10 +23,11 @@ LRS = (1e-3, 1e-2, 1e-1)
 
 
 def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int = 2, missing: tuple[str, ...] = (),
-                rouge=None):
+                rouge=None, info=None):
     """A sweep folder: the plan of a real sweep document, and for every run the metrics rows
     ``losses(method, lr, seed) -> (test_loss, val_loss)`` gives its final round (earlier rounds
-    are higher by 0.1 a round); ``rouge(method, lr, seed)``, if given, the final round's ROUGE-L."""
+    are higher by 0.1 a round); ``rouge(method, lr, seed)``, if given, the final round's ROUGE-L;
+    ``info(method, seed, round)``, if given, what the method reports in each trained round's row."""
     plan = plan_sweep({"run": {"model": "tiny-llama", "rounds": rounds}, "grid": {"seed": list(SEEDS), "lr": list(LRS)},
                        "tune": {"keys": ["lr"]}, "settings": {"hom": {"ranks": [4], "methods": list(methods)}}},
                       "sweep.toml")
@@ -42,6 +43,8 @@ def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int =
                  "val_loss": val + 0.1 * (rounds - r)} for r in range(rounds + 1)]
         if rouge is not None:
             rows[-1]["rouge_l"] = rouge(run.method, run.point["lr"], run.point["seed"])
+        for row in rows[1:] if info is not None else ():
+            row.update(info(run.method, run.point["seed"], row["round"]))
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         communication = {"up_vs_full_finetuning": 0.01, "down_vs_full_finetuning": 0.02}
         (run_dir / "summary.json").write_text(json.dumps({"method": run.method, "communication": communication}))
@@ -163,6 +166,26 @@ def test_rouge_l_is_compared_over_seeds_and_paired_against_the_reference(tmp_pat
     markdown = write_comparison(tmp_path / "sweep")[1].read_text()
     assert "final ROUGE-L [95 % CI] | Δ ROUGE-L vs flora" in markdown
     assert f"| {mean:+.4f} [{low:+.4f}, {high:+.4f}] |" in markdown
+
+
+def test_what_a_method_reports_of_its_aggregation_is_averaged_over_rounds_then_seeds(tmp_path):
+    def info(method, seed, server_round):
+        if method == "flora":
+            return {}
+        # ranks sent differ by round and seed; a flag and a measure one seed lacks are left out
+        return {"ranks_sent": 100 + 10 * seed + server_round, "flora_ranks": 160, "pruned": True,
+                **({"occasional": 1.0} if seed else {})}
+    write_sweep(tmp_path / "sweep", ("flora", "fedit"), three_methods, info=info)
+    methods = build_comparison(tmp_path / "sweep")["settings"]["hom"]["methods"]
+    assert methods["flora"]["method_measures"] == {}
+    measures = methods["fedit"]["method_measures"]
+    assert set(measures) == {"ranks_sent", "flora_ranks"}
+    mean, low, high = hand_interval([100 + 10 * seed + 1.5 for seed in SEEDS])  # rounds 1 and 2 averaged first
+    assert measures["ranks_sent"] == {"mean": pytest.approx(mean), "ci95": pytest.approx([low, high])}
+    assert measures["flora_ranks"]["mean"] == 160
+    markdown = write_comparison(tmp_path / "sweep")[1].read_text()
+    assert f"- fedit: `ranks_sent` {mean:.4g} [{low:.4g}, {high:.4g}]; `flora_ranks` 160\n" in markdown
+    assert "- flora:" not in markdown
 
 
 def test_a_sweep_without_generation_has_no_rouge_columns(tmp_path):

@@ -118,6 +118,7 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         "mmlu": _mmlu([o.mmlu(question_set) for o in chosen]),
         "aggregation_error": _interval([o.mean_over_rounds("aggregation_error") for o in chosen]),
         "broadcast_error": _interval([o.mean_over_rounds("broadcast_error") for o in chosen]),
+        "method_measures": _method_measures(chosen),
         "upload_per_round_vs_full": _communication(chosen, "up_vs_full_finetuning"),
         "download_per_round_vs_full": _communication(chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
@@ -135,6 +136,13 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
 
 def _interval(values: list[float | None]) -> dict | None:
     return None if not values or any(v is None for v in values) else mean_interval(values).to_json()
+
+
+def _method_measures(chosen: list[RunOutcome]) -> dict[str, dict]:
+    """Each measure the method reported in every chosen run, over the seeds."""
+    measures = [outcome.method_measures() for outcome in chosen]
+    shared = [key for key in measures[0] if all(key in m for m in measures[1:])] if measures else []
+    return {key: _interval([m[key] for m in measures]) for key in shared}
 
 
 def _mmlu(scores: list[tuple[float, int] | None]) -> dict | None:
@@ -286,6 +294,7 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
         lines.append("")
         lines += [f"- {statement}" for statement in _statements(methods, reference)]
         lines.append("")
+        lines += _measures_lines(methods)
         if tune:
             lines += _tuning_table(methods)
     for method, note in variant["pending"].items():
@@ -331,6 +340,22 @@ def _statements(methods: dict, reference: str | None) -> list[str]:
         statements.append("Chosen at the edge of its grid, so the best value may lie outside it: "
                           + ", ".join(edges) + ".")
     return statements
+
+
+def _measures_lines(methods: dict) -> list[str]:
+    """What each method reported of its own aggregation, beside the loss it reached."""
+    measured = {method: entry["method_measures"] for method, entry in methods.items() if entry.get("method_measures")}
+    if not measured:
+        return []
+    lines = ["Each method's own measures (what its aggregation reported each round: mean over the trained "
+             "rounds, then over seeds with its 95 % t-interval):", ""]
+    def text(interval: dict | None) -> str:
+        constant = interval is not None and interval["ci95"] is not None and interval["ci95"][0] == interval["ci95"][1]
+        return format(interval["mean"], ".4g") if constant else _interval_text(interval, ".4g")
+
+    for method, measures in measured.items():
+        lines.append(f"- {method}: " + "; ".join(f"`{key}` {text(interval)}" for key, interval in measures.items()))
+    return lines + [""]
 
 
 def _tuning_table(methods: dict) -> list[str]:

@@ -80,6 +80,17 @@ class RunOutcome:
         values = [getattr(row, key) for row in self.rows[1:] if getattr(row, key) is not None]
         return sum(values) / len(values) if values else None
 
+    def method_measures(self) -> dict[str, float]:
+        """Each number the method reported in its rows' info (FLoRA-AdaLoRA's ``ranks_sent`` and
+        ``flora_ranks``, flora-warm's ``energy_outside_shared_rank``, …), mean over the trained
+        rounds that report it."""
+        values: dict[str, list[float]] = {}
+        for row in self.rows[1:]:
+            for key, value in row.extra.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values.setdefault(key, []).append(value)
+        return {key: sum(numbers) / len(numbers) for key, numbers in values.items()}
+
     def mmlu(self, question_set: dict | None) -> tuple[float, int] | None:
         """(correct answers, questions): the final MMLU scored on ``question_set`` (the sweep's
         ``[final]``), or without one the last round's."""
