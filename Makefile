@@ -64,6 +64,7 @@ bench-eval: install
 # resumable sweeps (stop at any time, run again to continue), then README's quality section
 bench-quality: install
 	$(VENV)/bin/fedlora sweep benchmarks/quality.toml --out benchmarks/runs/quality
+	$(PY) benchmarks/exactness.py --measured-errors
 	$(PY) benchmarks/readme_tables.py quality
 
 # when exactness pays: the headline with 10 seeds, client drift, a long horizon (≈ 5.5 h, resumable)

@@ -10,7 +10,8 @@ compare``) and writes into ``benchmarks/results/``:
 - ``headline.md`` (README) and ``exactness.md`` (docs/benchmarks.md): what the intervals say, in
   sentences generated from the comparisons, then the figure and (docs) every table;
 - ``src/fedlora/aggregation/measured_errors.json``: each method's measured aggregation error,
-  which ``fedlora methods`` and the method pages show.
+  which ``fedlora methods`` and the method pages show: the headline's, else the quality sweep's
+  (``--measured-errors`` writes only this, as ``make bench-quality`` does).
 
 Every sentence is made from the numbers: a difference is called significant only where its
 paired 95 % interval excludes 0.
@@ -166,14 +167,24 @@ def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Pa
     fig.savefig(path, dpi=120)
 
 
-def measured_errors(headline: dict) -> dict[str, str]:
-    """method → its aggregation error in each headline setting, as text."""
-    errors: dict[str, list[str]] = {}
-    for name, variant in headline["settings"].items():
-        for method, entry in variant["methods"].items():
-            if entry.get("aggregation_error") and method != "centralized":
-                errors.setdefault(method, []).append(f"{error_text(entry['aggregation_error'])} ({name})")
-    return {method: "; ".join(texts) for method, texts in errors.items()}
+def measured_errors(comparisons: dict[str, dict]) -> dict[str, str]:
+    """method → its aggregation error in each setting, as text: the headline's (10 seeds) where it
+    measured the method, else the quality sweep's (3 seeds, every method), which the text names."""
+    errors: dict[str, dict[str, str]] = {}
+    for sweep in ("headline", "quality"):
+        for name, variant in comparisons.get(sweep, {}).get("settings", {}).items():
+            for method, entry in variant["methods"].items():
+                if entry.get("aggregation_error") and method != "centralized" and name not in errors.get(method, {}):
+                    source = "" if sweep == "headline" else ", quality sweep"
+                    errors.setdefault(method, {})[name] = f"{error_text(entry['aggregation_error'])} ({name}{source})"
+    return {method: "; ".join(texts.values()) for method, texts in errors.items()}
+
+
+def write_measured_errors() -> None:
+    """measured_errors.json from the headline and quality sweeps' comparisons (whichever have run)."""
+    comparisons = {name: comparison for name in ("headline", "quality") if (comparison := load(name)) is not None}
+    if comparisons:
+        MEASURED.write_text(json.dumps({"errors": measured_errors(comparisons)}, indent=2) + "\n", encoding="utf-8")
 
 
 def summary_lines(comparisons: dict[str, dict]) -> list[str]:
@@ -202,6 +213,8 @@ def summary_lines(comparisons: dict[str, dict]) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--measured-errors"]:  # after the quality sweep: only the errors `fedlora methods` shows
+        return write_measured_errors()
     comparisons = {name: comparison for name in SWEEPS if (comparison := load(name)) is not None}
     if not comparisons:
         sys.exit("no exactness sweep has a comparison.json yet: run `make bench-exactness`")
@@ -231,9 +244,7 @@ def main() -> None:
                        f"![test loss per round]({name}.png)", ""]
     (RESULTS / "exactness.md").write_text("\n".join(["# Exactness", "", intro, "", *summary, "", figure, "",
                                                      *tables]), encoding="utf-8")
-    if "headline" in comparisons:
-        MEASURED.write_text(json.dumps({"errors": measured_errors(comparisons["headline"])}, indent=2) + "\n",
-                            encoding="utf-8")
+    write_measured_errors()
     print("\n".join(summary))
 
 

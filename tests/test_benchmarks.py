@@ -90,3 +90,16 @@ def test_the_drift_sentence_gives_each_methods_difference_and_error_at_every_num
     assert exactness.drift_sentences(points) == [
         "fedit: Δ +0.0110 [+0.0060, +0.0160] at 3, — at 10, +0.0300 [+0.0100, +0.0500] at 30; "
         "aggregation error 0.18 [0.16, 0.19] at 3, 0.25 [0.2, 0.3] at 10, 0.4 [0.3, 0.5] at 30"]
+
+
+def test_measured_errors_are_the_headlines_and_the_quality_sweeps_for_the_methods_it_left_out():
+    exactness = _exactness_module()
+
+    def comparison(**methods):
+        return {"settings": {"homogeneous": {"methods": {m: {"aggregation_error": e} for m, e in methods.items()}}}}
+    errors = exactness.measured_errors({
+        "headline": comparison(fedit=_entry(0.177, 0.163, 0.191)),
+        "quality": comparison(fedit=_entry(0.2, 0.1, 0.3), lorafair=_entry(0.05, 0.04, 0.06),
+                              centralized=_entry(0.0, 0.0, 0.0), fedsa=None)})
+    assert errors == {"fedit": "0.177 [0.163, 0.191] (homogeneous)",
+                      "lorafair": "0.05 [0.04, 0.06] (homogeneous, quality sweep)"}

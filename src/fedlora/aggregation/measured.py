@@ -1,8 +1,9 @@
 """Each method's aggregation error as the exactness benchmark last measured it.
 
-``benchmarks/readme_tables.py exactness`` writes ``measured_errors.json`` beside this module from
-the headline sweep (the mean over trained rounds and seeds, with its 95 % interval, per setting);
-``fedlora methods`` shows it. Absent until that benchmark has run.
+``benchmarks/exactness.py`` writes ``measured_errors.json`` beside this module from the headline
+sweep, and for the methods it leaves out from the quality sweep (the mean over trained rounds and
+seeds, with its 95 % interval, per setting); ``fedlora methods`` shows it. Absent until one of
+those benchmarks has run.
 """
 
 from __future__ import annotations
