@@ -62,12 +62,13 @@ def methods_index() -> str:
              "What every registered method declares (`fedlora methods` prints the same). *Exact*: each round "
              "changes the global model by exactly the example-weighted average of the clients' changes; the "
              "*measured aggregation error* is the exactness benchmark's (see [Concepts](../concepts.md)).", "",
-             "| method | exact | measured aggregation error | ranks | client-level DP | personalised | a client "
-             "sends | it receives | paper |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | exact | measured aggregation error | ranks | client-level DP | DP-SGD clients | "
+             "personalised | a client sends | it receives | paper |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, facts in describe_methods().items():
         lines.append(f"| [`{name}`]({name}.md) | {_exactness(facts.exact)} | {errors.get(name, '—')} | "
                      f"{'any' if facts.heterogeneous_ranks else 'one'} | {'yes' if facts.client_dp else 'no'} | "
-                     f"{'yes' if facts.personalised else 'no'} | {facts.sends} | {facts.receives} | "
+                     f"{'yes' if facts.sample_dp else 'no'} | {'yes' if facts.personalised else 'no'} | "
+                     f"{facts.sends} | {facts.receives} | "
                      f"{facts.paper or '—'} |")
     return "\n".join(lines) + "\n"
 
@@ -80,6 +81,7 @@ def method_page(name: str) -> str:
              f"- **aggregation**: {_exactness(facts.exact)}; measured aggregation error: {error}",
              f"- **ranks**: {'any mix' if facts.heterogeneous_ranks else 'one for every client'}; "
              f"**client-level DP**: {'yes' if facts.client_dp else 'no'}; "
+             f"**DP-SGD clients**: {'yes' if facts.sample_dp else 'no'}; "
              f"**personalised**: {'yes' if facts.personalised else 'no'}; "
              f"**runtimes**: {', '.join(facts.runtimes)}",
              f"- **a client sends** {facts.sends}; **it receives** {facts.receives}", ""]

@@ -8,7 +8,7 @@ import ast
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,8 @@ from fedlora.aggregation import Aggregator, GlobalUpdate, LoraFactors, MethodOpt
     available_aggregators, example_weights, factors_to_tensors, get_aggregator, tensors_to_factors
 from fedlora.aggregation.method import option
 from fedlora.aggregation.fedit import FedIT
-from fedlora.aggregation.registry import AGGREGATORS, describe_methods
+from fedlora.aggregation.facts import ATTRIBUTES
+from fedlora.aggregation.registry import AGGREGATORS, aggregator_class, describe_methods
 from fedlora.engine.config import build_config, save_config
 from fedlora.engine.metrics import read_metrics
 from fedlora.engine.setup import prepare_run
@@ -282,3 +283,13 @@ def test_no_two_modules_import_each_other_even_for_typing():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_what_fedlora_methods_reads_from_source_is_what_each_class_holds():
+    """Options inherited from a base's Options included, in the dataclass's order."""
+    for name, facts in describe_methods().items():
+        method = aggregator_class(name)
+        assert [(o.name, o.default, o.help) for o in facts.options] == [
+            (f.name, f.default, f.metadata["help"]) for f in fields(method.Options)], name
+        for attribute in ATTRIBUTES:
+            assert getattr(facts, attribute) == getattr(method, attribute), (name, attribute)

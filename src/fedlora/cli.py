@@ -133,12 +133,13 @@ def methods(name: Annotated[Optional[str], typer.Argument(help="one method: its 
         described = {name: described[name]}
     table = Table(title="methods")
     for header in ("method", "exact", "measured\naggregation error", "ranks", "client-level\nDP",
-                   "personalised", "a client sends", "it receives"):
+                   "DP-SGD\nclients", "personalised", "a client sends", "it receives"):
         table.add_column(header)
     for facts in described.values():
         table.add_row(facts.name, {True: "exact", False: "inexact", None: "—"}[facts.exact],
                       errors.get(facts.name, "—"), "any" if facts.heterogeneous_ranks else "one",
-                      "yes" if facts.client_dp else "no", "yes" if facts.personalised else "no",
+                      "yes" if facts.client_dp else "no", "yes" if facts.sample_dp else "no",
+                      "yes" if facts.personalised else "no",
                       facts.sends, facts.receives)
     console.print(table)
     for facts in described.values():

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 #: the class attributes read, with the contract's own class as the last resort
-ATTRIBUTES = ("paper", "exact", "sends", "receives", "heterogeneous_ranks", "client_dp", "personalised", "runtimes")
+ATTRIBUTES = ("paper", "exact", "sends", "receives", "heterogeneous_ranks", "client_dp", "sample_dp", "personalised",
+              "runtimes")
 CONTRACT = ("fedlora.aggregation.method", "Aggregator")
 
 
@@ -37,6 +38,7 @@ class MethodFacts:
     receives: str
     heterogeneous_ranks: bool
     client_dp: bool
+    sample_dp: bool
     personalised: bool
     runtimes: tuple[str, ...]
     options: tuple[MethodOption, ...]
@@ -73,7 +75,8 @@ def _lineage(module_name: str, class_name: str) -> list[tuple[str, ast.ClassDef]
 def _assigned(node: ast.ClassDef) -> dict[str, ast.expr]:
     values = {}
     for statement in node.body:
-        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name):
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
+                and isinstance(statement.targets[0], ast.Name):
             values[statement.targets[0].id] = statement.value
         elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value:
             values[statement.target.id] = statement.value
@@ -81,15 +84,18 @@ def _assigned(node: ast.ClassDef) -> dict[str, ast.expr]:
 
 
 def _options(lineage: list[tuple[str, ast.ClassDef]]) -> tuple[MethodOption, ...]:
-    """The fields of the nearest ``Options`` the lineage declares: ``option(default, help)`` each."""
+    """The fields of the nearest ``Options`` the lineage declares, its bases' first (a dataclass's
+    order; a field declared again keeps its place): ``option(default, help)`` each."""
     for module_name, node in lineage:
         declared = _assigned(node).get("Options")
         if isinstance(declared, ast.Name):
-            options_module, options_class = _imported(module_name, declared.id)
-            fields = [statement for statement in _class(options_module, options_class).body
-                      if isinstance(statement, ast.AnnAssign) and isinstance(statement.value, ast.Call)]
-            return tuple(MethodOption(field.target.id, ast.literal_eval(field.value.args[0]),
-                                      ast.literal_eval(field.value.args[1])) for field in fields)
+            fields: dict[str, MethodOption] = {}
+            for _, options in reversed(_lineage(*_imported(module_name, declared.id))):
+                for field in options.body:
+                    if isinstance(field, ast.AnnAssign) and isinstance(field.value, ast.Call):
+                        fields[field.target.id] = MethodOption(field.target.id, ast.literal_eval(field.value.args[0]),
+                                                               ast.literal_eval(field.value.args[1]))
+            return tuple(fields.values())
     return ()
 
 

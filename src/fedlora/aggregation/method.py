@@ -16,7 +16,6 @@ baseline pools them).
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,12 +40,8 @@ def option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class MethodOptions:
     """A method's options: a frozen dataclass of typed fields declared with :func:`option`, checked
-    in ``__post_init__`` (a ValueError saying what is wrong). This base has none."""
-
-    @classmethod
-    def described(cls) -> list[tuple[str, Any, str]]:
-        """(name, default, help) of every option, in declaration order."""
-        return [(spec.name, spec.default, spec.metadata.get("help", "")) for spec in dataclasses.fields(cls)]
+    in ``__post_init__`` (a ValueError saying what is wrong). This base has none. ``fedlora
+    methods`` and the docs read the fields from source (:mod:`fedlora.aggregation.facts`)."""
 
 
 @dataclass(frozen=True)
