@@ -46,6 +46,8 @@ def write_sweep(folder: Path, methods: tuple[str, ...], losses, *, rounds: int =
         for row in rows[1:] if info is not None else ():
             row.update(info(run.method, run.point["seed"], row["round"]))
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        config = {"model": "tiny-llama", "prompt_format": None, "rounds": rounds}
+        (run_dir / "config.json").write_text(json.dumps(config))
         communication = {"up_vs_full_finetuning": 0.01, "down_vs_full_finetuning": 0.02}
         (run_dir / "summary.json").write_text(json.dumps({"method": run.method, "communication": communication}))
     return plan
@@ -186,6 +188,17 @@ def test_what_a_method_reports_of_its_aggregation_is_averaged_over_rounds_then_s
     markdown = write_comparison(tmp_path / "sweep")[1].read_text()
     assert f"- fedit: `ranks_sent` {mean:.4g} [{low:.4g}, {high:.4g}]; `flora_ranks` 160\n" in markdown
     assert "- flora:" not in markdown
+
+
+def test_the_comparison_states_what_the_runs_were_trained_with_and_where_they_differ(tmp_path):
+    write_sweep(tmp_path / "sweep", ("flora", "fedit"), three_methods)
+    markdown = write_comparison(tmp_path / "sweep")[1].read_text()
+    assert ("Runs: model tiny-llama, prompt format auto (the tokenizer's chat template where it has one, else "
+            "alpaca), rounds 2.") in markdown
+    # a run folder predating prompt_format was made with the Alpaca prompt
+    (tmp_path / "sweep" / "hom/fedit/lr=0.1,seed=2" / "config.json").write_text(json.dumps({"model": "tiny-llama"}))
+    assert "prompt format auto (the tokenizer's chat template where it has one, else alpaca) / alpaca, " in \
+        write_comparison(tmp_path / "sweep")[1].read_text()
 
 
 def test_a_sweep_without_generation_has_no_rouge_columns(tmp_path):

@@ -57,6 +57,10 @@ def write_comparison(sweep_dir: str | Path, reference: str | None = None) -> lis
     return paths
 
 
+#: what the runs were trained and evaluated with, stated above the tables (the values of every finished run)
+SHARED_KEYS = ("model", "prompt_format", "max_length", "batch_size", "rounds", "local_steps", "clients_per_round")
+
+
 def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
     """The comparison of every (setting, method) whose runs have all finished."""
     plan_file = Path(sweep_dir) / PLAN_FILE
@@ -95,12 +99,15 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
                     theirs = variant["methods"][reference]
                     entry["vs_reference"] = _versus(entry["test_loss_by_seed"], theirs["test_loss_by_seed"])
                     entry["rouge_l_vs_reference"] = _versus(entry["rouge_l_by_seed"], theirs["rouge_l_by_seed"])
+    configuration = {key: list(dict.fromkeys(outcome.config.get(key) for outcome in outcomes.values()))
+                     for key in SHARED_KEYS}
     measured = {"runs": len(outcomes), "planned": planned,
                 "run_seconds": sum(o.summary.get("wall_seconds", 0.0) for o in outcomes.values()),
                 "final_mmlu_seconds": sum((o.final_mmlu or {}).get("seconds", 0.0) for o in outcomes.values())}
     return {"sweep": str(sweep_dir), "source": plan["source"], "grid": grid, "tune": tune,
             "method_grids": rule.method_grids, "tune_seeds": seeds,
             "final": final, "confidence": CONFIDENCE, "reference": reference, "measured": measured,
+            "configuration": configuration,
             "generated": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "settings": settings}
 
 
@@ -257,6 +264,8 @@ def comparison_markdown(comparison: dict) -> str:
     described.append("Communication: the ledger's, per client and round, as a fraction of full fine-tuning "
                      "(every participating client sending / receiving all model parameters); for the "
                      "baselines, which exchange nothing, it counts what their clients' updates would be.")
+    if configuration := _configuration_sentence(comparison["configuration"]):
+        described.append(configuration)
     measured = comparison["measured"]
     described.append(f"Measured: {measured['runs']} of {measured['planned']} runs finished, in "
                      f"{measured['run_seconds'] / 3600:.2f} h (each from its data loading to its summary; a run "
@@ -266,6 +275,20 @@ def comparison_markdown(comparison: dict) -> str:
     for name, variant in comparison["settings"].items():
         lines += _setting_lines(name, variant, tune)
     return "\n".join(lines)
+
+
+def _configuration_sentence(configuration: dict[str, list]) -> str:
+    """What the runs share, and the values of a key they do not (``prompt_format`` None: the model's own)."""
+    def shown(key: str, value: Any) -> str:
+        if key == "prompt_format" and value is None:
+            return "auto (the tokenizer's chat template where it has one, else alpaca)"
+        return str(value)
+
+    known = {key: [value for value in values if value is not None or key == "prompt_format"]
+             for key, values in configuration.items()}
+    parts = [f"{key.replace('_', ' ')} {' / '.join(shown(key, value) for value in values)}"
+             for key, values in known.items() if values]
+    return f"Runs: {', '.join(parts)}." if parts else ""
 
 
 def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora.engine.config import CONFIG_FILE, KEYS_BEFORE_THEY_EXISTED
 from fedlora.engine.metrics import read_summary
 from fedlora.engine.rows import RoundRow, read_rows
 
@@ -40,10 +41,14 @@ class RunOutcome:
     final_mmlu: dict | None
     #: the test loss of round ``final_test["round"]``, scored after the run (None: in the run, if at all)
     final_test: dict | None = None
+    #: its saved configuration's values, a key it predates at the value it was made with
+    config: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, run_dir: Path) -> RunOutcome:
-        return cls(read_rows(run_dir), read_summary(run_dir), read_final_mmlu(run_dir), read_final_test(run_dir))
+        config = {**KEYS_BEFORE_THEY_EXISTED, **(_read_json(Path(run_dir) / CONFIG_FILE) or {})}
+        return cls(read_rows(run_dir), read_summary(run_dir), read_final_mmlu(run_dir), read_final_test(run_dir),
+                   config)
 
     @property
     def final_val_loss(self) -> float | None:
