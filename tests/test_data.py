@@ -257,11 +257,22 @@ def test_client_directory_ids_sort_numerically_and_ignore_other_files(tmp_path):
     assert clients["10"] == [Record("10", "", "hi", "open_qa")]
 
 
+def test_a_client_file_may_be_jsonl(tmp_path):
+    write(tmp_path / "local_training_0.json", [dolly("a")])
+    (tmp_path / "local_training_1.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in [{"messages": [{"role": "user", "content": "hi"},
+                                                                       {"role": "assistant", "content": "b"}]}]))
+    clients = load_clients(tmp_path)
+    assert list(clients) == ["0", "1"] and len(clients["1"]) == 1
+
+
 @pytest.mark.parametrize(("files", "message"), [
     ({}, "has no local_training_<n>.json client files"),
     ({"local_training_a.json": [dolly()]}, "local_training_a.json: client files must be named"),
     ({"local_training_1.json": [dolly()], "local_training_2.json": []},
      "local_training_2.json: contains no records"),
+    ({"local_training_1.json": [dolly()], "local_training_1.jsonl": [dolly()]},
+     "local_training_1.jsonl: client 1 has a second file, local_training_1.json"),
 ])
 def test_bad_client_directories_raise(tmp_path, files, message):
     for name, content in files.items():

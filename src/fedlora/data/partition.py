@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.records import AnyRecord, DataError, LoadReport, load_records, load_records_with_report
+from fedlora.data.records import JSON_SUFFIXES, AnyRecord, DataError, LoadReport, load_records, \
+    load_records_with_report
 
 PARTITIONS = ("dirichlet", "iid")
-CLIENT_FILE = re.compile(r"local_training_(\d+)\.json")
+CLIENT_FILE = re.compile(r"local_training_(\d+)\.jsonl?")
 
 
 def load_clients(source: str | Path, *, num_clients: int = 10, partition: str = "dirichlet",
@@ -26,7 +27,7 @@ def load_clients(source: str | Path, *, num_clients: int = 10, partition: str = 
                  by: str = "category") -> dict[str, list[AnyRecord]]:
     """Client id -> that client's records.
 
-    A directory of ``local_training_<n>.json`` files gives one client per file, id ``"<n>"``,
+    A directory of ``local_training_<n>.json`` (or ``.jsonl``) files gives one client per file, id ``"<n>"``,
     in numeric order; the split arguments are then unused since the files are the split.
     A single file or Hub id is split into ``num_clients`` clients ``"0"``, ``"1"``, … of at
     least ``min_size`` records each, the same way for the same ``seed``.
@@ -50,18 +51,20 @@ def centralize(clients: dict[str, list[AnyRecord]]) -> list[AnyRecord]:
 
 
 def client_files(directory: Path) -> dict[str, Path]:
-    """Client id -> its ``local_training_<n>.json`` file, in numeric order."""
-    files = sorted(Path(directory).glob("local_training_*.json"))
+    """Client id -> its ``local_training_<n>.json`` (or ``.jsonl``) file, in numeric order."""
+    files = sorted(file for file in Path(directory).glob("local_training_*") if file.suffix in JSON_SUFFIXES)
     if not files:
         raise DataError(Path(directory).name, "has no local_training_<n>.json client files")
-    numbered = []
+    numbered: dict[str, Path] = {}
     for file in files:
         match = CLIENT_FILE.fullmatch(file.name)
         if match is None:
-            raise DataError(file.name, "client files must be named local_training_<n>.json "
+            raise DataError(file.name, "client files must be named local_training_<n>.json (or .jsonl) "
                                        "with <n> a number")
-        numbered.append((int(match[1]), match[1], file))
-    return {client_id: file for _, client_id, file in sorted(numbered)}
+        if match[1] in numbered:
+            raise DataError(file.name, f"client {match[1]} has a second file, {numbered[match[1]].name}")
+        numbered[match[1]] = file
+    return dict(sorted(numbered.items(), key=lambda item: int(item[0])))
 
 
 def _clients_from_directory(directory: Path) -> dict[str, list[AnyRecord]]:

@@ -70,7 +70,7 @@ class RunConfig:
     double_quantization: bool = option(False, "4-bit: quantise the per-block scales too (about 0.4 bits per "
                                               "weight less)")
     # data
-    data: str = option(DEFAULT_DATA, "dir of local_training_*.json, a .json/.jsonl file or a HF id")
+    data: str = option(DEFAULT_DATA, "dir of local_training_*.json(l), a .json/.jsonl file or a HF id")
     test_data: str | None = option(None, "held-out records for eval loss")
     mmlu: str | None = option(None, "MMLU file in FLoRA's format")
     clients: int | None = option(None, "number of clients (first N files, or N splits)", positive=True)
