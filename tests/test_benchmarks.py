@@ -103,3 +103,38 @@ def test_measured_errors_are_the_headlines_and_the_quality_sweeps_for_the_method
                               centralized=_entry(0.0, 0.0, 0.0), fedsa=None)})
     assert errors == {"fedit": "0.177 [0.163, 0.191] (homogeneous)",
                       "lorafair": "0.05 [0.04, 0.06] (homogeneous, quality sweep)"}
+
+
+def test_perf_keeps_the_parts_it_did_not_measure_and_says_when_they_were(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # perf imports its siblings
+    spec = importlib.util.spec_from_file_location("perf", ROOT / "benchmarks" / "perf.py")
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    kept = {"step": {"lines": ["## (a) Client training step", "", "kept text", ""],
+                     "rows": [["(a) ratio", "1.4", "1.4", "1.4", "≥ 1.25", "yes"]], "measured": "2026-12-01 18:16 UTC"}}
+    fresh = perf.sections_of({"cli": {"--help": {"seconds": [0.2, 0.3, 0.25], "heavy_imports": []}}}, [])
+    text = perf.report({**fresh, **kept}, ["cli"], 1, 0.1, 90)
+    assert "in 1.5 min, measuring cli; kept as last measured (`--parts`): step (2026-12-01 18:16 UTC)." in text
+    summary = [line for line in text.splitlines() if line.startswith("| (")]
+    assert summary[0].startswith("| (a) ratio | 1.4") and summary[1].startswith("| (h) `fedlora --help` wall s")
+    assert text.index("kept text") < text.index("## (h) CLI start-up")  # the parts in their own order
+    assert "kept as last measured" not in perf.report(fresh, ["cli"], 1, 0.1, 90)
+
+
+def test_every_fedlora_name_a_benchmark_imports_exists():
+    """The benchmarks run rarely (hours); an import left behind by a move must fail here, not there."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedlora"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    submodule = hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                    if not hasattr(module, alias.name) and not submodule:
+                        missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing
