@@ -367,18 +367,22 @@ def _statements(methods: dict, reference: str | None) -> list[str]:
 
 def _measures_lines(methods: dict) -> list[str]:
     """What each method reported of its own aggregation, beside the loss it reached."""
-    measured = {method: entry["method_measures"] for method, entry in methods.items() if entry.get("method_measures")}
+    measured = {method: entry["method_measures"] for method, entry in methods.items() if entry["method_measures"]}
     if not measured:
         return []
     lines = ["Each method's own measures (what its aggregation reported each round: mean over the trained "
              "rounds, then over seeds with its 95 % t-interval):", ""]
-    def text(interval: dict | None) -> str:
-        constant = interval is not None and interval["ci95"] is not None and interval["ci95"][0] == interval["ci95"][1]
-        return format(interval["mean"], ".4g") if constant else _interval_text(interval, ".4g")
-
     for method, measures in measured.items():
-        lines.append(f"- {method}: " + "; ".join(f"`{key}` {text(interval)}" for key, interval in measures.items()))
+        lines.append(f"- {method}: " + "; ".join(f"`{key}` {_measure_text(interval)}"
+                                                 for key, interval in measures.items()))
     return lines + [""]
+
+
+def _measure_text(interval: dict | None) -> str:
+    """A measure with its interval; the value alone where every seed measured the same."""
+    if interval is not None and interval["ci95"] is not None and interval["ci95"][0] == interval["ci95"][1]:
+        return format(interval["mean"], ".4g")
+    return _interval_text(interval, ".4g")
 
 
 def _tuning_table(methods: dict) -> list[str]:
