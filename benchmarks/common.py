@@ -105,9 +105,10 @@ def timed(function) -> dict:
     return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "value": value}
 
 
-def timed_mmlu_scoring(model_name: str, batch_size: int) -> tuple:
+def timed_mmlu_scoring(model_name: str, batch_size: int, prompt_format: str = "alpaca") -> tuple:
     """``model_name`` loaded with packing where it computes it, every MMLU question, and fedlora's
-    scoring of them timed after a warm-up batch: (model, tokenizer, questions, packing, timed)."""
+    scoring of them in ``prompt_format`` timed after a warm-up batch: (model, tokenizer, questions,
+    packing, timed)."""
     from fedlora.attention import enable_packing
     from fedlora.data import load_mmlu
     from fedlora.eval.mmlu import answer_log_likelihoods
@@ -116,8 +117,11 @@ def timed_mmlu_scoring(model_name: str, batch_size: int) -> tuple:
     model, tokenizer = load_model(model_name)
     questions = load_mmlu(MMLU)
     packing = enable_packing(model)
-    answer_log_likelihoods(model, tokenizer, questions[:batch_size], batch_size=batch_size, packed=packing)
-    scored = timed(lambda: answer_log_likelihoods(model, tokenizer, questions, batch_size=batch_size, packed=packing))
+    def score(selected):
+        return answer_log_likelihoods(model, tokenizer, selected, prompt_format=prompt_format, batch_size=batch_size,
+                                      packed=packing)
+    score(questions[:batch_size])
+    scored = timed(lambda: score(questions))
     return model, tokenizer, questions, packing, scored
 
 

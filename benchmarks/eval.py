@@ -1,7 +1,8 @@
 """Evaluation benchmark: what evaluating costs, and whether fedlora's numbers mean what lm-eval's mean.
 
-(a) MMLU, all 1,444 questions of FLoRA's file on SmolLM2-135M: fedlora's own scoring (the letter's
-    log-likelihood after the prompt, packed batches; what the ``mmlu`` key runs) and
+(a) MMLU, all 1,444 questions of FLoRA's file on SmolLM2-135M, in the Alpaca prompt (part ``mmlu``)
+    and in its chat template (``mmlu_chat``, a SmolLM2 run's default): fedlora's own scoring (the
+    letter's log-likelihood after the prompt, packed batches; what the ``mmlu`` key runs) and
     lm-evaluation-harness's ``fedlora_mmlu`` task (the same prompt, lm-eval's multiple-choice
     log-likelihoods), one after the other on the same in-memory model: each accuracy with its
     Wilson interval, how many questions both answer alike, both times and their ratio;
@@ -34,16 +35,18 @@ BATCH = 8
 GENERATION_PROMPTS, GENERATION_TOKENS, GENERATION_PROMPT_LENGTH = 32, 64, 512
 #: a default run evaluates for at most this share of its time; the demo runs in at most this long
 EVAL_SHARE_GOAL, DEMO_GOAL_SECONDS = 0.20, 120.0
-PARTS = ("mmlu", "generation", "demo")
+PARTS = ("mmlu", "mmlu_chat", "generation", "demo")
+#: the prompt format each MMLU part scores in: the Alpaca prompt, and SmolLM2-Instruct's chat template (a run's default)
+MMLU_FORMATS = {"mmlu": "alpaca", "mmlu_chat": "chat"}
 
 
-def part_mmlu() -> dict:
+def part_mmlu(prompt_format: str) -> dict:
     from fedlora.data.mmlu import LETTERS
     from fedlora.eval.harness import run_tasks
 
-    model, tokenizer, questions, packing, fast = timed_mmlu_scoring(MODEL, BATCH)
+    model, tokenizer, questions, packing, fast = timed_mmlu_scoring(MODEL, BATCH, prompt_format)
     harness = timed(lambda: run_tasks(model, tokenizer, ["fedlora_mmlu"], questions=questions, batch_size=BATCH,
-                                      samples=True))
+                                      prompt_format=prompt_format, samples=True))
     fast_choices = [LETTERS[i] for i in fast.pop("value").argmax(dim=-1).tolist()]
     results = harness.pop("value")
     harness_choices = {}
@@ -51,7 +54,8 @@ def part_mmlu() -> dict:
         likelihoods = [response[0] for response in sample["filtered_resps"]]
         harness_choices[sample["doc_id"]] = LETTERS[max(range(len(LETTERS)), key=likelihoods.__getitem__)]
     answers = [question.answer for question in questions]
-    return {"questions": len(questions), "packing": packing, "fast": fast, "harness": harness,
+    return {"questions": len(questions), "prompt_format": prompt_format, "packing": packing, "fast": fast,
+            "harness": harness,
             "fast_correct": sum(c == a for c, a in zip(fast_choices, answers)),
             "harness_correct": sum(harness_choices[i] == a for i, a in enumerate(answers)),
             "harness_acc": results["fedlora_mmlu"]["acc"],
@@ -107,23 +111,26 @@ def report(results: dict, load: float, seconds: float, measured: list[str]) -> s
              f"Command: `make bench-eval` · {environment_line(os.cpu_count() or 1, load)} · "
              f"{seconds / 60:.1f} min in all" + (f" for {', '.join(measured)}; {', '.join(kept)} from the run "
                                                  "before (`--parts`)." if kept else "."), ""]
-    if "mmlu" in results:
-        r = results["mmlu"]
-        total = r["questions"]
+    mmlu = [results[part] for part in MMLU_FORMATS if part in results]
+    if mmlu:
+        total = mmlu[0]["questions"]
+        rows = [[r.get("prompt_format", "alpaca"), scorer, accuracy(r[correct], total), f"{r[key]['wall']:.1f}"]
+                for r in mmlu for scorer, correct, key in (
+                    ("fedlora (the `mmlu` key; the default)", "fast_correct", "fast"),
+                    ("lm-evaluation-harness (`eval_tasks = [\"fedlora_mmlu\"]`)", "harness_correct", "harness"))]
         lines += ["## (a) MMLU: fedlora's scoring and lm-evaluation-harness", "",
-                  f"{MODEL}, all {total} questions of `mmlu_test_1444.json`, {BATCH} per batch, the same "
-                  "zero-shot prompt (`fedlora.data.mmlu.mmlu_prompt`; lm-eval's task `fedlora_mmlu`). fedlora "
-                  "scores the answer letter as the next token after `Answer:` (` A` is one token here) in "
-                  f"{'packed' if r['packing'] else 'padded'} batches; lm-eval scores each of the four "
-                  "continuations ` A` … ` D` by its log-likelihood. Accuracy with its 95 % Wilson interval; "
+                  f"{MODEL}, all {total} questions of `mmlu_test_1444.json`, {BATCH} per batch, in each prompt "
+                  "format a run may use: the zero-shot Alpaca prompt (`fedlora.data.mmlu.mmlu_prompt`) and the "
+                  "model's chat template (the question as the user's turn, the letter the first token of the "
+                  "assistant's answer); lm-eval's task `fedlora_mmlu` is given the same prompts. fedlora scores the "
+                  "letter as the next token in "
+                  f"{'packed' if mmlu[0]['packing'] else 'padded'} batches; lm-eval scores each of the four "
+                  "continuations by its log-likelihood. Accuracy with its 95 % Wilson interval; "
                   "wall seconds of one pass each, lm-eval's including its task set-up.", "",
-                  *markdown_table(["scorer", "accuracy", "wall s"], [
-                      ["fedlora (the `mmlu` key; the default)", accuracy(r["fast_correct"], total),
-                       f"{r['fast']['wall']:.1f}"],
-                      ["lm-evaluation-harness (`eval_tasks = [\"fedlora_mmlu\"]`)",
-                       accuracy(r["harness_correct"], total), f"{r['harness']['wall']:.1f}"]]), "",
-                  f"- Same answer for {r['same_choices']} of {total} questions; fedlora's time ÷ lm-eval's: "
-                  f"{r['fast']['wall'] / r['harness']['wall']:.2f}. Peak RSS {r['peak_rss_mb']:.0f} MB.", ""]
+                  *markdown_table(["prompt format", "scorer", "accuracy", "wall s"], rows), "",
+                  *[f"- {r.get('prompt_format', 'alpaca')}: the same answer for {r['same_choices']} of {total} "
+                    f"questions; fedlora's time ÷ lm-eval's: {r['fast']['wall'] / r['harness']['wall']:.2f}. "
+                    f"Peak RSS {r['peak_rss_mb']:.0f} MB." for r in mmlu], ""]
     if "generation" in results:
         r = results["generation"]
         lines += ["## (b) Generation", "",
@@ -165,11 +172,11 @@ def summary(results: dict) -> str:
         share = 100 * r["eval_seconds"] / r["run_seconds"]
         lines.append(f"- `make demo` runs in {r['seconds']:.0f} s after install, {share:.1f} % of it evaluating "
                      "(held-out loss every round, ROUGE-L of 8 generated answers before and after).")
-    if "mmlu" in results:
-        r = results["mmlu"]
+    if mmlu := [results[part] for part in MMLU_FORMATS if part in results]:
+        agreement = "; ".join(f"{r['same_choices']} of {r['questions']} in the {r.get('prompt_format', 'alpaca')} "
+                              f"format ({r['fast']['wall'] / r['harness']['wall']:.2f}× lm-eval's time)" for r in mmlu)
         lines.append(f"- MMLU (1,444 questions, SmolLM2-135M): fedlora's scoring and lm-evaluation-harness choose the "
-                     f"same answer for {r['same_choices']} of {r['questions']}; fedlora's takes "
-                     f"{r['fast']['wall'] / r['harness']['wall']:.2f}× lm-eval's time.")
+                     f"same answer for {agreement}.")
     if "generation" in results:
         r = results["generation"]
         lines.append(f"- Greedy generation: {r['generated_tokens'] / r['wall']:.0f} tokens/s on this CPU.")
@@ -183,7 +190,9 @@ def main() -> None:
                         help=f"comma-separated (default all: {','.join(PARTS)}); the others keep their last results")
     args = parser.parse_args()
     if args.part:
-        print(json.dumps({"mmlu": part_mmlu, "generation": part_generation, "demo": part_demo}[args.part]()))
+        part = (lambda: part_mmlu(MMLU_FORMATS[args.part])) if args.part in MMLU_FORMATS else \
+            {"generation": part_generation, "demo": part_demo}[args.part]
+        print(json.dumps(part()))
         return
     require_shared_data()
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -191,7 +200,7 @@ def main() -> None:
     previous = RESULTS / "eval.json"
     results = json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else {}
     for part in measured:
-        print(f"[eval] ({'abc'[PARTS.index(part)]}) {part}", file=sys.stderr, flush=True)
+        print(f"[eval] {part}", file=sys.stderr, flush=True)
         results[part] = measure_in_subprocess(__file__, ["--part", part])
     write_result("eval.json", json.dumps(results, indent=2) + "\n")
     text = report(results, load, time.perf_counter() - started, measured)
