@@ -56,7 +56,8 @@ bench-qlora: install
 	$(PY) benchmarks/qlora.py
 	$(PY) benchmarks/readme_tables.py qlora
 
-# fedlora's MMLU scoring against lm-evaluation-harness, generation speed, the demo's evaluation share
+# fedlora's MMLU scoring against lm-evaluation-harness (Alpaca and chat prompts), generation speed, the demo's
+# evaluation share (≈ 30 min; benchmarks/eval.py --parts runs some and keeps the others' last results)
 bench-eval: install
 	$(PY) benchmarks/eval.py
 	$(PY) benchmarks/readme_tables.py eval eval_summary
