@@ -19,6 +19,9 @@ from typing import Any
 ATTRIBUTES = ("paper", "exact", "sends", "receives", "heterogeneous_ranks", "client_dp", "sample_dp", "personalised",
               "runtimes")
 CONTRACT = ("fedlora.aggregation.method", "Aggregator")
+#: where a lineage ends: the contract's classes (which a method may import from the package's face,
+#: where no class is defined) and Python's own
+LINEAGE_ROOTS = ("Aggregator", "MethodOptions", "ABC", "object")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _lineage(module_name: str, class_name: str) -> list[tuple[str, ast.ClassDef]
     node = _class(module_name, class_name)
     lineage = [(module_name, node)]
     for base in node.bases:
-        if isinstance(base, ast.Name) and base.id not in ("ABC", "object"):
+        if isinstance(base, ast.Name) and base.id not in LINEAGE_ROOTS:
             lineage += _lineage(*_imported(module_name, base.id))
     return lineage
 
