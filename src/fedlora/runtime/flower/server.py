@@ -146,7 +146,9 @@ class FlowerRounds:
     def synchronize_replicas(self, last_round: int) -> None:
         """Send every identified node the base updates it lacks so that, at the end, every
         replica equals the server's model; nodes that do not confirm go to ``sync_failures``,
-        as do those not sent it because their last task went unanswered."""
+        as do those not sent it because their last task went unanswered. A node that came back
+        under a new id since the last round is identified first, and synced in its old one's place."""
+        self.clients.identify(self.client_ids, wait=False, reported=self.federation.ledger.replica_through)
         opened, messages = {}, []
         for node, client in self.clients.nodes.items():
             if node in self.unreachable:  # its replica catches up from the base log if it takes a task again
