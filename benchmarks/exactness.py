@@ -214,7 +214,8 @@ def summary_lines(comparisons: dict[str, dict]) -> list[str]:
 
 def main() -> None:
     if sys.argv[1:] == ["--measured-errors"]:  # after the quality sweep: only the errors `fedlora methods` shows
-        return write_measured_errors()
+        write_measured_errors()
+        return
     comparisons = {name: comparison for name in SWEEPS if (comparison := load(name)) is not None}
     if not comparisons:
         sys.exit("no exactness sweep has a comparison.json yet: run `make bench-exactness`")
