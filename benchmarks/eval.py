@@ -54,8 +54,7 @@ def part_mmlu(prompt_format: str) -> dict:
         likelihoods = [response[0] for response in sample["filtered_resps"]]
         harness_choices[sample["doc_id"]] = LETTERS[max(range(len(LETTERS)), key=likelihoods.__getitem__)]
     answers = [question.answer for question in questions]
-    return {"questions": len(questions), "prompt_format": prompt_format, "packing": packing, "fast": fast,
-            "harness": harness,
+    return {"questions": len(questions), "packing": packing, "fast": fast, "harness": harness,
             "fast_correct": sum(c == a for c, a in zip(fast_choices, answers)),
             "harness_correct": sum(harness_choices[i] == a for i, a in enumerate(answers)),
             "harness_acc": results["fedlora_mmlu"]["acc"],
@@ -111,11 +110,12 @@ def report(results: dict, load: float, seconds: float, measured: list[str]) -> s
              f"Command: `make bench-eval` · {environment_line(os.cpu_count() or 1, load)} · "
              f"{seconds / 60:.1f} min in all" + (f" for {', '.join(measured)}; {', '.join(kept)} from the run "
                                                  "before (`--parts`)." if kept else "."), ""]
-    mmlu = [results[part] for part in MMLU_FORMATS if part in results]
+    mmlu = {MMLU_FORMATS[part]: results[part] for part in MMLU_FORMATS if part in results}
     if mmlu:
-        total = mmlu[0]["questions"]
-        rows = [[r.get("prompt_format", "alpaca"), scorer, accuracy(r[correct], total), f"{r[key]['wall']:.1f}"]
-                for r in mmlu for scorer, correct, key in (
+        first = next(iter(mmlu.values()))
+        total = first["questions"]
+        rows = [[prompt_format, scorer, accuracy(r[correct], total), f"{r[key]['wall']:.1f}"]
+                for prompt_format, r in mmlu.items() for scorer, correct, key in (
                     ("fedlora (the `mmlu` key; the default)", "fast_correct", "fast"),
                     ("lm-evaluation-harness (`eval_tasks = [\"fedlora_mmlu\"]`)", "harness_correct", "harness"))]
         lines += ["## (a) MMLU: fedlora's scoring and lm-evaluation-harness", "",
@@ -124,13 +124,13 @@ def report(results: dict, load: float, seconds: float, measured: list[str]) -> s
                   "model's chat template (the question as the user's turn, the letter the first token of the "
                   "assistant's answer); lm-eval's task `fedlora_mmlu` is given the same prompts. fedlora scores the "
                   "letter as the next token in "
-                  f"{'packed' if mmlu[0]['packing'] else 'padded'} batches; lm-eval scores each of the four "
+                  f"{'packed' if first['packing'] else 'padded'} batches; lm-eval scores each of the four "
                   "continuations by its log-likelihood. Accuracy with its 95 % Wilson interval; "
                   "wall seconds of one pass each, lm-eval's including its task set-up.", "",
                   *markdown_table(["prompt format", "scorer", "accuracy", "wall s"], rows), "",
-                  *[f"- {r.get('prompt_format', 'alpaca')}: the same answer for {r['same_choices']} of {total} "
+                  *[f"- {prompt_format}: the same answer for {r['same_choices']} of {total} "
                     f"questions; fedlora's time ÷ lm-eval's: {r['fast']['wall'] / r['harness']['wall']:.2f}. "
-                    f"Peak RSS {r['peak_rss_mb']:.0f} MB." for r in mmlu], ""]
+                    f"Peak RSS {r['peak_rss_mb']:.0f} MB." for prompt_format, r in mmlu.items()], ""]
     if "generation" in results:
         r = results["generation"]
         lines += ["## (b) Generation", "",
@@ -172,9 +172,10 @@ def summary(results: dict) -> str:
         share = 100 * r["eval_seconds"] / r["run_seconds"]
         lines.append(f"- `make demo` runs in {r['seconds']:.0f} s after install, {share:.1f} % of it evaluating "
                      "(held-out loss every round, ROUGE-L of 8 generated answers before and after).")
-    if mmlu := [results[part] for part in MMLU_FORMATS if part in results]:
-        agreement = "; ".join(f"{r['same_choices']} of {r['questions']} in the {r.get('prompt_format', 'alpaca')} "
-                              f"format ({r['fast']['wall'] / r['harness']['wall']:.2f}× lm-eval's time)" for r in mmlu)
+    if mmlu := {MMLU_FORMATS[part]: results[part] for part in MMLU_FORMATS if part in results}:
+        agreement = "; ".join(f"{r['same_choices']} of {r['questions']} in the {prompt_format} format "
+                              f"({r['fast']['wall'] / r['harness']['wall']:.2f}× lm-eval's time)"
+                              for prompt_format, r in mmlu.items())
         lines.append(f"- MMLU (1,444 questions, SmolLM2-135M): fedlora's scoring and lm-evaluation-harness choose the "
                      f"same answer for {agreement}.")
     if "generation" in results:
