@@ -24,6 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedlora.stats import paired_difference
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -90,18 +92,100 @@ def setting_lines(name: str, variant: dict) -> list[str]:
             + unfinished]
 
 
-def horizon_sentence(comparison: dict) -> list[str]:
-    """Where each method's mean test loss was lowest over the rounds, and where it ended."""
-    lines = []
-    for name, variant in comparison["settings"].items():
+def horizon_sentences(comparison: dict) -> list[str]:
+    """Per method: where its mean test loss was lowest, whether it rose from there to the last round
+    (paired by seed), and the rounds where its gap to the reference was significant."""
+    sentences = []
+    for variant in comparison["settings"].values():
         for method, entry in variant["methods"].items():
-            curve = [(r, i) for r, i in enumerate(entry["test_loss_per_round"]) if i is not None]
+            curve = [(r, i) for r, i in enumerate(entry["test_loss_per_round"]) if i is not None and r > 0]
             if not curve:
                 continue
-            best_round, best = min(curve, key=lambda point: point[1]["mean"])
-            last_round, last = curve[-1]
-            lines.append(f"{method}: lowest mean test loss at round {best_round} ({interval(best, '.4f')}), "
-                         f"round {last_round} {interval(last, '.4f')}")
+            (best_round, best), (last_round, last) = min(curve, key=lambda point: point[1]["mean"]), curve[-1]
+            text = f"{method}: lowest mean test loss at round {best_round} ({interval(best, '.4f')})"
+            if best_round == last_round:
+                text += ", the last scored round"
+            else:
+                by_seed = entry["test_loss_per_round_by_seed"].values()
+                rise = paired_difference([losses[last_round] for losses in by_seed],
+                                         [losses[best_round] for losses in by_seed]).to_json()
+                text += (f", round {last_round} {interval(last, '.4f')}: round {last_round} minus round "
+                         f"{best_round}, paired by seed, {interval(rise)} ({verdict_of_rise(rise)})")
+            gaps = {}
+            for r, gap in enumerate(entry.get("vs_reference_per_round") or []):
+                if r > 0 and gap and gap.get("ci95") is not None and gap["significant"]:
+                    gaps.setdefault("below" if gap["mean"] < 0 else "above", []).append(str(r))
+            if entry.get("vs_reference_per_round"):
+                reference = variant["reference"]
+                text += "; " + ("; ".join(f"significantly {side} {reference}'s at round{'s' * (len(rs) > 1)} "
+                                          f"{', '.join(rs)}" for side, rs in gaps.items())
+                                or f"never significantly apart from {reference}'s")
+            sentences.append(text)
+    return sentences
+
+
+def verdict_of_rise(rise: dict) -> str:
+    """Whether the loss rose from its lowest round (chosen after seeing the curve, which flatters a rise)."""
+    if rise.get("ci95") is None:
+        return "one seed, no interval"
+    low, high = rise["ci95"]
+    return "a significant rise" if low > 0 else "a significant fall" if high < 0 else "no significant rise"
+
+
+def is_exact(error: dict | None) -> bool:
+    return bool(error) and error.get("ci95") is not None and error["ci95"][1] < ROUNDING
+
+
+def levels(comparisons: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(what was compared, the comparison) for every setting of the study's sweeps, in order of local work."""
+    found = []
+    for name in SWEEPS:
+        comparison = comparisons.get(name)
+        if comparison is None:
+            continue
+        configuration = comparison["configuration"]
+        rounds = "/".join(map(str, configuration["rounds"]))
+        for setting, variant in comparison["settings"].items():
+            base, _, swept = setting.partition(" · local_steps=")
+            steps = swept or "/".join(map(str, configuration["local_steps"]))
+            found.append((f"{base}, {steps} local steps × {rounds} rounds", variant))
+    return found
+
+
+def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
+    """The study's answer in a few lines: where an inexact method ended significantly worse than
+    FLoRA (exactness paid), where no difference showed, and how exact rivals fared."""
+    paid, unseen, inexact_better, exact_apart = [], [], [], []
+    for label, variant in levels(comparisons):
+        for method, entry in variant["methods"].items():
+            delta, error = entry.get("vs_reference"), entry.get("aggregation_error")
+            if method in (variant["reference"], "centralized") or not delta or not error:
+                continue
+            said = f"{method}, {label}: Δ {interval(delta)}"
+            side = verdict(delta)
+            if is_exact(error):
+                if side.startswith("significantly"):
+                    exact_apart.append(f"{said} ({side.split(' than')[0]})")
+                continue
+            said += f" (aggregation error {error['mean']:.3g})"
+            found = {"significantly worse than": paid, "significantly better than": inexact_better}
+            found.get(side, unseen).append(said)
+    lines = ["- **Exactness paid** (an inexact method's final test loss significantly above FLoRA's): "
+             + ("; ".join(paid) or "nowhere") + ".",
+             "- **It did not show** (the interval contains 0): " + ("; ".join(unseen) or "nowhere") + "."]
+    if inexact_better:
+        lines.append("- **An inexact method did significantly better**: " + "; ".join(inexact_better) + ".")
+    points = figure_points(comparisons.get("headline"), comparisons.get("drift"))
+    growth = [f"{method} " + ", ".join(f"{error_text(error)} at {steps}" for steps, _, error in series)
+              for method, series in points.items() if not all(is_exact(error) for _, _, error in series)]
+    if growth and comparisons.get("drift"):
+        lines.append("- **Aggregation error against local steps per round** (homogeneous, mean over rounds): "
+                     + "; ".join(growth) + ".")
+    if exact_apart:
+        lines.append("- **Exact methods differ too** (exact as well, they train differently): " + "; ".join(exact_apart)
+                     + ".")
+    if comparisons.get("horizon"):
+        lines.append("- **Long horizon**: " + "; ".join(horizon_sentences(comparisons["horizon"])) + ".")
     return lines
 
 
@@ -167,6 +251,31 @@ def plot(points: dict[str, list[tuple[int, dict | None, dict | None]]], path: Pa
     fig.savefig(path, dpi=120)
 
 
+def plot_gaps(comparison: dict, path: Path) -> None:
+    """Each method's test loss minus the reference's at every scored round (paired by seed, 95 % band)."""
+    from matplotlib.figure import Figure
+
+    settings = comparison["settings"]
+    fig = Figure(figsize=(6.5 * len(settings), 4.2), layout="constrained")
+    for ax, (name, variant) in zip(fig.subplots(1, len(settings), squeeze=False)[0], settings.items()):
+        for index, (method, entry) in enumerate(variant["methods"].items()):
+            gaps = [(r, gap) for r, gap in enumerate(entry.get("vs_reference_per_round") or []) if gap]
+            if not gaps:
+                continue
+            rounds = [r for r, _ in gaps]
+            ax.plot(rounds, [gap["mean"] for _, gap in gaps], marker="o", markersize=3, color=f"C{index}",
+                    label=method)
+            banded = [(r, gap["ci95"]) for r, gap in gaps if gap["ci95"] is not None]
+            ax.fill_between([r for r, _ in banded], [b[0] for _, b in banded], [b[1] for _, b in banded],
+                            color=f"C{index}", alpha=0.15, linewidth=0)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set(title=f"{name}: test loss − {variant['reference']}'s (paired by seed, 95 % CI)", xlabel="round",
+               ylabel="Δ test loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
 def measured_errors(comparisons: dict[str, dict]) -> dict[str, str]:
     """method → its aggregation error in each setting, as text: the headline's (10 seeds) where it
     measured the method, else the quality sweep's (3 seeds, every method), which the text names."""
@@ -203,8 +312,6 @@ def summary_lines(comparisons: dict[str, dict]) -> list[str]:
             points = figure_points(comparisons.get("headline"), comparisons[name])
             lines.append("  - Against local steps per round (homogeneous; 3 is the headline): "
                          + "; ".join(drift_sentences(points)) + ".")
-        if name == "horizon":
-            lines.append("  - Over the rounds: " + "; ".join(horizon_sentence(comparisons[name])) + ".")
     measured = [comparison["measured"] for comparison in comparisons.values()]
     hours = sum(m["run_seconds"] for m in measured) / 3600
     lines.append(f"- Measured: {sum(m['runs'] for m in measured)} runs in {hours:.1f} h of this 2-core machine, each "
@@ -227,26 +334,29 @@ def main() -> None:
         shutil.copyfile(RUNS / name / "comparison.png", RESULTS / f"{name}.png")  # beside the others, for the site
     points = figure_points(comparisons.get("headline"), comparisons.get("drift"))
     plot(points, RESULTS / "exactness.png")
-    summary = summary_lines(comparisons)
+    verdicts, details = verdict_lines(comparisons), summary_lines(comparisons)
+    figures = ["![Δ vs FLoRA and aggregation error against local steps](exactness.png)"]
+    if "horizon" in comparisons:
+        plot_gaps(comparisons["horizon"], RESULTS / "horizon_gap.png")
+        figures.append("![the long horizon: each method's test loss minus FLoRA's, round by round](horizon_gap.png)")
     intro = ("When does exactness pay? FLoRA against FedIT, FFA-LoRA, flora-warm (and in the heterogeneous "
              "setting zero-padding and FlexLoRA) on SmolLM2-135M and the 9 Dolly clients, the learning rate tuned "
              "on validation per method; Δ is a method's final test loss minus FLoRA's, paired by seed, with its "
              "95 % interval (negative: better than FLoRA). Generated by `benchmarks/exactness.py` from the sweeps' "
              "comparison.json; every number below is in their tables.")
-    figure = "![Δ vs FLoRA and aggregation error against local steps](exactness.png)"
-    (RESULTS / "headline.md").write_text("\n".join(["# Headline results", "", intro, "", *summary, "", figure, "",
-                                                    "Every table: [benchmarks](docs/benchmarks.md#exactness)."]),
-                                         encoding="utf-8")
+    link = "Each sweep in detail, every table: [benchmarks](docs/benchmarks.md#exactness)."
+    (RESULTS / "headline.md").write_text("\n".join(["# Headline results", "", intro, "", *verdicts, "", *figures, "",
+                                                    link]), encoding="utf-8")
     tables = []
     for name, title in SWEEPS.items():
         if name in comparisons:
             body = (RESULTS / name / "comparison.md").read_text(encoding="utf-8").split("\n", 1)[1].strip()
             tables += [f"## {title}", "", body.replace("\n## ", "\n### "), "",
                        f"![test loss per round]({name}.png)", ""]
-    (RESULTS / "exactness.md").write_text("\n".join(["# Exactness", "", intro, "", *summary, "", figure, "",
-                                                     *tables]), encoding="utf-8")
+    (RESULTS / "exactness.md").write_text("\n".join(["# Exactness", "", intro, "", *verdicts, "", "Each sweep:", "",
+                                                     *details, "", *figures, "", *tables]), encoding="utf-8")
     write_measured_errors()
-    print("\n".join(summary))
+    print("\n".join(verdicts + [""] + details))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.stats import mean_interval
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +92,70 @@ def test_the_drift_sentence_gives_each_methods_difference_and_error_at_every_num
     assert exactness.drift_sentences(points) == [
         "fedit: Δ +0.0110 [+0.0060, +0.0160] at 3, — at 10, +0.0300 [+0.0100, +0.0500] at 30; "
         "aggregation error 0.18 [0.16, 0.19] at 3, 0.25 [0.2, 0.3] at 10, 0.4 [0.3, 0.5] at 30"]
+
+
+def _versus(mean, low, high):
+    return {"mean": mean, "ci95": [low, high], "significant": low > 0 or high < 0}
+
+
+def test_the_verdict_says_where_exactness_paid_where_it_did_not_show_and_how_exact_rivals_fared():
+    exactness = _exactness_module()
+    exact, inexact = _entry(1e-8, 0, 2e-8), _entry(0.18, 0.16, 0.2)
+
+    def method(delta, error):
+        return {"vs_reference": delta, "aggregation_error": error}
+    headline = {"configuration": {"rounds": [2], "local_steps": [3]}, "settings": {"homogeneous": {
+        "reference": "flora", "methods": {
+            "flora": method(None, exact),
+            "fedit": method(_versus(0.011, 0.006, 0.016), inexact),
+            "flexlora": method(_versus(0.004, -0.001, 0.009), _entry(0.105, 0.05, 0.16)),
+            "ffa": method(_versus(-0.006, -0.009, -0.002), exact),
+            "flora-warm": method(_versus(0.001, -0.004, 0.006), exact),
+            "centralized": method(_versus(0.03, 0.02, 0.04), None)}}}}
+    drift = {"configuration": {"rounds": [4], "local_steps": [10, 30]}, "settings": {"homogeneous · local_steps=30": {
+        "reference": "flora", "methods": {"flora": method(None, exact),
+                                          "fedit": method(_versus(-0.02, -0.03, -0.01), _entry(0.3, 0.25, 0.35))}}}}
+    lines = exactness.verdict_lines({"headline": headline, "drift": drift})
+    assert lines == [
+        "- **Exactness paid** (an inexact method's final test loss significantly above FLoRA's): fedit, homogeneous, "
+        "3 local steps × 2 rounds: Δ +0.0110 [+0.0060, +0.0160] (aggregation error 0.18).",
+        "- **It did not show** (the interval contains 0): flexlora, homogeneous, 3 local steps × 2 rounds: "
+        "Δ +0.0040 [-0.0010, +0.0090] (aggregation error 0.105).",
+        "- **An inexact method did significantly better**: fedit, homogeneous, 30 local steps × 4 rounds: "
+        "Δ -0.0200 [-0.0300, -0.0100] (aggregation error 0.3).",
+        "- **Aggregation error against local steps per round** (homogeneous, mean over rounds): fedit 0.18 [0.16, "
+        "0.2] at 3, 0.3 [0.25, 0.35] at 30; flexlora 0.105 [0.05, 0.16] at 3.",
+        "- **Exact methods differ too** (exact as well, they train differently): ffa, homogeneous, 3 local steps × 2 "
+        "rounds: Δ -0.0060 [-0.0090, -0.0020] (significantly better)."]
+    nowhere = exactness.verdict_lines({"headline": {**headline, "settings": {"homogeneous": {
+        "reference": "flora", "methods": {"flora": method(None, exact)}}}}})
+    assert nowhere == ["- **Exactness paid** (an inexact method's final test loss significantly above FLoRA's): "
+                       "nowhere.", "- **It did not show** (the interval contains 0): nowhere."]
+
+
+def test_the_horizon_pairs_each_methods_last_round_with_its_lowest_and_names_the_rounds_it_stood_apart():
+    exactness = _exactness_module()
+    by_seed = {"0": [3.0, 2.5, 2.40, 2.45], "1": [3.0, 2.6, 2.50, 2.56], "2": [3.0, 2.4, 2.30, 2.34]}
+    rise = [by_seed[s][3] - by_seed[s][2] for s in "012"]  # +0.05, +0.06, +0.04
+    ffa_by_seed = {seed: [losses[0], losses[1] + 0.1, losses[2] - 0.05, losses[3] - 0.2]
+                   for seed, losses in by_seed.items()}
+
+    def curve(losses):
+        return [mean_interval(list(values)).to_json() for values in zip(*losses.values())]
+    comparison = {"settings": {"homogeneous": {"reference": "flora", "methods": {
+        "flora": {"test_loss_per_round": curve(by_seed), "test_loss_per_round_by_seed": by_seed,
+                  "vs_reference_per_round": None},
+        "ffa": {"test_loss_per_round": curve(ffa_by_seed), "test_loss_per_round_by_seed": ffa_by_seed,
+                "vs_reference_per_round": [_versus(0, 0, 0), _versus(0.1, 0.05, 0.15), _versus(-0.05, -0.1, 0.01),
+                                           _versus(-0.2, -0.3, -0.1)]}}}}}
+    flora, ffa = exactness.horizon_sentences(comparison)
+    expected = mean_interval(rise)
+    assert flora.startswith("flora: lowest mean test loss at round 2 (2.4000 [")
+    assert (f"round 3 minus round 2, paired by seed, {expected.mean:+.4f} [{expected.low:+.4f}, "
+            f"{expected.high:+.4f}] (a significant rise)") in flora
+    assert expected.low > 0 and "flora's at" not in flora
+    assert ffa.startswith("ffa: lowest mean test loss at round 3") and ffa.endswith(
+        "the last scored round; significantly above flora's at round 1; significantly below flora's at round 3")
 
 
 def test_measured_errors_are_the_headlines_and_the_quality_sweeps_for_the_methods_it_left_out():

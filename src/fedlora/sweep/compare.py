@@ -99,6 +99,8 @@ def build_comparison(sweep_dir: Path, reference: str | None = None) -> dict:
                     theirs = variant["methods"][reference]
                     entry["vs_reference"] = _versus(entry["test_loss_by_seed"], theirs["test_loss_by_seed"])
                     entry["rouge_l_vs_reference"] = _versus(entry["rouge_l_by_seed"], theirs["rouge_l_by_seed"])
+                    entry["vs_reference_per_round"] = _versus_per_round(entry["test_loss_per_round_by_seed"],
+                                                                        theirs["test_loss_per_round_by_seed"])
     configuration = {key: list(dict.fromkeys(outcome.config.get(key) for outcome in outcomes.values()))
                      for key in SHARED_KEYS}
     measured = {"runs": len(outcomes), "planned": planned,
@@ -130,6 +132,7 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         "download_per_round_vs_full": _communication(chosen, "down_vs_full_finetuning"),
         "vs_reference": None,
         "rouge_l_vs_reference": None,
+        "vs_reference_per_round": None,
         "runs": [run.folder for run in choice.runs],
         "test_loss_per_round": [_interval(list(losses)) for losses in per_round],
         "tuning": [{"values": c.values, "seeds": len(c.val_losses), "val_loss": mean_interval(c.val_losses).to_json()}
@@ -137,6 +140,8 @@ def _method_entry(choice: Choice, outcomes: dict[str, RunOutcome], question_set:
         # what the paired differences pair
         "test_loss_by_seed": {str(run.point.get(SEED)): outcomes[run.folder].final_test_loss for run in choice.runs},
         "rouge_l_by_seed": {str(run.point.get(SEED)): outcomes[run.folder].final_rouge_l for run in choice.runs},
+        "test_loss_per_round_by_seed": {str(run.point.get(SEED)): outcomes[run.folder].test_losses()
+                                        for run in choice.runs},
     }
     return entry
 
@@ -175,6 +180,13 @@ def _versus(ours: dict[str, float | None], theirs: dict[str, float | None]) -> d
         return None
     difference = paired_difference([ours[s] for s in seeds], [theirs[s] for s in seeds])
     return {**difference.to_json(), "significant": difference.significant, "seeds": len(seeds)}
+
+
+def _versus_per_round(ours: dict[str, list[float | None]], theirs: dict[str, list[float | None]]) -> list:
+    """The paired difference at every round both scored (None where neither did): how a gap opens or closes."""
+    rounds = min((len(losses) for losses in (*ours.values(), *theirs.values())), default=0)
+    return [_versus({seed: losses[r] for seed, losses in ours.items()},
+                    {seed: losses[r] for seed, losses in theirs.items()}) for r in range(rounds)]
 
 
 def _finite(value: Any) -> Any:
@@ -318,6 +330,7 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
         lines += [f"- {statement}" for statement in _statements(methods, reference)]
         lines.append("")
         lines += _measures_lines(methods)
+        lines += _per_round_table(methods, reference)
         if tune:
             lines += _tuning_table(methods)
     for method, note in variant["pending"].items():
@@ -383,6 +396,24 @@ def _measure_text(interval: dict | None) -> str:
     if interval is not None and interval["ci95"] is not None and interval["ci95"][0] == interval["ci95"][1]:
         return format(interval["mean"], ".4g")
     return _interval_text(interval, ".4g")
+
+
+def _per_round_table(methods: dict, reference: str | None) -> list[str]:
+    """Δ vs the reference at every trained round the test set scored, where that is more than the last."""
+    compared = {method: entry["vs_reference_per_round"] for method, entry in methods.items()
+                if method != reference and entry.get("vs_reference_per_round")}
+    scored = sorted({r for per_round in compared.values() for r, d in enumerate(per_round) if r > 0 and d})
+    if len(scored) < 2:
+        return []
+    lines = [f"Δ test loss vs {reference} at each scored round (paired by seed, mean with its 95 % t-interval; "
+             "bold where the interval excludes 0):", "",
+             "| method | " + " | ".join(f"round {r}" for r in scored) + " |", "|---|" + "---:|" * len(scored)]
+    for method, per_round in compared.items():
+        cells = [per_round[r] if r < len(per_round) else None for r in scored]
+        lines.append(f"| {method} | " + " | ".join(
+            f"**{_interval_text(d, '+.4f')}**" if d and d["significant"] else _interval_text(d, "+.4f")
+            for d in cells) + " |")
+    return lines + [""]
 
 
 def _tuning_table(methods: dict) -> list[str]:
