@@ -68,7 +68,8 @@ bench-quality: install
 	$(PY) benchmarks/exactness.py --measured-errors
 	$(PY) benchmarks/readme_tables.py quality
 
-# when exactness pays: the headline with 10 seeds, client drift, a long horizon (≈ 5.5 h, resumable)
+# when exactness pays: the headline with 10 seeds, client drift, a long horizon (resumable; sized at ≈ 5.5 h,
+# measured 11.0 h on 2 cores while development work shared them: docs/benchmarks.md#exactness)
 bench-exactness: install
 	$(VENV)/bin/fedlora sweep benchmarks/headline.toml --out benchmarks/runs/headline
 	$(VENV)/bin/fedlora sweep benchmarks/drift.toml --out benchmarks/runs/drift

@@ -185,7 +185,14 @@ def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
         lines.append("- **Exact methods differ too** (exact as well, they train differently): " + "; ".join(exact_apart)
                      + ".")
     if comparisons.get("horizon"):
-        lines.append("- **Long horizon**: " + "; ".join(horizon_sentences(comparisons["horizon"])) + ".")
+        horizon = comparisons["horizon"]
+        configuration = horizon["configuration"]
+        scored = max((sum(1 for r, loss in enumerate(entry["test_loss_per_round"]) if r > 0 and loss)
+                      for variant in horizon["settings"].values() for entry in variant["methods"].values()), default=0)
+        lines.append(f"- **Long horizon** ({configuration['local_steps'][0]} local steps × "
+                     f"{configuration['rounds'][0]} rounds; each of the {scored} scored rounds is tested on its own, "
+                     "so one significant round among them can be chance): "
+                     + "; ".join(horizon_sentences(horizon)) + ".")
     return lines
 
 
@@ -338,7 +345,7 @@ def main() -> None:
     figures = ["![Δ vs FLoRA and aggregation error against local steps](exactness.png)"]
     if "horizon" in comparisons:
         plot_gaps(comparisons["horizon"], RESULTS / "horizon_gap.png")
-        figures.append("![the long horizon: each method's test loss minus FLoRA's, round by round](horizon_gap.png)")
+        figures += ["", "![the long horizon: each method's test loss minus FLoRA's, round by round](horizon_gap.png)"]
     intro = ("When does exactness pay? FLoRA against FedIT, FFA-LoRA, flora-warm (and in the heterogeneous "
              "setting zero-padding and FlexLoRA) on SmolLM2-135M and the 9 Dolly clients, the learning rate tuned "
              "on validation per method; Δ is a method's final test loss minus FLoRA's, paired by seed, with its "

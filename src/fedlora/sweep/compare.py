@@ -406,7 +406,8 @@ def _per_round_table(methods: dict, reference: str | None) -> list[str]:
     if len(scored) < 2:
         return []
     lines = [f"Δ test loss vs {reference} at each scored round (paired by seed, mean with its 95 % t-interval; "
-             "bold where the interval excludes 0):", "",
+             "bold where the interval excludes 0; each round is tested on its own, so among many rounds one bold "
+             "cell can be chance):", "",
              "| method | " + " | ".join(f"round {r}" for r in scored) + " |", "|---|" + "---:|" * len(scored)]
     for method, per_round in compared.items():
         cells = [per_round[r] if r < len(per_round) else None for r in scored]
