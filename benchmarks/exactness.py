@@ -125,7 +125,7 @@ def horizon_sentences(comparison: dict) -> list[str]:
 
 
 def verdict_of_rise(rise: dict) -> str:
-    """Whether the loss rose from its lowest round (chosen after seeing the curve, which flatters a rise)."""
+    """Whether the loss rose from its lowest round (picked after seeing the curve, which favours a rise)."""
     if rise.get("ci95") is None:
         return "one seed, no interval"
     low, high = rise["ci95"]
@@ -133,11 +133,12 @@ def verdict_of_rise(rise: dict) -> str:
 
 
 def is_exact(error: dict | None) -> bool:
+    """Whether a measured aggregation error is float32 rounding in every seed (its interval below it)."""
     return bool(error) and error.get("ci95") is not None and error["ci95"][1] < ROUNDING
 
 
 def levels(comparisons: dict[str, dict]) -> list[tuple[str, dict]]:
-    """(what was compared, the comparison) for every setting of the study's sweeps, in order of local work."""
+    """(what was compared, the comparison) for every setting of the study's sweeps, in the study's order."""
     found = []
     for name in SWEEPS:
         comparison = comparisons.get(name)
@@ -191,7 +192,8 @@ def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
                       for variant in horizon["settings"].values() for entry in variant["methods"].values()), default=0)
         lines.append(f"- **Long horizon** ({configuration['local_steps'][0]} local steps × "
                      f"{configuration['rounds'][0]} rounds; each of the {scored} scored rounds is tested on its own, "
-                     "so one significant round among them can be chance): "
+                     "so one significant round among them can be chance; a last round is paired with the method's "
+                     "lowest, picked after the fact, which favours finding a rise): "
                      + "; ".join(horizon_sentences(horizon)) + ".")
     return lines
 

@@ -159,7 +159,8 @@ def test_the_horizon_pairs_each_methods_last_round_with_its_lowest_and_names_the
     comparison["configuration"] = {"rounds": [3], "local_steps": [5]}
     assert exactness.verdict_lines({"horizon": comparison})[-1] == (
         "- **Long horizon** (5 local steps × 3 rounds; each of the 3 scored rounds is tested on its own, so one "
-        f"significant round among them can be chance): {flora}; {ffa}.")
+        "significant round among them can be chance; a last round is paired with the method's lowest, picked after "
+        f"the fact, which favours finding a rise): {flora}; {ffa}.")
 
 
 def test_measured_errors_are_the_headlines_and_the_quality_sweeps_for_the_methods_it_left_out():

@@ -183,7 +183,7 @@ def _versus(ours: dict[str, float | None], theirs: dict[str, float | None]) -> d
 
 
 def _versus_per_round(ours: dict[str, list[float | None]], theirs: dict[str, list[float | None]]) -> list:
-    """The paired difference at every round both scored (None where neither did): how a gap opens or closes."""
+    """The paired difference at every round (None where no seed scored both): how a gap opens or closes."""
     rounds = min((len(losses) for losses in (*ours.values(), *theirs.values())), default=0)
     return [_versus({seed: losses[r] for seed, losses in ours.items()},
                     {seed: losses[r] for seed, losses in theirs.items()}) for r in range(rounds)]
