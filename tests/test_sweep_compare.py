@@ -173,8 +173,8 @@ def test_rouge_l_is_compared_over_seeds_and_paired_against_the_reference(tmp_pat
 def test_the_gap_to_the_reference_is_paired_at_every_scored_round(tmp_path):
     """A gap that is significant in round 1 and closes by the last: the final Δ alone would hide it."""
     write_sweep(tmp_path / "sweep", ("flora", "fedit"), three_methods, rounds=3)
-    fedit = {1: (2.6, 2.72, 2.94)}  # round 1 minus flora's (final + 0.2): +0.40, +0.42, +0.44
-    for seed, loss in enumerate(fedit[1]):
+    fedit_round_1 = (2.6, 2.72, 2.94)  # minus flora's round 1 (its final + 0.2): +0.40, +0.42, +0.44
+    for seed, loss in enumerate(fedit_round_1):
         metrics = tmp_path / "sweep" / f"hom/fedit/lr=0.01,seed={seed}/metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         rows[1]["eval_loss"] = loss
@@ -182,7 +182,7 @@ def test_the_gap_to_the_reference_is_paired_at_every_scored_round(tmp_path):
     methods = build_comparison(tmp_path / "sweep")["settings"]["hom"]["methods"]
     per_round = methods["fedit"]["vs_reference_per_round"]
     assert len(per_round) == 4 and methods["flora"]["vs_reference_per_round"] is None
-    mean, low, high = hand_interval([a - (b + 0.2) for a, b in zip(fedit[1], FLORA)])
+    mean, low, high = hand_interval([a - (b + 0.2) for a, b in zip(fedit_round_1, FLORA)])
     assert (per_round[1]["mean"], *per_round[1]["ci95"]) == pytest.approx((0.42, low, high))
     assert per_round[1]["significant"] and low > 0
     for r in (0, 2, 3):  # every other round is the final gap, shifted alike
