@@ -40,6 +40,11 @@ PARTS = ("mmlu", "mmlu_chat", "generation", "demo")
 MMLU_FORMATS = {"mmlu": "alpaca", "mmlu_chat": "chat"}
 
 
+def mmlu_by_format(results: dict) -> dict[str, dict]:
+    """Prompt format → the MMLU part measured in it, for the parts this run or the one before measured."""
+    return {MMLU_FORMATS[part]: results[part] for part in MMLU_FORMATS if part in results}
+
+
 def part_mmlu(prompt_format: str) -> dict:
     from fedlora.data.mmlu import LETTERS
     from fedlora.eval.harness import run_tasks
@@ -110,7 +115,7 @@ def report(results: dict, load: float, seconds: float, measured: list[str]) -> s
              f"Command: `make bench-eval` · {environment_line(os.cpu_count() or 1, load)} · "
              f"{seconds / 60:.1f} min in all" + (f" for {', '.join(measured)}; {', '.join(kept)} from the run "
                                                  "before (`--parts`)." if kept else "."), ""]
-    mmlu = {MMLU_FORMATS[part]: results[part] for part in MMLU_FORMATS if part in results}
+    mmlu = mmlu_by_format(results)
     if mmlu:
         first = next(iter(mmlu.values()))
         total = first["questions"]
@@ -172,7 +177,7 @@ def summary(results: dict) -> str:
         share = 100 * r["eval_seconds"] / r["run_seconds"]
         lines.append(f"- `make demo` runs in {r['seconds']:.0f} s after install, {share:.1f} % of it evaluating "
                      "(held-out loss every round, ROUGE-L of 8 generated answers before and after).")
-    if mmlu := {MMLU_FORMATS[part]: results[part] for part in MMLU_FORMATS if part in results}:
+    if mmlu := mmlu_by_format(results):
         agreement = "; ".join(f"{r['same_choices']} of {r['questions']} in the {prompt_format} format "
                               f"({r['fast']['wall'] / r['harness']['wall']:.2f}× lm-eval's time)"
                               for prompt_format, r in mmlu.items())

@@ -157,6 +157,7 @@ def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
     """The study's answer in a few lines: where an inexact method ended significantly worse than
     FLoRA (exactness paid), where no difference showed, and how exact rivals fared."""
     paid, unseen, inexact_better, exact_apart = [], [], [], []
+    inexact_by_side = {"significantly worse than": paid, "significantly better than": inexact_better}
     for label, variant in levels(comparisons):
         for method, entry in variant["methods"].items():
             delta, error = entry.get("vs_reference"), entry.get("aggregation_error")
@@ -169,8 +170,7 @@ def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
                     exact_apart.append(f"{said} ({side.split(' than')[0]})")
                 continue
             said += f" (aggregation error {error['mean']:.3g})"
-            found = {"significantly worse than": paid, "significantly better than": inexact_better}
-            found.get(side, unseen).append(said)
+            inexact_by_side.get(side, unseen).append(said)
     lines = ["- **Exactness paid** (an inexact method's final test loss significantly above FLoRA's): "
              + ("; ".join(paid) or "nowhere") + ".",
              "- **It did not show** (the interval contains 0): " + ("; ".join(unseen) or "nowhere") + "."]
