@@ -24,7 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedlora.report import finish_round_axis, plot_mean_with_band
 from fedlora.stats import paired_difference
+from fedlora.sweep.compare import interval_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs"
@@ -41,14 +43,8 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def interval(entry: dict | None, spec: str = "+.4f") -> str:
-    if not entry or entry.get("mean") is None:
-        return "—"
-    if entry.get("ci95") is None:
-        return format(entry["mean"], spec)
-    low, high = entry["ci95"]
-    return f"{entry['mean']:{spec}} [{low:{spec}}, {high:{spec}}]"
-
+#: a paired difference, its sign always shown
+DELTA = "+.4f"
 
 #: an aggregation error below this is float32 rounding, not inexactness
 ROUNDING = 1e-6
@@ -68,7 +64,7 @@ def error_text(entry: dict | None) -> str:
         return "—"
     if entry["ci95"] is not None and entry["ci95"][1] < ROUNDING:
         return f"< {ROUNDING:g} (exact up to float32 rounding)"
-    return interval(entry, ".3g")
+    return interval_text(entry, ".3g")
 
 
 def setting_lines(name: str, variant: dict) -> list[str]:
@@ -82,12 +78,12 @@ def setting_lines(name: str, variant: dict) -> list[str]:
     by_verdict: dict[str, list[str]] = {}
     for method, entry in others.items():
         by_verdict.setdefault(verdict(entry["vs_reference"]), []).append(
-            f"{method} Δ {interval(entry['vs_reference'])}")
+            f"{method} Δ {interval_text(entry['vs_reference'], DELTA)}")
     said = [f"{text.capitalize()} {reference}: {', '.join(listed)}." for text, listed in by_verdict.items()]
     errors = [f"{method} {error_text(entry.get('aggregation_error'))}" for method, entry in methods.items()
               if method != "centralized"]
     return [f"  - {name}, {methods[reference]['seeds']} seeds: {reference}'s final test loss "
-            f"{interval(methods[reference]['test_loss'], '.4f')}." + "".join(f" {sentence}" for sentence in said)
+            f"{interval_text(methods[reference]['test_loss'], '.4f')}." + "".join(f" {sentence}" for sentence in said)
             + (f" Aggregation error: {', '.join(errors)}." if errors else "")
             + unfinished]
 
@@ -102,15 +98,15 @@ def horizon_sentences(comparison: dict) -> list[str]:
             if not curve:
                 continue
             (best_round, best), (last_round, last) = min(curve, key=lambda point: point[1]["mean"]), curve[-1]
-            text = f"{method}: lowest mean test loss at round {best_round} ({interval(best, '.4f')})"
+            text = f"{method}: lowest mean test loss at round {best_round} ({interval_text(best, '.4f')})"
             if best_round == last_round:
                 text += ", the last scored round"
             else:
                 by_seed = entry["test_loss_per_round_by_seed"].values()
                 rise = paired_difference([losses[last_round] for losses in by_seed],
                                          [losses[best_round] for losses in by_seed]).to_json()
-                text += (f", round {last_round} {interval(last, '.4f')}: round {last_round} minus round "
-                         f"{best_round}, paired by seed, {interval(rise)} ({verdict_of_rise(rise)})")
+                text += (f", round {last_round} {interval_text(last, '.4f')}: round {last_round} minus round "
+                         f"{best_round}, paired by seed, {interval_text(rise, DELTA)} ({verdict_of_rise(rise)})")
             gaps = {}
             for r, gap in enumerate(entry.get("vs_reference_per_round") or []):
                 if r > 0 and gap and gap.get("ci95") is not None and gap["significant"]:
@@ -163,7 +159,7 @@ def verdict_lines(comparisons: dict[str, dict]) -> list[str]:
             delta, error = entry.get("vs_reference"), entry.get("aggregation_error")
             if method in (variant["reference"], "centralized") or not delta or not error:
                 continue
-            said = f"{method}, {label}: Δ {interval(delta)}"
+            said = f"{method}, {label}: Δ {interval_text(delta, DELTA)}"
             side = verdict(delta)
             if is_exact(error):
                 if side.startswith("significantly"):
@@ -223,7 +219,7 @@ def drift_sentences(points: dict[str, list[tuple[int, dict | None, dict | None]]
     for method, series in points.items():
         if all(delta is None for _, delta, _ in series):  # the reference
             continue
-        deltas = ", ".join(f"{interval(delta)} at {steps}" for steps, delta, _ in series)
+        deltas = ", ".join(f"{interval_text(delta, DELTA)} at {steps}" for steps, delta, _ in series)
         errors = ", ".join(f"{error_text(error)} at {steps}" for steps, _, error in series)
         sentences.append(f"{method}: Δ {deltas}; aggregation error {errors}")
     return sentences
@@ -271,17 +267,11 @@ def plot_gaps(comparison: dict, path: Path) -> None:
             gaps = [(r, gap) for r, gap in enumerate(entry.get("vs_reference_per_round") or []) if gap]
             if not gaps:
                 continue
-            rounds = [r for r, _ in gaps]
-            ax.plot(rounds, [gap["mean"] for _, gap in gaps], marker="o", markersize=3, color=f"C{index}",
-                    label=method)
-            banded = [(r, gap["ci95"]) for r, gap in gaps if gap["ci95"] is not None]
-            ax.fill_between([r for r, _ in banded], [b[0] for _, b in banded], [b[1] for _, b in banded],
-                            color=f"C{index}", alpha=0.15, linewidth=0)
+            plot_mean_with_band(ax, gaps, color=f"C{index}", label=method)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set(title=f"{name}: test loss − {variant['reference']}'s (paired by seed, 95 % CI)", xlabel="round",
+        ax.set(title=f"{name}: test loss − {variant['reference']}'s (paired by seed, 95 % CI)",
                ylabel="Δ test loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        finish_round_axis(ax, empty="no round scored")
     fig.savefig(path, dpi=120)
 
 

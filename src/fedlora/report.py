@@ -279,6 +279,16 @@ def _scalar_text(value: Any) -> str:
 # --- plots ---------------------------------------------------------------------------------
 
 
+def plot_mean_with_band(ax, points: list[tuple[int, dict]], *, color: str, label: str) -> None:
+    """A curve of ``{"mean", "ci95"}`` entries against round, its 95 % interval shaded where it has one."""
+    rounds = [r for r, _ in points]
+    ax.plot(rounds, [entry["mean"] for _, entry in points], marker="o", markersize=3, color=color, label=label)
+    banded = [(r, entry["ci95"]) for r, entry in points if entry["ci95"] is not None]
+    if banded:
+        ax.fill_between([r for r, _ in banded], [low for _, (low, _) in banded], [high for _, (_, high) in banded],
+                        color=color, alpha=0.15, linewidth=0)
+
+
 def finish_round_axis(ax, *, empty: str) -> None:
     """A panel of curves against round: integer rounds, a grid, and a legend, or ``empty``
     written across it when nothing was plotted."""

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from fedlora.engine.config import ConfigError
 from fedlora.files import atomic_write_text
-from fedlora.report import finish_round_axis
+from fedlora.report import finish_round_axis, plot_mean_with_band
 from fedlora.sweep.outcomes import RunOutcome, is_finished
 from fedlora.sweep.plan import SEED, TuningRule, point_name
 from fedlora.sweep.runner import PLAN_FILE
@@ -202,9 +202,9 @@ def _finite(value: Any) -> Any:
 
 # --- markdown ------------------------------------------------------------------------------------
 
-def _interval_text(interval: dict | None, spec: str = ".4f") -> str:
+def interval_text(interval: dict | None, spec: str = ".4f") -> str:
     """``mean [low, high]`` of a ``{"mean", "ci95"}`` entry; the mean alone without an interval."""
-    if interval is None or interval["mean"] is None or math.isnan(interval["mean"]):
+    if not interval or interval.get("mean") is None or math.isnan(interval["mean"]):
         return "—"
     if interval["ci95"] is None:
         return format(interval["mean"], spec)
@@ -317,13 +317,13 @@ def _setting_lines(name: str, variant: dict, tune: list[str]) -> list[str]:
                   f"down / round vs full FT | Δ vs {reference or 'reference'} [95 % CI] | significant |",
                   "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * generated) + "---:|---:|---:|---:|---:|---:|---|"]
         for method, entry in methods.items():
-            rouge = [_interval_text(entry["rouge_l"]), _interval_text(entry["rouge_l_vs_reference"], "+.4f")]
+            rouge = [interval_text(entry["rouge_l"]), interval_text(entry["rouge_l_vs_reference"], "+.4f")]
             cells = [method, point_name(entry["chosen"]) if entry["chosen"] else "—", str(entry["seeds"]),
-                     _interval_text(entry["test_loss"]), _interval_text(entry["best_test_loss"]),
-                     _interval_text(entry["val_loss"]), *(rouge if generated else []), _accuracy(entry["mmlu"]),
-                     _interval_text(entry["aggregation_error"], ".3g"), _interval_text(entry["broadcast_error"], ".3g"),
+                     interval_text(entry["test_loss"]), interval_text(entry["best_test_loss"]),
+                     interval_text(entry["val_loss"]), *(rouge if generated else []), _accuracy(entry["mmlu"]),
+                     interval_text(entry["aggregation_error"], ".3g"), interval_text(entry["broadcast_error"], ".3g"),
                      _fraction(entry["upload_per_round_vs_full"]), _fraction(entry["download_per_round_vs_full"]),
-                     _interval_text(entry["vs_reference"], "+.4f"),
+                     interval_text(entry["vs_reference"], "+.4f"),
                      _verdict(entry["vs_reference"]) if reference else "—"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -359,7 +359,7 @@ def _statements(methods: dict, reference: str | None) -> list[str]:
     with_interval = {m: d for m, d in compared.items() if d["ci95"] is not None}
 
     def listing(chosen: dict) -> str:
-        return ", ".join(f"{m} ({_interval_text(d, '+.4f')})" for m, d in chosen.items()) or "none"
+        return ", ".join(f"{m} ({interval_text(d, '+.4f')})" for m, d in chosen.items()) or "none"
 
     lower = {m: d for m, d in with_interval.items() if d["significant"] and d["mean"] < 0}
     higher = {m: d for m, d in with_interval.items() if d["significant"] and d["mean"] > 0}
@@ -395,7 +395,7 @@ def _measure_text(interval: dict | None) -> str:
     """A measure with its interval; the value alone where every seed measured the same."""
     if interval is not None and interval["ci95"] is not None and interval["ci95"][0] == interval["ci95"][1]:
         return format(interval["mean"], ".4g")
-    return _interval_text(interval, ".4g")
+    return interval_text(interval, ".4g")
 
 
 def _per_round_table(methods: dict, reference: str | None) -> list[str]:
@@ -412,7 +412,7 @@ def _per_round_table(methods: dict, reference: str | None) -> list[str]:
     for method, per_round in compared.items():
         cells = [per_round[r] if r < len(per_round) else None for r in scored]
         lines.append(f"| {method} | " + " | ".join(
-            f"**{_interval_text(d, '+.4f')}**" if d and d["significant"] else _interval_text(d, "+.4f")
+            f"**{interval_text(d, '+.4f')}**" if d and d["significant"] else interval_text(d, "+.4f")
             for d in cells) + " |")
     return lines + [""]
 
@@ -442,13 +442,8 @@ def plot_comparison(comparison: dict, path: Path) -> None:
             points = [(r, i) for r, i in enumerate(entry["test_loss_per_round"]) if i is not None]
             if not points:
                 continue
-            rounds = [r for r, _ in points]
-            ax.plot(rounds, [i["mean"] for _, i in points], marker="o", markersize=3, color=f"C{index}",
-                    label=f"{method} ({point_name(entry['chosen'])})" if entry["chosen"] else method)
-            banded = [(r, i["ci95"]) for r, i in points if i["ci95"] is not None]
-            if banded:
-                ax.fill_between([r for r, _ in banded], [b[0] for _, b in banded], [b[1] for _, b in banded],
-                                color=f"C{index}", alpha=0.15, linewidth=0)
+            plot_mean_with_band(ax, points, color=f"C{index}",
+                                label=f"{method} ({point_name(entry['chosen'])})" if entry["chosen"] else method)
         ax.set(title=name, ylabel="test loss")
         finish_round_axis(ax, empty="no finished method")
     fig.savefig(path, dpi=120)
