@@ -252,7 +252,10 @@ def test_tuning_reads_its_seeds_and_the_other_seeds_run_at_the_choice_only(clien
         for folder in ran:
             rows = read_metrics(out / folder)
             assert [row["round"] for row in rows if "val_loss" in row] == [2]
-    described = " ".join(comparison_markdown(comparison).split())
+    markdown = comparison_markdown(comparison)
+    # the tuning table's columns: both grids' values in ascending order, not in the order met
+    assert "| method | lr=0.001 | lr=0.01 | lr=0.02 | lr=0.03 |" in markdown
+    described = " ".join(markdown.split())
     assert "over seeds 0 (the other seeds run at the chosen values only)" in described
     assert "(fedit: lr ∈ {0.01, 0.02, 0.03} instead)" in described
     # nothing left to run, and the comparison stands as it was

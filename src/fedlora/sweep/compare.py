@@ -417,8 +417,16 @@ def _per_round_table(methods: dict, reference: str | None) -> list[str]:
     return lines + [""]
 
 
+def _ascending(values: dict[str, Any]) -> tuple:
+    """A sort key putting tuned values in ascending order, axis by axis: numbers by size, then
+    anything else by its text (a method's own grid lists values beside the shared grid's)."""
+    return tuple((0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool)
+                 else (1, 0, str(value)) for value in values.values())
+
+
 def _tuning_table(methods: dict) -> list[str]:
-    labels = list(dict.fromkeys(point_name(c["values"]) for e in methods.values() for c in e["tuning"]))
+    points = {point_name(c["values"]): c["values"] for e in methods.values() for c in e["tuning"]}
+    labels = sorted(points, key=lambda label: _ascending(points[label]))
     lines = ["Mean final validation loss over seeds at each tuned value (the chosen one in bold):", "",
              "| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for method, entry in methods.items():
